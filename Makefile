@@ -1,0 +1,37 @@
+# llamactl: `make demo` and `make test` work on a fresh machine with nothing but Python.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-all lint demo bench clean
+
+install: $(STAMP)
+
+# torch is pinned here only (pyproject says torch>=2.4): on these machines 2.13.0 resolves to the local CPU wheel,
+# while a bare `torch` requirement pulls several GB of CUDA packages.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest
+
+test-all: lint
+	$(PY) -m pytest -m ''
+
+demo: $(STAMP)
+	$(MAKE) -f recipes/demo.mk PY=$(abspath $(PY)) all
+
+bench: $(STAMP)
+	$(PY) bench/generate.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info runs

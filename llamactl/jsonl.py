@@ -1,0 +1,91 @@
+"""JSONL in and out: one JSON object a line, UTF-8, ``-`` for stdin/stdout, errors that name the file and line."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from typing import IO
+
+from llamactl.errors import UserError
+
+
+def display_name(path: str) -> str:
+    return "<stdin>" if path == "-" else path
+
+
+def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, record) for each non-blank line; a bad line raises UserError naming file and line."""
+    name = display_name(path)
+    if path == "-":
+        stream: IO[str] = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="strict")
+    else:
+        if not os.path.isfile(path):
+            raise UserError(f"{name}: no such file")
+        stream = open(path, encoding="utf-8", errors="strict")  # noqa: SIM115 - closed below
+    with contextlib.closing(stream):
+        lineno = 0
+        while True:
+            try:
+                line = stream.readline()
+            except UnicodeDecodeError as e:
+                raise UserError(f"{name}:{lineno + 1}: not UTF-8 text ({e.reason})") from None
+            if not line:
+                return
+            lineno += 1
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{name}:{lineno}: invalid JSON: {e.msg} at column {e.colno}") from None
+            if not isinstance(rec, dict):
+                raise UserError(f"{name}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            yield lineno, rec
+
+
+def field(rec: dict, key: str, kind: type | tuple[type, ...], where: str, required: bool = True):
+    """rec[key] checked against ``kind``; ``where`` is "file:line" for the message."""
+    if key not in rec:
+        if required:
+            raise UserError(f"{where}: missing field {key!r}")
+        return None
+    value = rec[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise UserError(f"{where}: field {key!r} must be {names}, got {type(value).__name__}")
+    return value
+
+
+def dumps(rec: dict) -> str:
+    return json.dumps(rec, ensure_ascii=False)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """A temporary path beside ``path`` that is renamed onto it only if the block succeeds."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def open_output(path: str) -> Iterator[IO[str]]:
+    """A text stream for JSONL output: stdout for ``-`` (line-flushed for pipes), else an atomic file."""
+    if path == "-":
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        yield f

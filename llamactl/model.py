@@ -1,0 +1,254 @@
+"""The Llama 2 model: one short file, Meta's parameter names, every op through ``llamactl.ops``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+
+from llamactl import ops
+from llamactl.kernels.rotary import rotary_tables
+
+HEADS = ("lm", "scalar")
+
+
+@dataclass
+class ModelArgs:
+    """Architecture of one model. Field names follow Meta's ``params.json``; ``__post_init__`` derives the rest."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    vocab_size: int = 32000
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    hidden_dim: int | None = None  # None: Meta's rule below; set explicitly by converters that know it
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    head: str = "lm"  # "lm": next-token logits; "scalar": one score per token (reward and value models)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.hidden_dim is None:
+            # Meta's FeedForward sizing: 2/3 of 4*dim, scaled, rounded up to a multiple of multiple_of.
+            hidden = int(2 * (4 * self.dim) / 3)
+            if self.ffn_dim_multiplier is not None:
+                hidden = int(self.ffn_dim_multiplier * hidden)
+            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        problems = []
+        if self.dim % self.n_heads:
+            problems.append(f"dim {self.dim} is not a multiple of n_heads {self.n_heads}")
+        elif (self.dim // self.n_heads) % 2:
+            problems.append(f"head dim {self.dim // self.n_heads} must be even for rotary embeddings")
+        if self.n_heads % self.n_kv_heads:
+            problems.append(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.head not in HEADS:
+            problems.append(f"head {self.head!r} is not one of {', '.join(HEADS)}")
+        if self.head == "scalar" and self.tie_embeddings:
+            problems.append("a scalar head cannot be tied to the embeddings")
+        for name in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if problems:
+            raise ValueError("invalid model config: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelArgs:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+    def num_params(self) -> int:
+        """Parameter count without building the model."""
+        hd, kv = self.head_dim, self.n_kv_heads
+        attn = self.dim * self.dim * 2 + 2 * self.dim * kv * hd
+        ffn = 3 * self.dim * self.hidden_dim
+        per_layer = attn + ffn + 2 * self.dim
+        out = 0 if self.tie_embeddings else (self.vocab_size if self.head == "lm" else 1) * self.dim
+        return self.vocab_size * self.dim + self.n_layers * per_layer + self.dim + out
+
+
+# Meta's params.json for Llama 2 (vocab_size -1 there means "from the tokenizer": 32000), and small models for CPU
+# work, shaped like llama2.c's TinyStories models. Names give the parameter count.
+PRESETS: dict[str, dict] = {
+    "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, multiple_of=256, norm_eps=1e-5),
+    "llama2-13b": dict(dim=5120, n_layers=40, n_heads=40, multiple_of=256, norm_eps=1e-5),
+    "llama2-70b": dict(
+        dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.3, norm_eps=1e-5
+    ),
+    "llama2-15m": dict(dim=288, n_layers=6, n_heads=6, multiple_of=32, max_seq_len=256, tie_embeddings=True),
+    "llama2-60m": dict(dim=512, n_layers=10, n_heads=8, n_kv_heads=4, multiple_of=32, max_seq_len=512),
+    "llama2-110m": dict(dim=768, n_layers=12, n_heads=12, multiple_of=32, max_seq_len=1024, tie_embeddings=True),
+}
+
+
+def preset(name: str, **overrides) -> ModelArgs:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return ModelArgs(**{**PRESETS[name], **overrides})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return ops.rms_norm(x, self.weight, self.eps, residual)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: each (B, n_kv_heads, max_len, head_dim)."""
+
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, device, dtype):
+        shape = (batch, args.n_kv_heads, max_len, args.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.max_len = max_len
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, positions, segment_ids=None, cache=None, start=None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = ops.rotary(q, cos, sin, positions), ops.rotary(k, cos, sin, positions)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        if cache is None:
+            out = ops.attention(q, k, v, causal=True, segment_ids=segment_ids)
+        else:
+            k_cache, v_cache = cache
+            rows = torch.arange(B, device=x.device)[:, None]
+            k_cache[rows, :, positions] = k.transpose(1, 2)  # positions (B, T): each sequence writes its own slots
+            v_cache[rows, :, positions] = v.transpose(1, 2)
+            if start is None:  # prefill of fresh sequences: the new tokens are the whole context
+                out = ops.attention(q, k, v, causal=True)
+            elif T == 1:
+                out = ops.decode_attention(q[:, :, 0], k_cache, v_cache, start + 1)[:, :, None]
+            else:
+                out = ops.cached_attention(q, k_cache, v_cache, start)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(ops.swiglu(self.w1(x), self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, positions, segment_ids=None, cache=None, start=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, positions, segment_ids, cache, start)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        if args.head == "scalar":
+            self.score = nn.Linear(args.dim, 1, bias=False)
+        elif not args.tie_embeddings:
+            self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        cos, sin = rotary_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.grad_checkpointing = False
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.args.tie_embeddings else self.output.weight
+
+    def init_weights(self, seed: int | None = None) -> None:
+        """Fresh weights for pretraining: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layers)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+                continue
+            std = 0.02 / math.sqrt(2 * self.args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+    def hidden(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None, start=None):
+        """Final-normed hidden states (B, T, dim).
+
+        ``positions`` (B, T) default to 0..T-1 (packed rows pass per-segment positions). With a ``cache``,
+        ``start`` (B,) gives each sequence's first new position; None means a fresh prefill from position 0.
+        """
+        B, T = tokens.shape
+        if positions is None:
+            base = torch.arange(T, device=tokens.device)[None, :]
+            positions = base + start[:, None] if start is not None else base.expand(B, T)
+        h = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(
+                    layer, h, self.rope_cos, self.rope_sin, positions, segment_ids, kv, start, use_reentrant=False
+                )
+            else:
+                h = layer(h, self.rope_cos, self.rope_sin, positions, segment_ids, kv, start)
+        return self.norm(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (..., vocab) in fp32 from hidden states (..., dim)."""
+        assert self.args.head == "lm", "logits need a language-model head"
+        return (h @ self.output_weight.t()).float()
+
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
+        """Scalar-head outputs (...,) in fp32 from hidden states (..., dim)."""
+        assert self.args.head == "scalar", "scores need a scalar head"
+        return self.score(h).squeeze(-1).float()
+
+    def forward(self, tokens, positions=None, segment_ids=None) -> torch.Tensor:
+        """Logits (B, T, vocab) for an lm head, scores (B, T) for a scalar head."""
+        h = self.hidden(tokens, positions, segment_ids)
+        return self.logits(h) if self.args.head == "lm" else self.scores(h)
+
+    def loss(self, tokens, targets, mask=None, positions=None, segment_ids=None) -> torch.Tensor:
+        """Mean next-token cross-entropy over counted targets, never materialising full logits."""
+        h = self.hidden(tokens, positions, segment_ids)
+        flat_mask = mask.reshape(-1) if mask is not None else None
+        return ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.output_weight, targets.reshape(-1), flat_mask)
