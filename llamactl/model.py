@@ -191,10 +191,16 @@ class Transformer(nn.Module):
             self.score = nn.Linear(args.dim, 1, bias=False)
         elif not args.tie_embeddings:
             self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        cos, sin = rotary_tables(args.head_dim, args.max_seq_len, args.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.reset_rope()
         self.grad_checkpointing = False
+
+    def reset_rope(self, device: torch.device | str | None = None) -> None:
+        """(Re)build the fp32 rotary tables, e.g. after weights were assigned to a model built on the meta device."""
+        device = device if device is not None else self.rope_cos.device
+        cos, sin = rotary_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     @property
     def output_weight(self) -> torch.Tensor:

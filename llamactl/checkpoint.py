@@ -1,0 +1,309 @@
+"""Self-describing checkpoints: safetensors weights, with the model config, tokenizer and lineage in the header.
+
+One ``.safetensors`` file per model; above ``shard_size`` the weights go to ``NAME-00001-of-0000N.safetensors`` files
+plus ``NAME.safetensors.index.json`` (Hugging Face's index layout). Files are written tensor by tensor through a
+streaming writer, so saving never needs a second copy of the weights, and loading memory-maps them.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from llamactl import __version__
+from llamactl.errors import UserError
+from llamactl.jsonl import atomic_path
+from llamactl.model import ModelArgs, Transformer
+
+FORMAT = "llamactl/1"
+ST_DTYPES = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.uint16: "U16",
+    torch.bool: "BOOL",
+}
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise UserError(f"--shard-size: cannot read {text!r}; write e.g. 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").upper()])
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class TensorPlan:
+    """A tensor to write, known by shape and dtype before its data is produced (so headers can be written first)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    produce: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def plan_from_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> list[TensorPlan]:
+    """Plans for tensors already at hand (mmapped or in memory), cast to ``dtype`` one at a time while writing."""
+    plans = []
+    for name, t in tensors.items():
+        out_dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        plans.append(TensorPlan(name, tuple(t.shape), out_dtype, lambda t=t, d=out_dtype: t.to(d)))
+    return plans
+
+
+def write_safetensors(path: str, plans: list[TensorPlan], metadata: dict[str, str] | None = None) -> None:
+    """Stream tensors into a safetensors file (format: u64 header size, JSON header, raw little-endian data).
+
+    Only one tensor is in memory at a time; the file appears under ``path`` only once complete.
+    """
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for p in plans:
+        if p.dtype not in ST_DTYPES:
+            raise ValueError(f"cannot store dtype {p.dtype} in safetensors")
+        header[p.name] = {
+            "dtype": ST_DTYPES[p.dtype],
+            "shape": list(p.shape),
+            "data_offsets": [offset, offset + p.nbytes],
+        }
+        offset += p.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for p in plans:
+            t = p.produce().detach().to("cpu").contiguous()
+            assert tuple(t.shape) == p.shape and t.dtype == p.dtype, f"{p.name}: planned {p.shape} {p.dtype}"
+            f.write(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            del t
+
+
+@dataclass
+class CheckpointMeta:
+    """What a checkpoint says about itself besides its weights."""
+
+    args: ModelArgs
+    tokenizer: bytes | None = None
+    lineage: dict = field(default_factory=dict)
+
+    def to_header(self) -> dict[str, str]:
+        meta = {"format": FORMAT, "config": json.dumps(self.args.to_dict()), "lineage": json.dumps(self.lineage)}
+        if self.tokenizer is not None:
+            meta["tokenizer"] = base64.b64encode(self.tokenizer).decode()
+        return meta
+
+    @classmethod
+    def from_header(cls, meta: dict[str, str], source: str) -> CheckpointMeta:
+        if meta.get("format") != FORMAT:
+            raise UserError(f"{source}: not a llamactl checkpoint (no '{FORMAT}' format tag in its header)")
+        try:
+            args = ModelArgs.from_dict(json.loads(meta["config"]))
+            tok = base64.b64decode(meta["tokenizer"]) if "tokenizer" in meta else None
+            lineage = json.loads(meta.get("lineage", "{}"))
+        except (KeyError, ValueError, TypeError) as e:
+            raise UserError(f"{source}: damaged checkpoint header ({e})") from None
+        return cls(args, tok, lineage)
+
+
+def make_lineage(command: str, argv: list[str], inputs: Iterable[str], parent: dict | None = None, **extra) -> dict:
+    """Who made a checkpoint: command, arguments, inputs with their sha256, version, and the parent's lineage."""
+    lineage = {
+        "command": command,
+        "args": list(argv),
+        "inputs": [{"path": p, "sha256": sha256_file(p)} for p in inputs if os.path.isfile(p)],
+        "llamactl": __version__,
+        **extra,
+    }
+    if parent:
+        lineage["parent"] = parent
+    return lineage
+
+
+def index_path(path: str) -> str:
+    return path + ".index.json" if path.endswith(".safetensors") else path
+
+
+def group_plans(plans: list[TensorPlan], shard_size: int) -> list[list[TensorPlan]]:
+    """Consecutive groups of at most ``shard_size`` bytes (a larger tensor gets a shard of its own)."""
+    groups: list[list[TensorPlan]] = [[]]
+    size = 0
+    for p in plans:
+        if groups[-1] and size + p.nbytes > shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(p)
+        size += p.nbytes
+    return groups
+
+
+def save_plans(path: str, plans: list[TensorPlan], meta: CheckpointMeta, shard_size: int | None = None) -> list[str]:
+    """Write a checkpoint from tensor plans: one file, or shards plus an index above ``shard_size``. Returns paths."""
+    if not path.endswith(".safetensors"):
+        raise UserError(f"{path}: a llamactl checkpoint is a .safetensors file")
+    header = meta.to_header()
+    total = sum(p.nbytes for p in plans)
+    if shard_size is None or total <= shard_size:
+        write_safetensors(path, plans, header)
+        return [path]
+    groups = group_plans(plans, shard_size)
+    stem = path[: -len(".safetensors")]
+    names = [f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    weight_map = {}
+    for name, group in zip(names, groups, strict=True):
+        write_safetensors(name, group, {"format": FORMAT, "shard_of": os.path.basename(path)})
+        weight_map.update({p.name: os.path.basename(name) for p in group})
+    index = {"metadata": {**header, "total_size": str(total)}, "weight_map": weight_map}
+    with atomic_path(index_path(path)) as tmp, open(tmp, "w") as f:  # the index last: it points at whole shards only
+        json.dump(index, f, indent=1)
+    return names + [index_path(path)]
+
+
+def save_model(
+    path: str,
+    model: Transformer,
+    tokenizer: bytes | None = None,
+    lineage: dict | None = None,
+    dtype: torch.dtype | None = None,
+    shard_size: int | None = None,
+) -> list[str]:
+    state = {k: v for k, v in model.state_dict().items()}
+    return save_plans(
+        path, plan_from_tensors(state, dtype), CheckpointMeta(model.args, tokenizer, lineage or {}), shard_size
+    )
+
+
+def _resolve(path: str) -> tuple[str, bool]:
+    """(file to open, is_index) for a checkpoint path: a .safetensors file, its index, or a name with an index."""
+    if os.path.isfile(path):
+        return path, path.endswith(".json")
+    if os.path.isfile(index_path(path)):
+        return index_path(path), True
+    raise UserError(f"{path}: no such checkpoint")
+
+
+def _open_safetensors(path: str):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:160]})") from None
+
+
+def read_meta(path: str) -> CheckpointMeta:
+    """Config, tokenizer and lineage of a checkpoint without touching its weights."""
+    file, is_index = _resolve(path)
+    if is_index:
+        return CheckpointMeta.from_header(_read_index(file)["metadata"], file)
+    with _open_safetensors(file) as f:
+        return CheckpointMeta.from_header(f.metadata() or {}, file)
+
+
+def _read_index(file: str) -> dict:
+    try:
+        with open(file) as f:
+            index = json.load(f)
+        assert isinstance(index["metadata"], dict) and isinstance(index["weight_map"], dict)
+        return index
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise UserError(f"{file}: not a checkpoint index (JSON with 'metadata' and 'weight_map')") from None
+
+
+def load_tensors(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint (one file or shards), memory-mapped: no copy is made until a tensor is used."""
+    file, is_index = _resolve(path)
+    files = [file]
+    if is_index:
+        weight_map = _read_index(file)["weight_map"]
+        base = os.path.dirname(file)
+        files = [os.path.join(base, s) for s in dict.fromkeys(weight_map.values())]
+        for s in files:
+            if not os.path.isfile(s):
+                raise UserError(f"{file}: shard {s} is missing")
+    tensors = {}
+    for s in files:
+        with _open_safetensors(s) as f:
+            for k in f.keys():
+                try:
+                    tensors[k] = f.get_tensor(k)
+                except Exception as e:  # safetensors raises its own types for truncated data
+                    raise UserError(f"{s}: tensor {k!r} cannot be read ({str(e).splitlines()[0][:120]})") from None
+    return tensors
+
+
+def check_state(source: str, expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
+    """Names and shapes of ``got`` must match the model's ``expected`` exactly; else one line naming the key."""
+    missing = [k for k in expected if k not in got]
+    if missing:
+        raise UserError(f"{source}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    extra = [k for k in got if k not in expected]
+    if extra:
+        raise UserError(f"{source}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all)")
+    for k, t in expected.items():
+        if tuple(got[k].shape) != tuple(t.shape):
+            raise UserError(f"{source}: tensor {k!r} has shape {tuple(got[k].shape)}, the config says {tuple(t.shape)}")
+
+
+def build_model(
+    args: ModelArgs,
+    tensors: dict[str, torch.Tensor],
+    source: str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Transformer:
+    """A model whose parameters are ``tensors`` (assigned, not copied, when device and dtype already match)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    check_state(source, model.state_dict(), tensors)
+    state = {
+        k: t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+        for k, t in tensors.items()
+    }
+    model.load_state_dict(state, assign=True)
+    model.reset_rope(device)
+    return model
+
+
+def load_model(
+    path: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> tuple[Transformer, CheckpointMeta]:
+    """Load a llamactl checkpoint; ``dtype`` None keeps the stored dtype."""
+    meta = read_meta(path)
+    model = build_model(meta.args, load_tensors(path), path, device, dtype)
+    model.eval()
+    return model, meta
+
+
+def stored_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
+    return max(set(floats), key=floats.count) if floats else torch.float32
