@@ -104,7 +104,7 @@ def write_safetensors(path: str, plans: list[TensorPlan], metadata: dict[str, st
         for p in plans:
             t = p.produce().detach().to("cpu").contiguous()
             assert tuple(t.shape) == p.shape and t.dtype == p.dtype, f"{p.name}: planned {p.shape} {p.dtype}"
-            f.write(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            f.write(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")  # no copy of the bytes
             del t
 
 

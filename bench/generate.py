@@ -1,0 +1,129 @@
+"""Batch-1 decode and prefill speed of llamactl's generation engine against transformers, same weights, same run.
+
+    python bench/generate.py [--preset llama2-60m] [--dtypes fp32,bf16] [--new-tokens 64] [--prompt-len 256]
+
+Prints a markdown table and writes CSV rows (one per measurement) to --csv. Decode is also reported as a fraction
+of the memory-bandwidth limit: weight bytes read per token x tokens/s over the measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import torch
+
+from llamactl.checkpoint import save_model
+from llamactl.convert import read_source, write_hf
+from llamactl.device import DTYPES
+from llamactl.generate import SamplingParams, generate
+from llamactl.model import Transformer, preset
+
+
+def copy_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float:
+    """Bytes/s of a large tensor copy (read + write counted), the practical memory-bandwidth ceiling."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="llama2-60m")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--csv", default="bench/results/generate.csv")
+    args = ap.parse_args()
+
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = Transformer(preset(args.preset))
+    model.init_weights(0)
+    bw = copy_bandwidth()
+    device = f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    print(
+        f"# {args.preset} ({model.args.num_params() / 1e6:.1f}M params), copy bandwidth {bw / 1e9:.1f} GB/s, {device}"
+    )
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = os.path.join(tmp, "m.safetensors")
+        save_model(ckpt, model)
+        write_hf(os.path.join(tmp, "hf"), read_source(ckpt), torch.float32, None)
+        for dname in args.dtypes.split(","):
+            dtype = DTYPES[dname]
+            ours = model.to(dtype).eval()
+            hf = LlamaForCausalLM.from_pretrained(os.path.join(tmp, "hf"), dtype=dtype).eval()
+            prompt = torch.randint(3, model.args.vocab_size, (args.prompt_len,)).tolist()
+            short = prompt[:8]
+
+            def ours_gen(p, n, ours=ours):
+                return lambda: generate(ours, [p], SamplingParams(max_new_tokens=n, temperature=0), eos_id=None)
+
+            def hf_gen(p, n, hf=hf):
+                ids = torch.tensor([p])
+                return lambda: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+            weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+            with torch.inference_mode():
+                for name, gen in (("llamactl", ours_gen), ("transformers", hf_gen)):
+                    t_prefill = best_of(gen(prompt, 1), args.repeats)
+                    t1 = best_of(gen(short, 1), args.repeats)
+                    tn = best_of(gen(short, args.new_tokens + 1), args.repeats)
+                    decode = args.new_tokens / (tn - t1)
+                    rows.append(
+                        dict(
+                            impl=name,
+                            dtype=dname,
+                            prefill_tok_s=args.prompt_len / t_prefill,
+                            decode_tok_s=decode,
+                            bw_fraction=weight_bytes * decode / bw,
+                            params_m=model.args.num_params() / 1e6,
+                            device=device,
+                        )
+                    )
+    print("\n| impl | dtype | prefill tok/s | decode tok/s | decode / bandwidth limit |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['impl']} | {r['dtype']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
+            f"{r['bw_fraction']:.0%} |"
+        )
+    for dname in args.dtypes.split(","):
+        o, h = (next(r for r in rows if r["impl"] == i and r["dtype"] == dname) for i in ("llamactl", "transformers"))
+        print(
+            f"{dname}: decode {o['decode_tok_s'] / h['decode_tok_s']:.2f}x transformers, "
+            f"prefill {o['prefill_tok_s'] / h['prefill_tok_s']:.2f}x"
+        )
+    os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
+    with open(args.csv, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"CSV: {args.csv}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
