@@ -21,7 +21,7 @@ import torch
 from llamactl.checkpoint import save_model
 from llamactl.convert import read_source, write_hf
 from llamactl.device import DTYPES
-from llamactl.generate import SamplingParams, generate
+from llamactl.generate import SamplingParams, generate, pack_for_cpu_decode
 from llamactl.model import Transformer, preset
 
 
@@ -74,7 +74,9 @@ def main() -> None:
         write_hf(os.path.join(tmp, "hf"), read_source(ckpt), torch.float32, None)
         for dname in args.dtypes.split(","):
             dtype = DTYPES[dname]
-            ours = model.to(dtype).eval()
+            ours = Transformer(model.args).to(dtype).eval()
+            ours.load_state_dict(model.state_dict())
+            pack_for_cpu_decode(ours)  # as `llamactl generate` does
             hf = LlamaForCausalLM.from_pretrained(os.path.join(tmp, "hf"), dtype=dtype).eval()
             prompt = torch.randint(3, model.args.vocab_size, (args.prompt_len,)).tolist()
             short = prompt[:8]

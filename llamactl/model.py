@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from llamactl import ops
@@ -195,6 +196,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.reset_rope()
         self.grad_checkpointing = False
+        self.packed_head: nn.Module | None = None  # set by generate.pack_for_cpu_decode for inference only
 
     def reset_rope(self, device: torch.device | str | None = None) -> None:
         """(Re)build the fp32 rotary tables, e.g. after weights were assigned to a model built on the meta device."""
@@ -241,7 +243,9 @@ class Transformer(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Next-token logits (..., vocab) in fp32 from hidden states (..., dim)."""
         assert self.args.head == "lm", "logits need a language-model head"
-        return (h @ self.output_weight.t()).float()
+        if self.packed_head is not None:
+            return self.packed_head(h).float()
+        return F.linear(h, self.output_weight).float()
 
     def scores(self, h: torch.Tensor) -> torch.Tensor:
         """Scalar-head outputs (...,) in fp32 from hidden states (..., dim)."""

@@ -76,7 +76,7 @@ def run(cfg: GenerateConfig) -> int:
 
     from llamactl.checkpoint import load_model
     from llamactl.device import resolve_device, resolve_dtype
-    from llamactl.generate import SamplingParams, generate
+    from llamactl.generate import SamplingParams, generate, pack_for_cpu_decode
     from llamactl.jsonl import dumps, open_output
     from llamactl.tokenizer import Tokenizer
 
@@ -84,6 +84,7 @@ def run(cfg: GenerateConfig) -> int:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     model, meta = load_model(cfg.model, device, dtype)
+    pack_for_cpu_decode(model)
     tokenizer = Tokenizer(meta.tokenizer, cfg.model) if meta.tokenizer is not None else None
     records = read_prompts(cfg.input, tokenizer, model.args.vocab_size, model.args.max_seq_len)
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.logprobs)

@@ -9,7 +9,7 @@ from helpers import FIXTURES, assert_user_error, run_cli
 
 from llamactl.checkpoint import load_model, save_model
 from llamactl.commands.convert import ConvertConfig, run
-from llamactl.generate import SamplingParams, generate, sample
+from llamactl.generate import SamplingParams, generate, pack_for_cpu_decode, sample
 from llamactl.model import ModelArgs, Transformer
 from llamactl.tokenizer import Tokenizer
 
@@ -129,6 +129,23 @@ def test_stops_at_eos_per_sequence(stories):
         else:
             assert g.tokens == f.tokens and g.finish_reason == "length"
     assert got[0].finish_reason == "eos"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_cpu_decode_matches_plain_model(stories, dtype):
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no native bf16, so weights are not packed in bf16")
+    plain, _ = load_model(stories, dtype=dtype)
+    packed, _ = load_model(stories, dtype=dtype)
+    assert pack_for_cpu_decode(packed)
+    tokens = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        # fp32: only the summation order differs; bf16: the same products, rounded to bf16 at the same places
+        tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=0.02, atol=0.05)
+        torch.testing.assert_close(packed.logits(packed.hidden(tokens)), plain(tokens), **tol)
+    params = SamplingParams(max_new_tokens=40, temperature=0)
+    if dtype == torch.float32:
+        assert generate(packed, [[1], [1, 300]], params, None) == generate(plain, [[1], [1, 300]], params, None)
 
 
 def test_sampling_controls():
