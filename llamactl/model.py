@@ -252,13 +252,16 @@ class Transformer(nn.Module):
         assert self.args.head == "scalar", "scores need a scalar head"
         return self.score(h).squeeze(-1).float()
 
-    def forward(self, tokens, positions=None, segment_ids=None) -> torch.Tensor:
-        """Logits (B, T, vocab) for an lm head, scores (B, T) for a scalar head."""
+    def forward(self, tokens, targets=None, mask=None, positions=None, segment_ids=None) -> torch.Tensor:
+        """With ``targets``: the mean next-token cross-entropy over counted targets, never materialising the full
+        logits (``mask`` and ignore index -100 exclude tokens). Without: logits (B, T, vocab) for an lm head,
+        scores (B, T) for a scalar head. Training calls this (not ``hidden``) so DDP and FSDP hooks run."""
         h = self.hidden(tokens, positions, segment_ids)
+        if targets is not None:
+            flat_mask = mask.reshape(-1) if mask is not None else None
+            flat_h = h.reshape(-1, h.shape[-1])
+            return ops.linear_cross_entropy(flat_h, self.output_weight, targets.reshape(-1), flat_mask)
         return self.logits(h) if self.args.head == "lm" else self.scores(h)
 
     def loss(self, tokens, targets, mask=None, positions=None, segment_ids=None) -> torch.Tensor:
-        """Mean next-token cross-entropy over counted targets, never materialising full logits."""
-        h = self.hidden(tokens, positions, segment_ids)
-        flat_mask = mask.reshape(-1) if mask is not None else None
-        return ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.output_weight, targets.reshape(-1), flat_mask)
+        return self(tokens, targets, mask, positions, segment_ids)

@@ -1,0 +1,305 @@
+"""``llamactl pretrain``: token shards to a base model, resumable, on one process or under torchrun (DDP or FSDP2)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+from llamactl.errors import UserError
+
+DEFAULT_LR = {"llama2-70b": 1.5e-4}  # Llama 2 paper, Table 1: 3e-4 for 7B and 13B, 1.5e-4 for 70B
+
+
+@dataclass
+class PretrainConfig:
+    data: str
+    output: str
+    preset: str = "llama2-15m"
+    overrides: list[str] = field(default_factory=list)  # "key=value" for ModelArgs fields
+    seq_len: int = 256
+    batch_size: int = 8  # sequences per micro-batch per process
+    global_batch_tokens: int | None = None  # None: one micro-batch per process and step
+    steps: int = 1000
+    lr: float | None = None  # None: the preset's peak learning rate from the paper
+    min_lr_ratio: float = 0.1
+    warmup: int | None = None  # None: 2000 as in the paper, at most a tenth of the steps
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 200
+    keep: int = 2
+    log_every: int = 1
+    resume: bool = False
+    distributed: str = "ddp"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    argv: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        problems = []
+        for name in ("seq_len", "batch_size", "steps", "eval_batches", "log_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "keep", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.lr is not None and self.lr <= 0:
+            problems.append(f"--lr must be positive, got {self.lr}")
+        if self.warmup is not None and not 0 <= self.warmup < self.steps:
+            problems.append(f"--warmup {self.warmup} must be in [0, --steps {self.steps})")
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.distributed not in ("ddp", "fsdp"):
+            problems.append(f"--distributed {self.distributed!r} is not one of ddp, fsdp")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            problems.append(f"--dtype {self.dtype!r}: training runs in fp32 or bf16 autocast (auto picks)")
+        for o in self.overrides:
+            if "=" not in o:
+                problems.append(f"--set {o!r}: write key=value")
+        if problems:
+            raise UserError("; ".join(problems))
+
+
+def model_args(cfg: PretrainConfig, vocab_size: int):
+    import json
+
+    from llamactl.model import ModelArgs, preset
+
+    values = {}
+    for o in cfg.overrides:
+        key, raw = o.split("=", 1)
+        try:
+            values[key] = json.loads(raw)
+        except ValueError:
+            values[key] = raw
+    if "vocab_size" in values and values["vocab_size"] < vocab_size:
+        raise UserError(f"--set vocab_size={values['vocab_size']} is smaller than the tokenizer's {vocab_size}")
+    values.setdefault("vocab_size", vocab_size)
+    try:
+        args = preset(cfg.preset, **values)
+    except TypeError as e:
+        raise UserError(f"--set: {e}") from None
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if cfg.seq_len > args.max_seq_len:
+        args = ModelArgs(**{**args.to_dict(), "max_seq_len": cfg.seq_len})
+    return args
+
+
+class Windows:
+    """Training sequences: non-overlapping windows of seq_len + 1 tokens, in a seeded random order per epoch.
+
+    Sample g of the run is window perm_{g // n}[g % n]: a pure function of g, so the data position is one integer
+    that a checkpoint restores exactly, and ranks read disjoint samples of the same global order.
+    """
+
+    def __init__(self, split, seq_len: int, seed: int, shuffle: bool = True):
+        self.split, self.seq_len, self.seed, self.shuffle = split, seq_len, seed, shuffle
+        self.n = (len(split) - 1) // seq_len
+        self._epoch, self._perm = -1, None
+
+    def batch(self, first: int, count: int):
+        import numpy as np
+        import torch
+
+        rows = []
+        for g in range(first, first + count):
+            epoch, i = divmod(g, self.n)
+            if self.shuffle and epoch != self._epoch:
+                self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+                self._epoch = epoch
+            w = int(self._perm[i]) if self.shuffle else i
+            rows.append(self.split.tokens(w * self.seq_len, w * self.seq_len + self.seq_len + 1))
+        t = torch.from_numpy(np.stack(rows))
+        return t[:, :-1], t[:, 1:]
+
+
+def run(cfg: PretrainConfig) -> dict:
+    """Train; returns a summary (final step, last train and validation loss, checkpoint path)."""
+    import math
+
+    import torch
+    from tqdm import tqdm
+
+    from llamactl import train as T
+    from llamactl.checkpoint import CheckpointMeta, load_tensors, make_lineage
+    from llamactl.device import bf16_supported, resolve_device, seed_everything
+    from llamactl.jsonl import atomic_path
+    from llamactl.model import Transformer
+    from llamactl.shards import INDEX_NAME, open_shards
+
+    cfg.validate()
+    data = open_shards(cfg.data)
+    train_split = data.split("train")
+    val_split = data.splits.get("val")
+    if cfg.eval_every and val_split is None:
+        raise UserError(f"{cfg.data}: no 'val' split to evaluate on; encode with --val-fraction, or --eval-every 0")
+    device = resolve_device(cfg.device)
+    d = T.init_distributed(device)
+    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and bf16_supported(device))
+    if cfg.dtype == "bf16" and not bf16_supported(device):
+        raise UserError(f"--dtype bf16: {device.type} has no native bf16 here; use fp32")
+    args = model_args(cfg, data.vocab_size)
+    micro_tokens = cfg.batch_size * cfg.seq_len * d.world
+    global_tokens = cfg.global_batch_tokens or micro_tokens
+    if global_tokens % micro_tokens:
+        raise UserError(
+            f"--global-batch-tokens {global_tokens} is not a multiple of batch-size x seq-len x processes "
+            f"= {micro_tokens}"
+        )
+    accum = global_tokens // micro_tokens
+    windows = Windows(train_split, cfg.seq_len, cfg.seed)
+    if windows.n < cfg.batch_size * accum * d.world:
+        raise UserError(f"{cfg.data}: {len(train_split)} training tokens do not fill one global batch")
+    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.preset, 3e-4)
+    warmup = cfg.warmup if cfg.warmup is not None else min(2000, cfg.steps // 10)
+
+    os.makedirs(cfg.output, exist_ok=True)
+    ckpt = T.latest_checkpoint(cfg.output)
+    if ckpt and not cfg.resume:
+        raise UserError(f"{cfg.output}: holds a run (latest {os.path.basename(ckpt)}); pass --resume or another -o")
+    if d.main:
+        T.clean_partial(cfg.output)
+
+    seed_everything(cfg.seed)
+    model = Transformer(args)
+    model.init_weights(cfg.seed)
+    model.grad_checkpointing = cfg.activation_checkpointing
+    model.to(device)
+    start_step, state = 0, None
+    if ckpt:
+        state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=False)
+        if state["model_args"] != args.to_dict():
+            raise UserError(f"{ckpt}: was trained with another model config than this command asks for")
+        if state["global_batch_tokens"] != global_tokens or state["seq_len"] != cfg.seq_len:
+            raise UserError(f"{ckpt}: was trained with another batch or sequence length; resume with the same")
+        start_step = state["step"]
+    wrapped = T.wrap_model(model, cfg.distributed, d, device)
+    optim = T.make_optimizer(model, lr, cfg.weight_decay)
+    if state is not None:
+        model_sd = load_tensors(os.path.join(ckpt, "model.safetensors"))
+        T.load_full_state(wrapped, optim, model_sd, state["optimizer"], d)
+        T.set_rng_state(state["rng"])
+    forward = torch.compile(wrapped) if cfg.compile else wrapped
+
+    tok = data.load_tokenizer()
+    lineage = make_lineage("pretrain", cfg.argv or sys.argv[1:], [os.path.join(cfg.data, INDEX_NAME)])
+    meta = CheckpointMeta(args, tok.model_bytes, lineage)
+    metrics = T.MetricsLog(os.path.join(cfg.output, "metrics.jsonl"), start_step if ckpt else None, d.main)
+    peak_flops = T.matmul_peak_flops(torch.bfloat16 if use_bf16 else torch.float32, device) * d.world
+    flops_tok = T.flops_per_token(model, cfg.seq_len)
+    trainer_state = {"model_args": args.to_dict(), "global_batch_tokens": global_tokens, "seq_len": cfg.seq_len}
+
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    def evaluate() -> float:
+        model.eval()
+        vw = Windows(val_split, cfg.seq_len, cfg.seed, shuffle=False)
+        n = min(cfg.eval_batches, vw.n // cfg.batch_size // d.world)
+        if n == 0:
+            raise UserError(
+                f"{cfg.data}: the 'val' split is shorter than one batch of {cfg.batch_size} x {cfg.seq_len}"
+            )
+        total = torch.zeros((), device=device)
+        with torch.no_grad(), autocast():
+            for b in range(n):
+                x, y = vw.batch((b * d.world + d.rank) * cfg.batch_size, cfg.batch_size)
+                total += forward(x.to(device), y.to(device)).float()
+        model.train()
+        return float(T.all_reduce_mean(total / n, d))
+
+    def save(step: int) -> None:
+        T.save_checkpoint(cfg.output, step, wrapped, optim, meta, trainer_state, d, cfg.keep)
+
+    last = {"loss": float("nan"), "val_loss": None}
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="pretrain", unit="step", disable=not d.main, leave=False)
+    step = start_step
+    try:
+        model.train()
+        t_last = time.perf_counter()
+        while step < cfg.steps:
+            cur_lr = T.cosine_lr(step, lr, warmup, cfg.steps, cfg.min_lr_ratio)
+            for group in optim.param_groups:
+                group["lr"] = cur_lr
+            loss_sum = torch.zeros((), device=device)
+            for m in range(accum):
+                first = step * accum * d.world * cfg.batch_size + (m * d.world + d.rank) * cfg.batch_size
+                x, y = windows.batch(first, cfg.batch_size)
+                with T.grad_sync(wrapped, m == accum - 1), autocast():
+                    loss = forward(x.to(device), y.to(device))
+                    (loss / accum).backward()
+                loss_sum += loss.detach().float()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            optim.step()
+            optim.zero_grad(set_to_none=True)
+            step += 1
+            train_loss = float(T.all_reduce_mean(loss_sum / accum, d))
+            if not math.isfinite(train_loss):
+                raise UserError(f"step {step}: loss is {train_loss}; lower --lr (now {lr}) or check the data")
+            now = time.perf_counter()
+            tok_s = global_tokens / (now - t_last)
+            t_last = now
+            last["loss"] = train_loss
+            row = {
+                "step": step,
+                "loss": round(train_loss, 6),
+                "lr": cur_lr,
+                "grad_norm": round(float(grad_norm), 6),
+                "tokens_per_s": round(tok_s, 1),
+                "mfu": round(tok_s * flops_tok / peak_flops, 4),
+            }
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                val = evaluate()
+                last["val_loss"] = val
+                row.update(val_loss=round(val, 6), val_ppl=round(math.exp(min(val, 50.0)), 3))
+            if step % cfg.log_every == 0 or "val_loss" in row:
+                metrics.write(row)
+            T.fault_point("step-done", step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:.0f}")
+            wants_stop = torch.tensor(float(stop["signal"] is not None))
+            if float(T.all_reduce_mean(wants_stop, d)) > 0 or (cfg.save_every and step % cfg.save_every == 0):
+                save(step)
+            if stop["signal"] is not None:
+                break
+            t_last = time.perf_counter()  # exclude evaluation and checkpoint time from the next throughput
+        if step == cfg.steps and not (cfg.save_every and step % cfg.save_every == 0) and stop["signal"] is None:
+            save(step)
+    finally:
+        bar.close()
+        metrics.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    if stop["signal"] is not None:
+        if d.main:
+            print(
+                f"llamactl pretrain: stopped at step {step}; checkpoint saved, continue with --resume", file=sys.stderr
+            )
+        raise KeyboardInterrupt
+    final = T.latest_checkpoint(cfg.output)
+    if d.main:  # the final model beside the run's checkpoints: a hard link, no second copy
+        with atomic_path(os.path.join(cfg.output, "model.safetensors")) as tmp:
+            os.unlink(tmp)
+            try:
+                os.link(os.path.join(final, "model.safetensors"), tmp)
+            except OSError:
+                shutil.copyfile(os.path.join(final, "model.safetensors"), tmp)
+    return {"step": step, "loss": last["loss"], "val_loss": last["val_loss"], "checkpoint": final}

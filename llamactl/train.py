@@ -1,0 +1,280 @@
+"""Pieces every training command shares: distributed set-up, optimizer and schedule, checkpoints that resume exactly.
+
+A run directory holds ``metrics.jsonl``, one ``step-NNNNNNN/`` folder per checkpoint (``model.safetensors``, a
+self-describing llamactl checkpoint, and ``trainer.pt``: optimizer, step, RNG and data position) and ``latest``,
+a one-line file naming the newest complete checkpoint. A checkpoint folder is written under a temporary name and
+renamed when whole, and ``latest`` is replaced atomically after it, so a crash at any moment (kill -9 included)
+leaves the previous checkpoint as the one ``--resume`` picks up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from llamactl.checkpoint import CheckpointMeta, plan_from_tensors, save_plans
+from llamactl.errors import UserError
+from llamactl.jsonl import atomic_path, dumps
+from llamactl.model import Transformer
+
+LATEST = "latest"
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the process group torchrun describes in the environment; a plain run is rank 0 of 1."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(d.local_rank)
+    return d
+
+
+def all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x /= d.world
+    return x
+
+
+def wrap_model(model: Transformer, strategy: str, d: Dist, device: torch.device) -> torch.nn.Module:
+    """DDP or FSDP2 (``fully_shard`` per block, then the root) across the process group; as is for one process."""
+    if d.world == 1:
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (d.world,))
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+@contextlib.contextmanager
+def grad_sync(wrapped: torch.nn.Module, sync: bool):
+    """Skip the gradient all-reduce on accumulation micro-steps that are not the last."""
+    if sync:
+        yield
+    elif hasattr(wrapped, "no_sync"):  # DDP
+        with wrapped.no_sync():
+            yield
+    elif hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
+        wrapped.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            wrapped.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def full_model_state(model: torch.nn.Module, d: Dist) -> dict[str, torch.Tensor]:
+    """The whole (unsharded) model state on CPU, on every rank's call; only rank 0 gets the tensors."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if d.world == 1:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts)
+
+
+def full_optim_state(model: torch.nn.Module, optim: torch.optim.Optimizer, d: Dist) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, optim, options=opts)
+
+
+def load_full_state(model: torch.nn.Module, optim: torch.optim.Optimizer, model_sd: dict, optim_sd: dict, d: Dist):
+    """Load whole-model states (as saved by any number of ranks) into a model sharded or replicated over ``d``."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=d.world > 1)
+    set_model_state_dict(model, model_sd, options=opts)
+    set_optimizer_state_dict(model, optim, optim_sd, options=opts)
+
+
+# ------------------------------------------------------------------------------------------------ optimisation
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), eps=1e-5):
+    """AdamW as Llama 2: decay on matrices only (not on norms' gains), beta2 0.95, eps 1e-5."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+def cosine_lr(step: int, peak: float, warmup: int, total: int, final_ratio: float = 0.1) -> float:
+    """Linear warmup to ``peak``, then cosine decay to ``final_ratio * peak`` at ``total`` steps (Llama 2)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def matmul_peak_flops(dtype: torch.dtype, device: torch.device) -> float:
+    """FLOP/s of a large square matmul in ``dtype``, measured now: the denominator of MFU."""
+    n = 2048 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def flops_per_token(model: Transformer, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x parameters (embeddings excluded) + 12 x layers x dim x seq (attention)."""
+    a = model.args
+    n = a.num_params() - (0 if a.tie_embeddings else a.vocab_size * a.dim)  # a lookup table does no FLOPs
+    return 6 * n + 12 * a.n_layers * a.dim * seq_len
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The newest complete checkpoint folder of a run, or None."""
+    path = os.path.join(run_dir, LATEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        name = f.read().strip()
+    folder = os.path.join(run_dir, name)
+    if not os.path.isfile(os.path.join(folder, "trainer.pt")):
+        raise UserError(f"{path}: names {name}, which is not a whole checkpoint")
+    return folder
+
+
+def save_checkpoint(
+    run_dir: str,
+    step: int,
+    model: torch.nn.Module,
+    optim: torch.optim.Optimizer,
+    meta: CheckpointMeta,
+    trainer_state: dict,
+    d: Dist,
+    keep: int,
+) -> str | None:
+    """Write ``step-NNNNNNN/`` atomically and point ``latest`` at it; all ranks call, rank 0 writes."""
+    model_sd = full_model_state(model, d)
+    optim_sd = full_optim_state(model, optim, d)
+    if not d.main:
+        return None
+    name = f"step-{step:07d}"
+    final = os.path.join(run_dir, name)
+    tmp = os.path.join(run_dir, f".{name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    meta.lineage = {**meta.lineage, "step": step}
+    save_plans(os.path.join(tmp, "model.safetensors"), plan_from_tensors(model_sd), meta)
+    torch.save(
+        {**trainer_state, "step": step, "optimizer": optim_sd, "rng": rng_state()}, os.path.join(tmp, "trainer.pt")
+    )
+    fault_point("checkpoint-written", step)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    with atomic_path(os.path.join(run_dir, LATEST)) as t, open(t, "w") as f:
+        f.write(name + "\n")
+    steps = sorted(n for n in os.listdir(run_dir) if n.startswith("step-") and n != name)
+    for old in steps[: max(0, len(steps) - (keep - 1))] if keep > 0 else []:
+        shutil.rmtree(os.path.join(run_dir, old), ignore_errors=True)
+    return final
+
+
+def clean_partial(run_dir: str) -> None:
+    """Remove checkpoint folders a crash left half-written."""
+    for n in os.listdir(run_dir):
+        if n.startswith(".step-") and n.endswith(".tmp"):
+            shutil.rmtree(os.path.join(run_dir, n), ignore_errors=True)
+
+
+def fault_point(name: str, step: int) -> None:
+    """Die by SIGKILL here when LLAMACTL_FAULT is ``name@step``: how tests kill a run at an exact point."""
+    if os.environ.get("LLAMACTL_FAULT") == f"{name}@{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class MetricsLog:
+    """metrics.jsonl of a run; on resume, rows past the checkpoint's step are dropped so the curve stays single."""
+
+    def __init__(self, path: str, resume_step: int | None, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        rows = []
+        if resume_step is not None and os.path.isfile(path):
+            with open(path) as f:
+                rows = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+        with atomic_path(path) as tmp, open(tmp, "w") as f:
+            f.writelines(rows)
+        self.f = open(path, "a")  # noqa: SIM115 - open for the run's lifetime
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            self.f.write(dumps(row) + "\n")
+            self.f.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.f.close()

@@ -1,0 +1,147 @@
+"""pretrain: loss goes down, resume after kill -9 reproduces the uninterrupted curve, torchrun with 2 processes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import FIXTURES, assert_user_error, run_cli
+
+from llamactl.checkpoint import load_model
+from llamactl.commands.pretrain import PretrainConfig, run
+from llamactl.shards import ShardWriter
+from llamactl.tokenizer import Tokenizer
+
+TINY = ["dim=32", "n_layers=2", "n_heads=4", "n_kv_heads=2", "multiple_of=16"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Shakespeare-like text in Llama 2's tokenizer, with a held-out split (tests/fixtures has no Shakespeare)."""
+    tok = Tokenizer.from_file(os.path.join(FIXTURES, "llama2-tokenizer.model"))
+    path = str(tmp_path_factory.mktemp("data") / "shards")
+    lines = [f"To be or not to be, line {i}: that is the question {i % 7}." for i in range(600)]
+    with ShardWriter(path, tok, shard_tokens=3000, splits=("train", "val")) as w:
+        for i, line in enumerate(lines):
+            w.add(tok.encode(line, bos=True, eos=True), "val" if i % 10 == 0 else "train")
+    return path
+
+
+def _cfg(shards, out, **kw):
+    base = dict(
+        data=shards,
+        output=str(out),
+        overrides=TINY,
+        seq_len=32,
+        batch_size=4,
+        steps=8,
+        eval_every=4,
+        eval_batches=2,
+        save_every=2,
+        dtype="fp32",
+        lr=3e-3,
+    )
+    base.update(kw)
+    return PretrainConfig(**base)
+
+
+def _curve(out) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [
+        {k: r[k] for k in ("step", "loss", "lr", "grad_norm") + (("val_loss",) if "val_loss" in r else ())}
+        for r in rows
+    ]
+
+
+def _run_subprocess(cfg: PretrainConfig, fault: str | None = None) -> int:
+    code = f"from llamactl.commands.pretrain import PretrainConfig, run; run(PretrainConfig(**{cfg.__dict__!r}))"
+    env = {**os.environ, **({"LLAMACTL_FAULT": fault} if fault else {})}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True).returncode
+
+
+def test_trains_and_writes_a_self_describing_model(shards, tmp_path):
+    summary = run(_cfg(shards, tmp_path / "run", steps=12))
+    curve = _curve(tmp_path / "run")
+    assert [r["step"] for r in curve] == list(range(1, 13))
+    assert curve[-1]["loss"] < curve[0]["loss"] - 1.0  # a real signal, far above noise on this repetitive text
+    assert "val_loss" in curve[3] and summary["val_loss"] == pytest.approx(curve[-1]["val_loss"], abs=1e-6)
+    model, meta = load_model(str(tmp_path / "run" / "model.safetensors"))
+    assert meta.lineage["command"] == "pretrain" and meta.lineage["step"] == 12
+    assert meta.tokenizer is not None and model.args.vocab_size == 32000 and model.args.dim == 32
+
+
+@pytest.mark.parametrize("fault", ["checkpoint-written@6", "step-done@5"])
+def test_kill_9_then_resume_gives_the_uninterrupted_curve(shards, tmp_path, fault):
+    run(_cfg(shards, tmp_path / "straight"))
+    cfg = _cfg(shards, tmp_path / "broken")
+    assert _run_subprocess(cfg, fault) == -9  # killed: mid-checkpoint write, or between checkpoints
+    assert _curve(tmp_path / "broken")[-1]["step"] < 8
+    cfg.resume = True
+    run(cfg)
+    assert _curve(tmp_path / "broken") == _curve(tmp_path / "straight")
+    assert not [n for n in os.listdir(tmp_path / "broken") if n.endswith(".tmp")]
+
+
+def test_existing_run_needs_resume(shards, tmp_path):
+    run(_cfg(shards, tmp_path / "run", steps=2))
+    sets = [a for o in TINY for a in ("--set", o)]
+    proc = run_cli("pretrain", shards, "-o", str(tmp_path / "run"), *sets, "--steps", "4")
+    assert_user_error(proc, "pass --resume")
+    assert_user_error(run_cli("pretrain", shards, "-o", str(tmp_path / "x"), "--set", "dim=28"), "dim 28", "n_heads 6")
+    assert_user_error(run_cli("pretrain", shards, "-o", str(tmp_path / "x"), "--dtype", "fp16"), "--dtype 'fp16'")
+    assert_user_error(run_cli("pretrain", str(tmp_path / "none"), "-o", str(tmp_path / "x")), "none", "no such")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one(shards, tmp_path, strategy):
+    # Same global batch: 1 process accumulating 2 micro-batches == 2 processes with 1 each (gloo on CPU).
+    run(_cfg(shards, tmp_path / "one", steps=4, global_batch_tokens=2 * 4 * 32))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "llamactl.cli",
+        "pretrain",
+        shards,
+        "-o",
+        str(tmp_path / "two"),
+        "--steps",
+        "4",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "4",
+        "--eval-batches",
+        "2",
+        "--save-every",
+        "2",
+        "--dtype",
+        "fp32",
+        "--lr",
+        "3e-3",
+        "--distributed",
+        strategy,
+    ] + [a for o in TINY for a in ("--set", o)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = _curve(tmp_path / "one"), _curve(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two, strict=True):
+        # fp32 sums of the same gradients in another order (all-reduce vs accumulation): differences ~1e-7
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-5), (a, b)
+        if strategy == "ddp":
+            # FSDP2's reported norm drifts up to 1e-4 relative by step 4 (per-parameter gradients at step 1 agree to
+            # 7 digits; see the pretrain issue's closing note), so only DDP's norm is held to this.
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5, abs=1e-6), (a, b)
+    m1, _ = load_model(str(tmp_path / "one" / "model.safetensors"))
+    m2, _ = load_model(str(tmp_path / "two" / "model.safetensors"))
+    for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
+        assert (a - b).abs().max() < 1e-4, k
