@@ -30,8 +30,14 @@ test-all: lint
 demo: $(STAMP)
 	$(MAKE) -f recipes/demo.mk PY=$(abspath $(PY)) all
 
+# Benchmarks print markdown tables and write CSV rows to bench/results/; docs/benchmarks.md keeps the figures.
+# `python -P` keeps bench/ off sys.path (bench/tokenize.py would shadow the standard library's tokenize).
 bench: $(STAMP)
-	$(PY) bench/generate.py
+	$(PY) -P bench/generate.py
+	$(PY) -P bench/pretrain.py
+	$(PY) -P bench/convert_memory.py
+	$(PY) -P bench/tokenize.py
+	$(PY) -P bench/kernels.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

@@ -94,3 +94,19 @@ def test_segment_ids_isolate_packed_sequences():
         out = model(packed, positions=pos, segment_ids=seg)
         torch.testing.assert_close(out[:, :5], model(a))
         torch.testing.assert_close(out[:, 5:], model(b))
+
+
+def test_bf16_autocast_loss_tracks_fp32_and_reaches_master_weights():
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=16, max_seq_len=64)
+    model = Transformer(args)
+    model.init_weights(0)
+    tokens = torch.randint(0, 300, (2, 33))
+    ref = model(tokens[:, :-1], tokens[:, 1:])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    assert loss.dtype == torch.float32
+    # bf16 keeps 8 bits of mantissa: logits of size ~1 carry errors ~1e-2, the mean loss far less
+    assert abs(loss.item() - ref.item()) < 2e-2
+    assert model.output.weight.grad.dtype == torch.float32 and model.output.weight.grad.abs().sum() > 0

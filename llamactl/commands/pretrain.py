@@ -122,6 +122,19 @@ class Windows:
         return t[:, :-1], t[:, 1:]
 
 
+def unigram_loss(train_split, val_split, vocab_size: int, max_tokens: int = 50_000_000) -> float:
+    """Cross-entropy (nats/token) of the val split under the train split's add-one smoothed unigram frequencies:
+    the loss of a model that ignores context, which a trained model must beat."""
+    import numpy as np
+
+    counts = np.ones(vocab_size, dtype=np.float64)
+    for s in range(0, min(len(train_split), max_tokens), 1 << 22):
+        counts += np.bincount(train_split.tokens(s, min(s + (1 << 22), len(train_split))), minlength=vocab_size)
+    logp = np.log(counts / counts.sum())
+    val = val_split.tokens(0, min(len(val_split), max_tokens))
+    return float(-logp[val].mean())
+
+
 def run(cfg: PretrainConfig) -> dict:
     """Train; returns a summary (final step, last train and validation loss, checkpoint path)."""
     import math
@@ -295,6 +308,12 @@ def run(cfg: PretrainConfig) -> dict:
             )
         raise KeyboardInterrupt
     final = T.latest_checkpoint(cfg.output)
+    if d.main:
+        baseline = unigram_loss(train_split, val_split, args.vocab_size) if val_split is not None else None
+        last["unigram_val_loss"] = baseline
+        val = f", val loss {last['val_loss']:.4f}" if last["val_loss"] is not None else ""
+        base = f" (unigram baseline {baseline:.4f})" if baseline is not None else ""
+        print(f"llamactl pretrain: step {step}, train loss {last['loss']:.4f}{val}{base}", file=sys.stderr)
     if d.main:  # the final model beside the run's checkpoints: a hard link, no second copy
         with atomic_path(os.path.join(cfg.output, "model.safetensors")) as tmp:
             os.unlink(tmp)
@@ -302,4 +321,4 @@ def run(cfg: PretrainConfig) -> dict:
                 os.link(os.path.join(final, "model.safetensors"), tmp)
             except OSError:
                 shutil.copyfile(os.path.join(final, "model.safetensors"), tmp)
-    return {"step": step, "loss": last["loss"], "val_loss": last["val_loss"], "checkpoint": final}
+    return {"step": step, "checkpoint": final, **last}

@@ -1,0 +1,175 @@
+"""Weight-only quantized matmul: y = x @ dequant(W)^T with W stored in int8 or int4, dequantized inside the kernel.
+
+Packed formats (a weight W is (N, K): N output channels, K inputs, as ``nn.Linear.weight``):
+
+``int8``  qweight int8 (N, K), scales fp16 (N,). Symmetric per output channel: W[n, k] ~= qweight[n, k] * scales[n],
+          qweight in [-127, 127], scales[n] = max_k |W[n, k]| / 127.
+``int4``  qweight uint8 (N, K / 2), scales fp16 (N, K / G) for group size G in (32, 64, 128), K a multiple of G.
+          Symmetric per group of G consecutive inputs: W[n, k] ~= (q[n, k] - 8) * scales[n, k // G], q in [1, 15]
+          (scale = max |W| of the group / 7). Two values per byte: q[n, 2j] in the low nibble of qweight[n, j],
+          q[n, 2j + 1] in the high nibble.
+
+Scales are fp16: fp32 would add a quarter to the bytes an int4 group-32 weight moves, and bf16's 8-bit mantissa would
+add up to 0.4% error to every weight; fp16 covers the range of real weight scales. Each ``quantize_*`` returns the
+largest absolute error of its round trip, so the caller can report it. Inference only: there is no backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import cdiv, dot_precision, tl, triton
+
+SCHEMES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+
+
+def _safe_scale(amax: torch.Tensor, qmax: int) -> torch.Tensor:
+    # An all-zero row or group gets scale 1 (any scale reproduces zeros) instead of a division by zero.
+    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax)).to(torch.float16)
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """W (N, K) -> (qweight int8 (N, K), scales fp16 (N,), max abs error of the round trip)."""
+    wf = w.float()
+    scales = _safe_scale(wf.abs().amax(dim=1), 127)
+    q = torch.round(wf / scales.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    err = (dequantize_int8(q, scales) - wf).abs().max().item() if w.numel() else 0.0
+    return q, scales, err
+
+
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The fp32 weight (N, K) that an int8 pair stands for."""
+    return qweight.float() * scales.float()[:, None]
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """W (N, K) -> (qweight uint8 (N, K/2), scales fp16 (N, K/G), max abs error of the round trip)."""
+    N, K = w.shape
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"int4 group size {group_size}: use one of {', '.join(map(str, GROUP_SIZES))}")
+    if K % group_size:
+        raise ValueError(f"int4 needs the input dim {K} to be a multiple of the group size {group_size}")
+    wg = w.float().reshape(N, K // group_size, group_size)
+    scales = _safe_scale(wg.abs().amax(dim=-1), 7)
+    q = (torch.round(wg / scales.float()[..., None]).clamp_(-8, 7) + 8).to(torch.uint8).reshape(N, K)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    err = (dequantize_int4(packed, scales) - w.float()).abs().max().item() if w.numel() else 0.0
+    return packed, scales, err
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The fp32 weight (N, K) that an int4 pair stands for; the group size is K / scales.shape[1]."""
+    N = qweight.shape[0]
+    q = torch.stack((qweight & 0xF, qweight >> 4), dim=-1).reshape(N, -1).float() - 8.0  # (N, K)
+    group = q.shape[1] // scales.shape[1]
+    return (q.reshape(N, -1, group) * scales.float()[..., None]).reshape(N, -1)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, scheme: str) -> torch.Tensor:
+    if scheme == "int8":
+        return dequantize_int8(qweight, scales)
+    if scheme == "int4":
+        return dequantize_int4(qweight, scales)
+    raise ValueError(f"quantization scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
+
+
+def quant_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scheme: str) -> torch.Tensor:
+    """x (..., K) @ dequant(W)^T -> (..., N) in x's dtype, the product taken in fp32."""
+    return (x.float() @ dequantize(qweight, scales, scheme).t()).to(x.dtype)
+
+
+@triton.jit
+def _int8_matmul_kernel(
+    X, QW, SCALES, Y, M, N, K, stride_xm, stride_qn, stride_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = rm < M, rn < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        x = tl.load(X + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        q = tl.load(QW + rn[:, None] * stride_qn + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+        # |q| <= 127 is exact in fp16 and bf16: the dot runs on the activation's tensor-core path.
+        acc += tl.dot(x, tl.trans(q.to(x.dtype)), input_precision=DOT_PREC)
+    scale = tl.load(SCALES + rn, mask=n_ok, other=0.0).to(tl.float32)
+    y = acc * scale[None, :]  # the per-channel scale is constant along K: apply it once, after the sum
+    tl.store(Y + rm[:, None] * stride_ym + rn[None, :], y.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _int4_matmul_kernel(
+    X, QW, SCALES, Y, M, N, K, stride_xm, stride_qn, stride_sn, stride_ym,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = rm < M, rn < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for g in range(0, K // GROUP):
+        # One K step is one group, so its scale multiplies a whole partial dot product instead of every weight.
+        rk = g * GROUP + tl.arange(0, GROUP)
+        x = tl.load(X + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None], other=0.0)
+        # Each byte is read for both of its nibbles; the second read hits the cache, not memory.
+        packed = tl.load(QW + rn[:, None] * stride_qn + (rk // 2)[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
+        q = (packed >> ((rk % 2) * 4)[None, :]) & 0xF
+        part = tl.dot(x, tl.trans((q - 8).to(x.dtype)), input_precision=DOT_PREC)
+        scale = tl.load(SCALES + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+        acc += part * scale[None, :]
+    tl.store(Y + rm[:, None] * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def quant_matmul_unsupported(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scheme: str) -> str | None:
+    """Why the kernels cannot take these inputs, or None when they can."""
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"activations in {x.dtype}"
+    return None
+
+
+def check_quantized(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scheme: str) -> None:
+    """Raise ValueError naming what does not fit the packed format of ``scheme`` (see the module docstring)."""
+    K = x.shape[-1]
+    if scheme == "int8":
+        if qweight.dtype != torch.int8 or qweight.dim() != 2 or qweight.shape[1] != K:
+            raise ValueError(f"int8 needs qweight int8 (N, {K}), got {qweight.dtype} {tuple(qweight.shape)}")
+        if scales.shape != (qweight.shape[0],):
+            raise ValueError(f"int8 needs scales ({qweight.shape[0]},), got {tuple(scales.shape)}")
+    elif scheme == "int4":
+        if qweight.dtype != torch.uint8 or qweight.dim() != 2 or qweight.shape[1] * 2 != K:
+            raise ValueError(f"int4 needs qweight uint8 (N, {K // 2}), got {qweight.dtype} {tuple(qweight.shape)}")
+        if scales.dim() != 2 or scales.shape[0] != qweight.shape[0] or K % max(scales.shape[1], 1):
+            raise ValueError(f"int4 needs scales (N, K / group), got {tuple(scales.shape)} for K = {K}")
+        if K // scales.shape[1] not in GROUP_SIZES:
+            raise ValueError(f"int4 group size {K // scales.shape[1]}: use one of {GROUP_SIZES}")
+    else:
+        raise ValueError(f"quantization scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
+
+
+def quant_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scheme: str) -> torch.Tensor:
+    """Same contract as ``quant_matmul_ref``, by the Triton kernels (forward only)."""
+    check_quantized(x, qweight, scales, scheme)
+    shape, K = x.shape, x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M, N = x2.shape[0], qweight.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    # Decode (a few rows) is bound by the weight bytes: narrow column tiles give enough programs to keep every SM
+    # streaming. Prefill is bound by compute: square tiles.
+    block_m, block_n = (16, 32) if M <= 16 else (64, 64)
+    grid = (cdiv(M, block_m), cdiv(N, block_n))
+    prec = dot_precision(x.dtype)
+    if scheme == "int8":
+        _int8_matmul_kernel[grid](
+            x2, qweight, scales, y, M, N, K, x2.stride(0), qweight.stride(0), y.stride(0),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, DOT_PREC=prec, num_warps=4,
+        )  # fmt: skip
+    else:
+        _int4_matmul_kernel[grid](
+            x2, qweight, scales, y, M, N, K, x2.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
+            GROUP=K // scales.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=prec, num_warps=4,
+        )  # fmt: skip
+    return y.view(*shape[:-1], N)

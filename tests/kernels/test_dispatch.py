@@ -1,0 +1,150 @@
+"""llamactl.ops: which implementation runs, and the model's paths through the kernels."""
+
+import logging
+
+import pytest
+import torch
+from llamactl.kernels import rmsnorm
+from llamactl.kernels.rotary import rotary_tables
+
+from llamactl import ops
+from llamactl.errors import UserError
+from llamactl.model import KVCache, ModelArgs, Transformer
+
+
+def _spy(monkeypatch, module, name):
+    """Replace ``module.name`` (and ops' own binding of it) by a wrapper that counts its calls."""
+    calls = []
+    original = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ops, name, wrapper)
+    return calls
+
+
+def test_unknown_mode_is_an_error(kernels):
+    kernels("cuda")
+    with pytest.raises(UserError, match="LLAMACTL_KERNELS='cuda': use one of auto, ref, triton"):
+        ops.swiglu(torch.ones(3), torch.ones(3))
+
+
+@pytest.mark.parametrize("mode, expect_kernel", [("ref", False), ("triton", True)])
+def test_mode_forces_implementation(mode, expect_kernel, kernels, monkeypatch):
+    kernels(mode)
+    kernel_calls = _spy(monkeypatch, rmsnorm, "rms_norm_triton")
+    ref_calls = _spy(monkeypatch, rmsnorm, "rms_norm_ref")
+    ops.rms_norm(torch.randn(4, 8), torch.ones(8), 1e-5)
+    assert (kernel_calls, ref_calls) == ((["rms_norm_triton"], []) if expect_kernel else ([], ["rms_norm_ref"]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU default; a CUDA machine picks the kernels")
+def test_auto_uses_reference_on_cpu(kernels, monkeypatch):
+    kernels("auto")
+    kernel_calls = _spy(monkeypatch, rmsnorm, "rms_norm_triton")
+    ops.rms_norm(torch.randn(4, 8), torch.ones(8), 1e-5)
+    assert kernel_calls == []
+
+
+def test_forced_kernel_rejects_shape_it_cannot_take(kernels):
+    kernels("triton")
+    q = torch.randn(1, 2, 8, 256)  # head dim 256 > 128
+    with pytest.raises(UserError, match="attention kernel cannot take head dim 256"):
+        ops.attention(q, q, q)
+
+
+def test_auto_on_gpu_reports_fallback_once(kernels, monkeypatch, caplog):
+    """No silent fallback: an input the kernel cannot take on a GPU runs the reference and says so, once."""
+    kernels("auto")
+
+    class FakeCuda(torch.Tensor):  # what _use_triton sees of a CUDA tensor, without needing one
+        @property
+        def is_cuda(self):
+            return True
+
+    monkeypatch.setattr(ops, "_reported", set())
+    q = torch.randn(1, 2, 8, 256)
+    with caplog.at_level(logging.WARNING, logger="llamactl.ops"):
+        assert ops._use_triton("attention", q.as_subclass(FakeCuda), "head dim 256 > 128") is False
+        assert ops._use_triton("attention", q.as_subclass(FakeCuda), "head dim 256 > 128") is False
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "attention: the Triton kernel cannot take head dim 256 > 128; running the torch reference instead"
+    ]
+
+
+def test_ops_quant_matmul_validates_format(kernels):
+    kernels("ref")
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="int8 needs qweight int8"):
+        ops.quant_matmul(x, torch.zeros(8, 64, dtype=torch.uint8), torch.ones(8), "int8")
+    with pytest.raises(ValueError, match="scheme 'int3'"):
+        ops.quant_matmul(x, torch.zeros(8, 64, dtype=torch.int8), torch.ones(8), "int3")
+
+
+def test_ops_rotary_with_model_tables(kernels, assert_close):
+    """The model's rotary call under both modes, with its own fp32 tables."""
+    cos, sin = rotary_tables(16, 64)
+    x, pos = torch.randn(2, 9, 3, 16), torch.arange(9) + 30
+    kernels("ref")
+    expected = ops.rotary(x, cos, sin, pos)
+    kernels("triton")
+    assert_close(ops.rotary(x, cos, sin, pos), expected)
+
+
+def _tiny_model(seed: int = 0, vocab: int = 128) -> Transformer:
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, multiple_of=32, max_seq_len=64)
+    model = Transformer(args)
+    model.init_weights(seed)
+    return model
+
+
+def _under(kernels, mode, fn):
+    kernels(mode)
+    return fn()
+
+
+def test_model_packed_rows_loss_and_grads(kernels, assert_close):
+    """sft packing through the model: segment ids, per-segment positions and an answer-only mask."""
+    model = _tiny_model()
+    g = torch.Generator().manual_seed(1)
+    tokens, targets = torch.randint(0, 128, (2, 30), generator=g), torch.randint(0, 128, (2, 30), generator=g)
+    seg = torch.cat([torch.zeros(2, 12), torch.ones(2, 18)], 1).long()
+    positions = torch.cat([torch.arange(12), torch.arange(18)]).expand(2, 30)
+    mask = torch.rand(2, 30, generator=g) > 0.5
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model.loss(tokens, targets, mask, positions=positions, segment_ids=seg)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    ref_loss, ref_grads = _under(kernels, "ref", loss_and_grads)
+    loss, grads = _under(kernels, "triton", loss_and_grads)
+    assert_close(loss, ref_loss)
+    for a, e in zip(grads, ref_grads, strict=True):
+        assert_close(a, e)
+
+
+def test_model_generation_path(kernels, assert_close):
+    """Prefill, a multi-token cache step (cached attention) and single-token decode steps, kernels against refs."""
+    model = _tiny_model(seed=2).eval()
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 128, (2, 11), generator=g)
+    steps = torch.randint(0, 128, (2, 6), generator=g)
+
+    @torch.no_grad()
+    def run():
+        cache = KVCache(model.args, batch=2, max_len=40, device="cpu", dtype=torch.float32)
+        outs = [model.hidden(prompt, cache=cache)]
+        start = torch.full((2,), 11)
+        outs.append(model.hidden(steps[:, :3], cache=cache, start=start))  # T = 3 new tokens: cached attention
+        for i in range(3, 6):  # one token at a time: decode attention
+            outs.append(model.hidden(steps[:, i : i + 1], cache=cache, start=start + i))
+        return outs
+
+    with_kernels, with_refs = _under(kernels, "triton", run), _under(kernels, "ref", run)
+    for a, e in zip(with_kernels, with_refs, strict=True):
+        assert_close(a, e)
