@@ -24,6 +24,16 @@ def rms_norm_ref(
     return (y, x) if residual is not None else y
 
 
+def rms_norm_torch(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The CPU path: the reference's math with torch's one-op RMSNorm (4 ops instead of 8, for decode's sake)."""
+    if residual is not None:
+        x = x + residual
+    y = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x) * weight
+    return (y, x) if residual is not None else y
+
+
 @triton.jit
 def _rms_norm_fwd_kernel(
     X, R, W, Y, S, RSTD,

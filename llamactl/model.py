@@ -133,12 +133,18 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.wqkv: nn.Module | None = None  # one fused projection, set by generate.pack_for_cpu_decode
 
     def forward(self, x, cos, sin, positions, segment_ids=None, cache=None, start=None):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.wqkv is not None:
+            kv_width = self.n_kv_heads * self.head_dim
+            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k = ops.rotary(q, cos, sin, positions), ops.rotary(k, cos, sin, positions)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if cache is None:
@@ -163,8 +169,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w13: nn.Module | None = None  # w1 and w3 fused, set by generate.pack_for_cpu_decode
 
     def forward(self, x):
+        if self.w13 is not None:
+            a, b = self.w13(x).chunk(2, dim=-1)
+            return self.w2(ops.swiglu(a, b))
         return self.w2(ops.swiglu(self.w1(x), self.w3(x)))
 
 
@@ -197,6 +207,12 @@ class Transformer(nn.Module):
         self.reset_rope()
         self.grad_checkpointing = False
         self.packed_head: nn.Module | None = None  # set by generate.pack_for_cpu_decode for inference only
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) would round the rotary tables too; they stay fp32 (as Meta's freqs_cis) whatever the weights are.
+        super()._apply(fn, recurse)
+        self.reset_rope(self.tok_embeddings.weight.device)
+        return self
 
     def reset_rope(self, device: torch.device | str | None = None) -> None:
         """(Re)build the fp32 rotary tables, e.g. after weights were assigned to a model built on the meta device."""

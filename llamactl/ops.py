@@ -28,7 +28,7 @@ from llamactl.kernels.attention import (
     cached_attention_triton,
 )
 from llamactl.kernels.decode_attention import (
-    decode_attention_ref,
+    decode_attention_torch,
     decode_attention_triton,
     decode_attention_unsupported,
 )
@@ -46,7 +46,7 @@ from llamactl.kernels.quant_matmul import (
     quant_matmul_triton,
     quant_matmul_unsupported,
 )
-from llamactl.kernels.rmsnorm import rms_norm_ref, rms_norm_triton, rms_norm_unsupported
+from llamactl.kernels.rmsnorm import rms_norm_torch, rms_norm_triton, rms_norm_unsupported
 from llamactl.kernels.rotary import rotary_ref, rotary_triton, rotary_unsupported
 from llamactl.kernels.swiglu import swiglu_ref, swiglu_triton, swiglu_unsupported
 
@@ -105,7 +105,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     """RMSNorm of x (..., D); with ``residual``, of x + residual, returning ``(normed, summed)``."""
     if _use_triton("rms_norm", x, rms_norm_unsupported(x, weight, residual)):
         return rms_norm_triton(x, weight, eps, residual)
-    return rms_norm_ref(x, weight, eps, residual)
+    return rms_norm_torch(x, weight, eps, residual)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -146,7 +146,7 @@ def decode_attention(q, k_cache, v_cache, seqlens: torch.Tensor) -> torch.Tensor
         why_not = "a gradient (the decode kernel is forward only)"
     if _use_triton("decode_attention", q, why_not):
         return decode_attention_triton(q, k_cache, v_cache, seqlens)
-    return decode_attention_ref(q, k_cache, v_cache, seqlens)
+    return decode_attention_torch(q, k_cache, v_cache, seqlens)
 
 
 def _autocast_pair(h: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from llamactl.kernels.rmsnorm import rms_norm_ref, rms_norm_triton
+from llamactl.kernels.rmsnorm import rms_norm_ref, rms_norm_torch, rms_norm_triton
 
 
 def _inputs(shape, dtype, device, residual: bool, seed: int = 0):
@@ -51,6 +51,24 @@ def test_forward_backward(shape, residual, dtype, device, assert_close):
     # summing and the kernel does not, so they may differ by 2 ulps of the largest sum.
     atol = 1e-4 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps * ref_grads[1].abs().max().item()
     assert_close(grads[1], ref_grads[1], atol=atol)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("dtype_", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cpu_torch_path_against_ref(residual, dtype_):
+    x, w, r = _inputs((5, 123, 123), dtype_, "cpu", residual)
+    uses = (True, True) if residual else (True,)
+    outs, grads = _run(rms_norm_torch, x, w, r, uses)
+    ref_outs, ref_grads = _run(rms_norm_ref, x, w, r, uses)
+    # Both normalise in fp32 and round once to x's dtype; bf16 may land one rounding step apart (1 ulp).
+    tol = {} if dtype_ == torch.float32 else dict(rtol=2 * torch.finfo(dtype_).eps, atol=2 * torch.finfo(dtype_).eps)
+    for o, e in zip(outs, ref_outs, strict=True):
+        torch.testing.assert_close(o, e, **tol)
+    # bf16 gradients: the two backward graphs round intermediate products to bf16 at different places, and the
+    # weight gradient sums 615 rows of them; 0.02 is about 2-3 bf16 ulps (2^-7) of values near 1.
+    for g, e in zip(grads, ref_grads, strict=True):
+        if e is not None:
+            torch.testing.assert_close(g, e, **({} if dtype_ == torch.float32 else dict(rtol=0.02, atol=0.02)))
 
 
 def test_only_residual_sum_used(device, assert_close):
