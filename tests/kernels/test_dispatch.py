@@ -35,9 +35,9 @@ def test_unknown_mode_is_an_error(kernels):
 def test_mode_forces_implementation(mode, expect_kernel, kernels, monkeypatch):
     kernels(mode)
     kernel_calls = _spy(monkeypatch, rmsnorm, "rms_norm_triton")
-    ref_calls = _spy(monkeypatch, rmsnorm, "rms_norm_ref")
+    torch_calls = _spy(monkeypatch, rmsnorm, "rms_norm_torch")  # the plain-torch path that "ref" selects
     ops.rms_norm(torch.randn(4, 8), torch.ones(8), 1e-5)
-    assert (kernel_calls, ref_calls) == ((["rms_norm_triton"], []) if expect_kernel else ([], ["rms_norm_ref"]))
+    assert (kernel_calls, torch_calls) == ((["rms_norm_triton"], []) if expect_kernel else ([], ["rms_norm_torch"]))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU default; a CUDA machine picks the kernels")
