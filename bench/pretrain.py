@@ -13,7 +13,6 @@ import argparse
 import csv
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -55,14 +54,17 @@ for step in range(cfg["steps"]):
 
 
 def measure(cmd: list[str]) -> tuple[list[float], int]:
-    """Per-step seconds printed (or logged) by the command, and its peak RSS in bytes."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{cmd[:4]} failed:\n{proc.stderr[-2000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    assert peak >= before * 1024, "ru_maxrss of children is a running maximum: run the larger side first"
-    return [json.loads(line)["seconds"] for line in proc.stdout.splitlines() if line.startswith("{")], peak
+    """Per-step seconds printed by the command, and that process's own peak RSS in bytes (from wait4)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            sys.exit(f"{cmd[:4]} failed:\n{err.read()[-2000:]}")
+        lines = out.read().splitlines()
+    return [json.loads(line)["seconds"] for line in lines if line.startswith("{")], usage.ru_maxrss * 1024
 
 
 def main() -> None:
@@ -106,7 +108,6 @@ def main() -> None:
                 steps=args.steps,
                 dtype=dname,
             )
-            # transformers first: ru_maxrss of children only grows, and it is the larger one
             hf_times, hf_peak = measure([sys.executable, "-c", HF_SCRIPT, json.dumps(hf_cfg)])
             out = os.path.join(tmp, f"run-{dname}")
             ours_cmd = [

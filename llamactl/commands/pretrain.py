@@ -196,7 +196,7 @@ def run(cfg: PretrainConfig) -> dict:
             raise UserError(f"{ckpt}: was trained with another batch or sequence length; resume with the same")
         start_step = state["step"]
     wrapped = T.wrap_model(model, cfg.distributed, d, device)
-    optim = T.make_optimizer(model, lr, cfg.weight_decay)
+    optim = T.make_optimizer(model, lr, cfg.weight_decay, fused=not (d.world > 1 and cfg.distributed == "fsdp"))
     if state is not None:
         model_sd = load_tensors(os.path.join(ckpt, "model.safetensors"))
         T.load_full_state(wrapped, optim, model_sd, state["optimizer"], d)
