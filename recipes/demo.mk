@@ -5,9 +5,9 @@ PY ?= python3
 LLAMACTL := $(PY) -m llamactl.cli
 OUT := runs/demo
 
-.PHONY: all convert-demo generate-demo
+.PHONY: all convert-demo generate-demo pretrain-demo
 
-all: convert-demo generate-demo
+all: convert-demo generate-demo pretrain-demo
 
 # A real pretrained llama2.c model (TinyStories, 260K parameters) into a self-describing llamactl checkpoint,
 # and from there into a Hugging Face directory that transformers loads.
@@ -27,3 +27,24 @@ $(OUT)/stories-completions.jsonl: $(OUT)/stories260K.safetensors examples/storie
 	@head -c 600 $@; echo
 
 generate-demo: $(OUT)/stories-completions.jsonl
+
+# Raw text -> tokenizer -> token shards (5% held out) -> a small base model trained for a few minutes on the CPU
+# -> samples from it. `pretrain --resume` continues an interrupted run (Ctrl-C saves) instead of starting over.
+SHK := $(OUT)/shakespeare
+$(SHK)/tokenizer.model: examples/tinyshakespeare.txt
+	@mkdir -p $(SHK)
+	$(LLAMACTL) tokenize train $< -o $@ --vocab-size 2048
+
+$(SHK)/shards/index.json: examples/tinyshakespeare.txt $(SHK)/tokenizer.model
+	$(LLAMACTL) tokenize encode $< -t $(SHK)/tokenizer.model --out $(SHK)/shards --val-fraction 0.05 --workers 2
+
+$(SHK)/run/model.safetensors: $(SHK)/shards/index.json
+	$(LLAMACTL) pretrain $(SHK)/shards -o $(SHK)/run --resume --preset llama2-15m \
+		--set dim=256 --set n_layers=6 --set n_heads=8 --set n_kv_heads=4 --set tie_embeddings=false \
+		--seq-len 256 --batch-size 16 --steps 300 --lr 2e-3 --warmup 30 --eval-every 50 --save-every 100
+
+$(SHK)/samples.jsonl: $(SHK)/run/model.safetensors examples/shakespeare-prompts.jsonl
+	$(LLAMACTL) generate -m $< -i examples/shakespeare-prompts.jsonl -o $@ --max-new-tokens 60 --temperature 0.8 --seed 1
+	@$(PY) -c "import json,sys; [print(r['prompt'] + r['completion'], end='\n---\n') for r in map(json.loads, open(sys.argv[1]))]" $@
+
+pretrain-demo: $(SHK)/samples.jsonl

@@ -67,6 +67,14 @@ def read_prompts(path: str, tokenizer, vocab_size: int, max_len: int) -> list[tu
     return records
 
 
+def continuation(tokenizer, prompt: list[int], new: list[int]) -> str:
+    """The text the new ids add to the prompt's text. Decoding them alone would drop the space SentencePiece
+    marks on a word's first piece ("We are" + "▁wors" must give " wors", not "wors")."""
+    head = tokenizer.decode(prompt)
+    full = tokenizer.decode(prompt + new)
+    return full[len(head) :] if full.startswith(head) else tokenizer.decode(new)
+
+
 def run(cfg: GenerateConfig) -> int:
     """Generate for every input record; returns the number of records written."""
     import time
@@ -99,7 +107,7 @@ def run(cfg: GenerateConfig) -> int:
                 new = res.tokens[:-1] if res.finish_reason == "eos" else res.tokens
                 result = dict(rec)
                 if tokenizer is not None:
-                    result["completion"] = tokenizer.decode(new)
+                    result["completion"] = continuation(tokenizer, ids, new)
                 result["tokens"] = ids + res.tokens
                 result["finish_reason"] = res.finish_reason
                 if cfg.logprobs:

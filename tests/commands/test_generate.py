@@ -101,7 +101,9 @@ def test_text_prompts_with_embedded_tokenizer(chatty, tmp_path):
     prompt_ids = tok.encode("Once upon a time", bos=True)
     assert rec["tokens"][: len(prompt_ids)] == prompt_ids
     new = rec["tokens"][len(prompt_ids) :]
-    assert rec["completion"] == tok.decode(new[:-1] if rec["finish_reason"] == "eos" else new)
+    new_text = new[:-1] if rec["finish_reason"] == "eos" else new
+    assert rec["completion"] == tok.decode(prompt_ids + new_text)[len(tok.decode(prompt_ids)) :]
+    assert "Once upon a time" + rec["completion"] == tok.decode(prompt_ids + new_text)
     assert len(rec["logprobs"]) == len(new) and all(lp <= 0 for lp in rec["logprobs"])
     again = run_cli(
         "generate",
