@@ -31,12 +31,12 @@ demo: $(STAMP)
 	$(MAKE) -f recipes/demo.mk PY=$(abspath $(PY)) all
 
 # Benchmarks print markdown tables and write CSV rows to bench/results/; docs/benchmarks.md keeps the figures.
-# `python -P` keeps bench/ off sys.path (bench/tokenize.py would shadow the standard library's tokenize).
+# `python -P` keeps bench/ off sys.path, so a script there never shadows a module of the standard library.
 bench: $(STAMP)
 	$(PY) -P bench/generate.py
 	$(PY) -P bench/pretrain.py
 	$(PY) -P bench/convert_memory.py
-	$(PY) -P bench/tokenize.py
+	$(PY) -P bench/tokenizer.py
 	$(PY) -P bench/kernels.py
 
 clean:

@@ -37,6 +37,14 @@ def copy_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float:
     return 2 * nbytes / best
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def best_of(fn, repeats: int) -> float:
     fn()  # warm-up
     best = float("inf")
@@ -63,7 +71,7 @@ def main() -> None:
     model = Transformer(preset(args.preset))
     model.init_weights(0)
     bw = copy_bandwidth()
-    device = f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    device = f"{cpu_name()} x{torch.get_num_threads()} threads"
     print(
         f"# {args.preset} ({model.args.num_params() / 1e6:.1f}M params), copy bandwidth {bw / 1e9:.1f} GB/s, {device}"
     )

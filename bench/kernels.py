@@ -18,30 +18,25 @@ from __future__ import annotations
 import os
 import sys
 
-# bench/tokenize.py shadows the standard library's tokenize (imported by inspect, hence torch) for every script in
-# this folder: take the folder off the import path before anything imports it.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
-
-import torch  # noqa: E402
+import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the only way to run it on a CPU
 
-import argparse  # noqa: E402
-import csv  # noqa: E402
-import math  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+import argparse
+import csv
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from llamactl.kernels import attention as attn  # noqa: E402
-from llamactl.kernels import decode_attention as dec  # noqa: E402
-from llamactl.kernels import fused_linear_ce as ce  # noqa: E402
-from llamactl.kernels import quant_matmul as qmm  # noqa: E402
-from llamactl.kernels import rmsnorm, rotary, swiglu  # noqa: E402
+from llamactl.kernels import attention as attn
+from llamactl.kernels import decode_attention as dec
+from llamactl.kernels import fused_linear_ce as ce
+from llamactl.kernels import quant_matmul as qmm
+from llamactl.kernels import rmsnorm, rotary, swiglu
 
 IMPLS = ("eager", "compile", "triton")
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}

@@ -34,8 +34,9 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks f
         _state["debug"] = True
 
 
-def run_command(module: str, config_cls: str, **kwargs):
-    """Import llamactl.commands.<module>, build its config, run it; user errors become one line and exit 2."""
+def run_command(module: str, config_cls: str, entry: str = "run", **kwargs):
+    """Import llamactl.commands.<module>, build its config, call ``entry`` (run) with it; user errors become one line
+    and exit 2."""
     import importlib
 
     from llamactl.errors import UserError
@@ -43,7 +44,7 @@ def run_command(module: str, config_cls: str, **kwargs):
     try:
         mod = importlib.import_module(f"llamactl.commands.{module}")
         cfg = getattr(mod, config_cls)(**kwargs)
-        return mod.run(cfg)
+        return getattr(mod, entry)(cfg)
     except UserError as e:
         if _state["debug"]:
             raise
@@ -118,6 +119,192 @@ def generate(
         seed=seed,
         device=device,
         dtype=dtype,
+    )
+
+
+tokenize_app = typer.Typer(
+    help="SentencePiece BPE with Llama 2's settings: train a tokenizer, encode text or chat dialogs, decode ids.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+Inputs = Annotated[
+    list[str] | None, typer.Argument(help="Text or JSONL files (.jsonl is JSONL unless --format says); - is stdin.")
+]
+Format = Annotated[str, typer.Option(help="auto (.jsonl files and stdin are JSONL, other files text), text or jsonl.")]
+
+
+@tokenize_app.command("train", help="Train a BPE tokenizer.model with Llama 2's settings on text and JSONL fields.")
+def tokenize_train(
+    inputs: Inputs = None,
+    output: Annotated[str, typer.Option("-o", "--output", help="The SentencePiece model file to write.")] = (
+        "tokenizer.model"
+    ),
+    vocab_size: Annotated[int, typer.Option(help="Pieces in the vocabulary (Llama 2: 32000).")] = 32000,
+    format: Format = "auto",
+    field: Annotated[str | None, typer.Option(help="Text field of JSONL input [default: text].")] = None,
+    character_coverage: Annotated[
+        float, typer.Option(help="Share of characters covered by pieces; the rarest fall back to bytes.")
+    ] = 0.99995,
+    max_sentence_length: Annotated[
+        int, typer.Option(help="Lines longer than this many bytes are left out of training.")
+    ] = 4192,
+    threads: Annotated[int, typer.Option(help="Trainer threads (0: all cores).")] = 0,
+) -> None:
+    run_command(
+        "tokenize",
+        "TrainConfig",
+        entry="run_train",
+        inputs=inputs or ["-"],
+        output=output,
+        vocab_size=vocab_size,
+        format=format,
+        field=field,
+        character_coverage=character_coverage,
+        max_sentence_length=max_sentence_length,
+        threads=threads,
+    )
+
+
+@tokenize_app.command(
+    "encode",
+    help='Text or JSONL to {"tokens": [...]} JSONL (other fields passed through), to token shards for pretrain '
+    '(--out), or chat dialogs {"messages": [...]} to {"tokens", "mask"} in Llama 2\'s chat format (--chat).',
+)
+def tokenize_encode(
+    tokenizer: Annotated[str, typer.Option("-t", "--tokenizer", help="SentencePiece model file.")],
+    inputs: Inputs = None,
+    output: Annotated[str, typer.Option("-o", "--output", help="JSONL output; - for stdout.")] = "-",
+    out: Annotated[
+        str | None, typer.Option("--out", help="Write safetensors token shards and index.json to this directory.")
+    ] = None,
+    format: Format = "auto",
+    field: Annotated[
+        str | None, typer.Option(help="JSONL field to encode [default: text; messages with --chat].")
+    ] = None,
+    doc_split: Annotated[
+        str | None, typer.Option(help="Documents of text input: paragraph (default), line or file.")
+    ] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Encode dialogs in Llama 2's chat format with a loss mask.")] = (
+        False
+    ),
+    bos: Annotated[bool | None, typer.Option("--bos/--no-bos", help="BOS before each document [default: on].")] = None,
+    eos: Annotated[
+        bool | None, typer.Option("--eos/--no-eos", help="EOS after each document [default: on with --out].")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Encoding processes.")] = 1,
+    shard_tokens: Annotated[
+        int | None, typer.Option(help="Tokens a shard holds at least before the next starts [default: 100M].")
+    ] = None,
+    val_fraction: Annotated[
+        float | None, typer.Option(help="Put this share of the documents (evenly spread) in a val split.")
+    ] = None,
+) -> None:
+    run_command(
+        "tokenize",
+        "EncodeConfig",
+        entry="run_encode",
+        tokenizer=tokenizer,
+        inputs=inputs or ["-"],
+        output=output,
+        out=out,
+        format=format,
+        field=field,
+        doc_split=doc_split,
+        chat=chat,
+        bos=bos,
+        eos=eos,
+        workers=workers,
+        shard_tokens=shard_tokens,
+        val_fraction=val_fraction,
+    )
+
+
+@tokenize_app.command("decode", help='{"tokens": [...]} JSONL back to text, other fields passed through.')
+def tokenize_decode(
+    tokenizer: Annotated[str, typer.Option("-t", "--tokenizer", help="SentencePiece model file.")],
+    inputs: Annotated[list[str] | None, typer.Argument(help="JSONL files; - is stdin.")] = None,
+    output: Annotated[str, typer.Option("-o", "--output", help="JSONL output; - for stdout.")] = "-",
+    field: Annotated[str, typer.Option(help="Field to write the text to.")] = "text",
+) -> None:
+    run_command(
+        "tokenize",
+        "DecodeConfig",
+        entry="run_decode",
+        tokenizer=tokenizer,
+        inputs=inputs or ["-"],
+        output=output,
+        field=field,
+    )
+
+
+app.add_typer(tokenize_app, name="tokenize")
+
+
+@app.command(help="Pretrain a base model on token shards; resumable, and data-parallel under torchrun.")
+def pretrain(
+    data: Annotated[str, typer.Argument(help="Token shards directory (tokenize encode --out).")],
+    output: Annotated[str, typer.Option("-o", "--output", help="Run directory: checkpoints, metrics.jsonl.")],
+    preset: Annotated[str, typer.Option(help="Model preset (llama2-15m, llama2-60m, llama2-110m, llama2-7b...).")] = (
+        "llama2-15m"
+    ),
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a model field: key=value.")] = None,
+    seq_len: Annotated[int, typer.Option(help="Tokens per training sequence.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch per process.")] = 8,
+    global_batch_tokens: Annotated[
+        int | None, typer.Option(help="Tokens per optimizer step, reached by gradient accumulation.")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps in all.")] = 1000,
+    lr: Annotated[
+        float | None, typer.Option(help="Peak learning rate (default: the paper's, 3e-4; 1.5e-4 for 70B).")
+    ] = (None),
+    min_lr_ratio: Annotated[float, typer.Option(help="Cosine decay floor as a fraction of the peak.")] = 0.1,
+    warmup: Annotated[int | None, typer.Option(help="Warmup steps (default 2000, at most a tenth of --steps).")] = None,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay on matrices.")] = 0.1,
+    grad_clip: Annotated[float, typer.Option(help="Clip the global gradient norm (0 = off).")] = 1.0,
+    eval_every: Annotated[int, typer.Option(help="Validation loss every N steps (0 = never).")] = 100,
+    eval_batches: Annotated[int, typer.Option(help="Micro-batches of the val split per evaluation.")] = 8,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (and at the end, and on Ctrl-C).")] = 200,
+    keep: Annotated[int, typer.Option(help="Checkpoints kept (0 = all).")] = 2,
+    log_every: Annotated[int, typer.Option(help="metrics.jsonl row every N steps.")] = 1,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's latest checkpoint.")] = False,
+    distributed: Annotated[str, typer.Option(help="Under torchrun: ddp or fsdp (FSDP2 fully_shard).")] = "ddp",
+    activation_checkpointing: Annotated[
+        bool, typer.Option("--activation-checkpointing", help="Recompute blocks in backward to save memory.")
+    ] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    seed: Seed = 0,
+    device: Device = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 autocast where native, else fp32), fp32 or bf16.")] = "auto",
+) -> None:
+    run_command(
+        "pretrain",
+        "PretrainConfig",
+        data=data,
+        output=output,
+        preset=preset,
+        overrides=overrides or [],
+        seq_len=seq_len,
+        batch_size=batch_size,
+        global_batch_tokens=global_batch_tokens,
+        steps=steps,
+        lr=lr,
+        min_lr_ratio=min_lr_ratio,
+        warmup=warmup,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
+        eval_every=eval_every,
+        eval_batches=eval_batches,
+        save_every=save_every,
+        keep=keep,
+        log_every=log_every,
+        resume=resume,
+        distributed=distributed,
+        activation_checkpointing=activation_checkpointing,
+        compile=compile,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        argv=sys.argv[1:],
     )
 
 

@@ -110,8 +110,10 @@ def run(cfg: ConvertConfig) -> list[str]:
         )
         for p in src.plans
     ]
-    inputs = [cfg.src] if os.path.isfile(cfg.src) else sorted(
-        os.path.join(cfg.src, f) for f in os.listdir(cfg.src) if os.path.isfile(os.path.join(cfg.src, f))
+    inputs = (
+        [cfg.src]
+        if os.path.isfile(cfg.src)
+        else sorted(os.path.join(cfg.src, f) for f in os.listdir(cfg.src) if os.path.isfile(os.path.join(cfg.src, f)))
     )
     lineage = make_lineage(
         "convert",
