@@ -39,13 +39,18 @@ def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
             lineno += 1
             if not line.strip():
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{name}:{lineno}: invalid JSON: {e.msg} at column {e.colno}") from None
-            if not isinstance(rec, dict):
-                raise UserError(f"{name}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            yield lineno, rec
+            yield lineno, parse_record(line, f"{name}:{lineno}")
+
+
+def parse_record(line: str, where: str) -> dict:
+    """One JSONL line as a JSON object; ``where`` ("file:line") names it in the error."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(rec, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    return rec
 
 
 def field(rec: dict, key: str, kind: type | tuple[type, ...], where: str, required: bool = True):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
 from llamactl.errors import UserError
+from llamactl.jsonl import parse_record
 
 if TYPE_CHECKING:
     from concurrent.futures import ProcessPoolExecutor
@@ -140,16 +140,6 @@ def split_documents(text: str, doc_split: str) -> list[str]:
     if start is not None:
         docs.append("\n".join(lines[start:]))
     return docs
-
-
-def _parse_record(line: str, where: str) -> dict:
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
-    if not isinstance(rec, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    return rec
 
 
 def _check_free(rec: dict, keys: Iterable[str], source: str, where: str) -> None:
@@ -350,7 +340,7 @@ class _Encoder:
         for i, line in enumerate(text.split("\n")):
             if line.strip():
                 where.append(f"{name}:{lineno + i}")
-                records.append(_parse_record(line, where[-1]))
+                records.append(parse_record(line, where[-1]))
         if self.job.chat:
             return self._chat(records, where)
         from llamactl.jsonl import field as get_field
