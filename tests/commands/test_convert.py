@@ -9,7 +9,7 @@ from helpers import FIXTURES, assert_user_error, run_cli
 from llama2c_ref import Llama2cRef
 from safetensors.torch import load_file
 
-from llamactl.checkpoint import load_model, load_tensors, read_meta
+from llamactl.checkpoint import load_model, load_tensors, read_meta, save_model
 from llamactl.commands.convert import ConvertConfig, run
 from llamactl.convert import _META_SPLIT_DIM
 from llamactl.generate import SamplingParams, generate
@@ -165,3 +165,55 @@ def test_impossible_flags_fail_before_work(tmp_path):
     assert_user_error(run_cli("convert", STORIES), "-o/--output is required")
     assert_user_error(run_cli("convert", STORIES, "-o", str(tmp_path / "x.pt")), ".safetensors")
     assert_user_error(run_cli("convert", STORIES, "-o", str(tmp_path / "x.safetensors"), "--dtype", "fp8"), "fp8")
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors-shards", "bin-shards"])
+def test_sharded_hf_directories_convert(tmp_path, safe):
+    from helpers import tiny_hf_config
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(1)
+    hf = LlamaForCausalLM(tiny_hf_config()).eval()
+    src = tmp_path / "hf"
+    if safe:
+        hf.save_pretrained(src, max_shard_size="100KB")
+    else:  # pytorch_model-0000K-of-0000N.bin + pytorch_model.bin.index.json, as older Hugging Face repositories hold
+        from llamactl.convert import _write_json
+
+        src.mkdir()
+        state = hf.state_dict()
+        names = sorted(state)
+        half = len(names) // 2
+        weight_map = {}
+        for i, part in enumerate((names[:half], names[half:])):
+            fname = f"pytorch_model-{i + 1:05d}-of-00002.bin"
+            torch.save({k: state[k].clone() for k in part}, src / fname)
+            weight_map.update(dict.fromkeys(part, fname))
+        _write_json(str(src / "pytorch_model.bin.index.json"), {"metadata": {}, "weight_map": weight_map})
+        hf.config.save_pretrained(src)
+    assert len([f for f in os.listdir(src) if f.startswith(("model-", "pytorch_model-"))]) >= 2
+    out = str(tmp_path / "m.safetensors")
+    run(ConvertConfig(src=str(src), output=out))
+    model, _ = load_model(out)
+    tokens = torch.randint(0, 128, (2, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_scalar_head_exports_as_sequence_classifier(tmp_path):
+    from transformers import LlamaForSequenceClassification
+
+    args = ModelArgs(
+        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16, max_seq_len=64, head="scalar"
+    )
+    model = Transformer(args)
+    model.init_weights(0)
+    save_model(str(tmp_path / "rm.safetensors"), model)
+    run(ConvertConfig(src=str(tmp_path / "rm.safetensors"), output=str(tmp_path / "rm-hf"), to="hf"))
+    hf = LlamaForSequenceClassification.from_pretrained(str(tmp_path / "rm-hf")).eval()
+    tokens = torch.randint(0, 128, (1, 23))
+    with torch.no_grad():
+        # Hugging Face scores a sequence at its last token; ours gives a score at every position
+        torch.testing.assert_close(hf(tokens).logits[0, 0], model(tokens)[0, -1], rtol=1e-5, atol=1e-5)
+    run(ConvertConfig(src=str(tmp_path / "rm-hf"), output=str(tmp_path / "back.safetensors")))
+    assert read_meta(str(tmp_path / "back.safetensors")).args.head == "scalar"

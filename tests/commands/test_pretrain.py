@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from helpers import FIXTURES, assert_user_error, run_cli
@@ -85,6 +87,56 @@ def test_kill_9_then_resume_gives_the_uninterrupted_curve(shards, tmp_path, faul
     assert not [n for n in os.listdir(tmp_path / "broken") if n.endswith(".tmp")]
 
 
+def test_activation_checkpointing_gives_the_same_curve(shards, tmp_path):
+    run(_cfg(shards, tmp_path / "plain", steps=3, eval_every=0))
+    run(_cfg(shards, tmp_path / "ckpt", steps=3, eval_every=0, activation_checkpointing=True))
+    for a, b in zip(_curve(tmp_path / "plain"), _curve(tmp_path / "ckpt"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["grad_norm"] == pytest.approx(
+            b["grad_norm"], rel=1e-5
+        )
+
+
+def test_ctrl_c_saves_and_resume_finishes_the_same_curve(shards, tmp_path):
+    run(_cfg(shards, tmp_path / "straight", steps=30, save_every=0, eval_every=10))
+    out = tmp_path / "interrupted"
+    args = [
+        "pretrain",
+        shards,
+        "-o",
+        str(out),
+        "--steps",
+        "30",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--save-every",
+        "0",
+        "--eval-every",
+        "10",
+        "--eval-batches",
+        "2",
+        "--dtype",
+        "fp32",
+        "--lr",
+        "3e-3",
+    ]
+    args += [a for o in TINY for a in ("--set", o)]
+    proc = subprocess.Popen([sys.executable, "-m", "llamactl.cli", *args], stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "checkpoint saved, continue with --resume" in err and "Traceback" not in err
+    stopped = _curve(out)[-1]["step"]
+    assert 3 <= stopped < 30 and os.path.isdir(out / f"step-{stopped:07d}")
+    proc = run_cli(*args, "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _curve(out) == _curve(tmp_path / "straight")
+
+
 def test_existing_run_needs_resume(shards, tmp_path):
     run(_cfg(shards, tmp_path / "run", steps=2))
     sets = [a for o in TINY for a in ("--set", o)]
@@ -95,7 +147,6 @@ def test_existing_run_needs_resume(shards, tmp_path):
     assert_user_error(run_cli("pretrain", str(tmp_path / "none"), "-o", str(tmp_path / "x")), "none", "no such")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_torchrun_two_processes_match_one(shards, tmp_path, strategy):
     # Same global batch: 1 process accumulating 2 micro-batches == 2 processes with 1 each (gloo on CPU).
