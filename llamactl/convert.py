@@ -445,9 +445,7 @@ def read_llama2c(path: str) -> Source:
                     TensorPlan(full, shape, torch.float32, lambda o=offset, k=numel, s=shape: data[o : o + k].view(s))
                 )
             offset += numel
-    order = {p.name: p for p in plans}
-    plans = sorted(plans, key=lambda p: _meta_order(p.name))
-    assert len(order) == len(plans)
+    plans.sort(key=lambda p: _meta_order(p.name))
     args = ModelArgs(
         dim=dim,
         n_layers=n_layers,
