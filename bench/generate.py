@@ -79,7 +79,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = os.path.join(tmp, "m.safetensors")
         save_model(ckpt, model)
-        write_hf(os.path.join(tmp, "hf"), read_source(ckpt), torch.float32, None)
+        write_hf(os.path.join(tmp, "hf"), read_source(ckpt), None)
         for dname in args.dtypes.split(","):
             dtype = DTYPES[dname]
             ours = Transformer(model.args).to(dtype).eval()

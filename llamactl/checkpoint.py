@@ -8,10 +8,12 @@ streaming writer, so saving never needs a second copy of the weights, and loadin
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
 import re
+import secrets
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -167,25 +169,55 @@ def group_plans(plans: list[TensorPlan], shard_size: int) -> list[list[TensorPla
 
 
 def save_plans(path: str, plans: list[TensorPlan], meta: CheckpointMeta, shard_size: int | None = None) -> list[str]:
-    """Write a checkpoint from tensor plans: one file, or shards plus an index above ``shard_size``. Returns paths."""
+    """Write a checkpoint from tensor plans: one file, or shards plus an index above ``shard_size``. Returns paths.
+
+    Shard names carry a token of this save, so a new save never overwrites a shard an existing index points at;
+    the files of the checkpoint that was at ``path`` before are removed only once the new one is complete.
+    """
     if not path.endswith(".safetensors"):
         raise UserError(f"{path}: a llamactl checkpoint is a .safetensors file")
+    previous = _previous_files(path)
     header = meta.to_header()
     total = sum(p.nbytes for p in plans)
     if shard_size is None or total <= shard_size:
         write_safetensors(path, plans, header)
-        return [path]
-    groups = group_plans(plans, shard_size)
-    stem = path[: -len(".safetensors")]
-    names = [f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
-    weight_map = {}
-    for name, group in zip(names, groups, strict=True):
-        write_safetensors(name, group, {"format": FORMAT, "shard_of": os.path.basename(path)})
-        weight_map.update({p.name: os.path.basename(name) for p in group})
-    index = {"metadata": {**header, "total_size": str(total)}, "weight_map": weight_map}
-    with atomic_path(index_path(path)) as tmp, open(tmp, "w") as f:  # the index last: it points at whole shards only
-        json.dump(index, f, indent=1)
-    return names + [index_path(path)]
+        written = [path]
+    else:
+        groups = group_plans(plans, shard_size)
+        stem, token = path[: -len(".safetensors")], secrets.token_hex(4)
+        names = [f"{stem}-{token}-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+        weight_map = {}
+        for name, group in zip(names, groups, strict=True):
+            write_safetensors(name, group, {"format": FORMAT, "shard_of": os.path.basename(path)})
+            weight_map.update({p.name: os.path.basename(name) for p in group})
+        index = {"metadata": {**header, "total_size": str(total)}, "weight_map": weight_map}
+        with atomic_path(index_path(path)) as tmp, open(tmp, "w") as f:  # the index last: it names whole shards
+            json.dump(index, f, indent=1)
+        written = names + [index_path(path)]
+    for old in previous - set(written):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(old)
+    return written
+
+
+def _previous_files(path: str) -> set[str]:
+    """Files of the checkpoint now at ``path`` (either layout), to remove after a new save there."""
+    files = {path} if os.path.isfile(path) else set()
+    if os.path.isfile(index_path(path)):
+        files.add(index_path(path))
+        with contextlib.suppress(UserError):
+            base = os.path.dirname(index_path(path))
+            files.update(os.path.join(base, s) for s in _read_index(index_path(path))["weight_map"].values())
+    return files
+
+
+def checkpoint_files(path: str) -> list[str]:
+    """The files a checkpoint consists of: one .safetensors, or its index followed by its shards."""
+    file, is_index = _resolve(path)
+    if not is_index:
+        return [file]
+    base = os.path.dirname(file)
+    return [file] + [os.path.join(base, s) for s in dict.fromkeys(_read_index(file)["weight_map"].values())]
 
 
 def save_model(
@@ -203,10 +235,21 @@ def save_model(
 
 
 def _resolve(path: str) -> tuple[str, bool]:
-    """(file to open, is_index) for a checkpoint path: a .safetensors file, its index, or a name with an index."""
-    if os.path.isfile(path):
-        return path, path.endswith(".json")
-    if os.path.isfile(index_path(path)):
+    """(file to open, is_index) for a checkpoint path: a .safetensors file, its index, or a name with an index.
+
+    Where both layouts exist (a save of the other layout was interrupted before it removed the old files), the
+    newer one is the checkpoint.
+    """
+    if path.endswith(".json"):
+        if os.path.isfile(path):
+            return path, True
+        raise UserError(f"{path}: no such checkpoint index")
+    single, index = os.path.isfile(path), os.path.isfile(index_path(path))
+    if single and index:
+        single = os.path.getmtime(path) >= os.path.getmtime(index_path(path))
+    if single:
+        return path, False
+    if index:
         return index_path(path), True
     raise UserError(f"{path}: no such checkpoint")
 
@@ -242,14 +285,10 @@ def _read_index(file: str) -> dict:
 def load_tensors(path: str) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint (one file or shards), memory-mapped: no copy is made until a tensor is used."""
     file, is_index = _resolve(path)
-    files = [file]
-    if is_index:
-        weight_map = _read_index(file)["weight_map"]
-        base = os.path.dirname(file)
-        files = [os.path.join(base, s) for s in dict.fromkeys(weight_map.values())]
-        for s in files:
-            if not os.path.isfile(s):
-                raise UserError(f"{file}: shard {s} is missing")
+    files = checkpoint_files(path)[1:] if is_index else [file]  # the shards follow their index
+    for s in files:
+        if not os.path.isfile(s):
+            raise UserError(f"{file}: shard {s} is missing")
     tensors = {}
     for s in files:
         with _open_safetensors(s) as f:

@@ -322,7 +322,7 @@ def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
     }
 
 
-def write_hf(out_dir: str, src: Source, dtype: torch.dtype, shard_size: int | None) -> list[str]:
+def write_hf(out_dir: str, src: Source, shard_size: int | None) -> list[str]:
     """A directory that ``LlamaForCausalLM.from_pretrained`` loads: config.json, safetensors (+ index), tokenizer."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"{out_dir}: exists and is not a directory (--to hf writes a directory)")
@@ -332,10 +332,7 @@ def write_hf(out_dir: str, src: Source, dtype: torch.dtype, shard_size: int | No
         heads = src.args.n_heads if p.name.endswith("wq.weight") else 0
         heads = src.args.n_kv_heads if p.name.endswith("wk.weight") else heads
         produce = (lambda p=p, h=heads: permute_to_hf(p.produce(), h)) if heads else p.produce
-        out_dtype = dtype if p.dtype.is_floating_point else p.dtype
-        plans.append(
-            TensorPlan(llamactl_to_hf_name(p.name), p.shape, out_dtype, lambda f=produce, d=out_dtype: f().to(d))
-        )
+        plans.append(TensorPlan(llamactl_to_hf_name(p.name), p.shape, p.dtype, produce))
     written = []
     total = sum(p.nbytes for p in plans)
     if shard_size is None or total <= shard_size:
@@ -356,7 +353,7 @@ def write_hf(out_dir: str, src: Source, dtype: torch.dtype, shard_size: int | No
                 {"metadata": {"total_size": total}, "weight_map": weight_map},
             )
         )
-    written.append(_write_json(os.path.join(out_dir, "config.json"), hf_config(src.args, dtype)))
+    written.append(_write_json(os.path.join(out_dir, "config.json"), hf_config(src.args, src.dtype)))
     written.append(
         _write_json(
             os.path.join(out_dir, "generation_config.json"), {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import sys
@@ -22,21 +21,20 @@ def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
     """Yield (line number, record) for each non-blank line; a bad line raises UserError naming file and line."""
     name = display_name(path)
     if path == "-":
-        stream: IO[str] = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="strict")
+        stream: IO[bytes] = sys.stdin.buffer
     else:
         if not os.path.isfile(path):
             raise UserError(f"{name}: no such file")
-        stream = open(path, encoding="utf-8", errors="strict")  # noqa: SIM115 - closed below
-    with contextlib.closing(stream):
+        stream = open(path, "rb")  # noqa: SIM115 - closed below
+    # Bytes decoded line by line: a text stream decodes ahead in blocks and would blame an earlier line.
+    with contextlib.closing(stream) if path != "-" else contextlib.nullcontext(stream):
         lineno = 0
-        while True:
-            try:
-                line = stream.readline()
-            except UnicodeDecodeError as e:
-                raise UserError(f"{name}:{lineno + 1}: not UTF-8 text ({e.reason})") from None
-            if not line:
-                return
+        for raw in stream:
             lineno += 1
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{name}:{lineno}: not UTF-8 text ({e.reason})") from None
             if not line.strip():
                 continue
             yield lineno, parse_record(line, f"{name}:{lineno}")
@@ -76,9 +74,14 @@ def atomic_path(path: str) -> Iterator[str]:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the permissions any new file would
     os.close(fd)
     try:
         yield tmp
+        with open(tmp, "rb+") as f:  # on disk before the name says it is complete
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

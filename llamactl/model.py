@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from llamactl import ops
+from llamactl.errors import UserError
 from llamactl.kernels.rotary import rotary_tables
 
 HEADS = ("lm", "scalar")
@@ -37,6 +38,13 @@ class ModelArgs:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        sizes = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len")
+        sizes += ("hidden_dim",) if self.hidden_dim is not None else ()
+        reals = ("norm_eps", "rope_theta") + (("ffn_dim_multiplier",) if self.ffn_dim_multiplier is not None else ())
+        wrong = [f"{k}={v!r}" for k in sizes if type(v := getattr(self, k)) is not int or v <= 0]
+        wrong += [f"{k}={v!r}" for k in reals if type(v := getattr(self, k)) not in (int, float) or v <= 0]
+        if wrong:  # before any arithmetic on them: a zero would divide, a string would multiply
+            raise UserError(f"invalid model config: {', '.join(wrong)} (sizes are positive integers, the rest > 0)")
         if self.hidden_dim is None:
             # Meta's FeedForward sizing: 2/3 of 4*dim, scaled, rounded up to a multiple of multiple_of.
             hidden = int(2 * (4 * self.dim) / 3)
@@ -54,11 +62,8 @@ class ModelArgs:
             problems.append(f"head {self.head!r} is not one of {', '.join(HEADS)}")
         if self.head == "scalar" and self.tie_embeddings:
             problems.append("a scalar head cannot be tied to the embeddings")
-        for name in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if problems:
-            raise ValueError("invalid model config: " + "; ".join(problems))
+            raise UserError("invalid model config: " + "; ".join(problems))
 
     @property
     def head_dim(self) -> int:
@@ -72,7 +77,7 @@ class ModelArgs:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+            raise UserError(f"unknown model config keys: {', '.join(unknown)}")
         return cls(**d)
 
     def num_params(self) -> int:

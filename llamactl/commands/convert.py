@@ -19,7 +19,7 @@ class ConvertConfig:
     src_format: str = "auto"
     to: str = "llamactl"
     tokenizer: str | None = None
-    dtype: str = "keep"
+    dtype: str = "keep"  # keep: each tensor as stored
     shard_size: str = "5GB"
     argv: list[str] = field(default_factory=list)
 
@@ -27,8 +27,8 @@ class ConvertConfig:
         from llamactl.convert import FORMATS
 
         problems = []
-        if self.info and self.output:
-            problems.append("--info prints a description and writes nothing: drop -o")
+        if self.info and (self.output or self.to != "llamactl" or self.dtype != "keep" or self.shard_size != "5GB"):
+            problems.append("--info prints a description and writes nothing: drop -o, --to, --dtype, --shard-size")
         if not self.info and not self.output:
             problems.append("-o/--output is required (or --info to describe SRC)")
         if self.src_format not in ("auto", *FORMATS):
@@ -100,32 +100,32 @@ def run(cfg: ConvertConfig) -> list[str]:
     if cfg.info:
         print(describe(src, cfg.src))
         return []
-    dtype = src.dtype if cfg.dtype == "keep" else DTYPES[cfg.dtype]
-    shard_size = parse_size(cfg.shard_size)
-    if cfg.to == "hf":
-        return cv.write_hf(cfg.output, src, dtype, shard_size)
-    plans = [
-        cv.TensorPlan(
-            p.name, p.shape, dtype if p.dtype.is_floating_point else p.dtype, lambda p=p, d=dtype: p.produce().to(d)
-        )
-        for p in src.plans
-    ]
-    inputs = (
-        [cfg.src]
-        if os.path.isfile(cfg.src)
-        else sorted(os.path.join(cfg.src, f) for f in os.listdir(cfg.src) if os.path.isfile(os.path.join(cfg.src, f)))
-    )
-    lineage = make_lineage(
-        "convert",
-        cfg.argv or sys.argv[1:],
-        inputs + ([cfg.tokenizer] if cfg.tokenizer else []),
-        parent=src.lineage or None,
-    )
-    # Check names and shapes against the architecture before writing anything.
-
+    # Names and shapes checked against the architecture before anything is hashed or written.
     with torch.device("meta"):
         expected = Transformer(src.args).state_dict()
-    check_state(cfg.src, expected, {p.name: torch.empty(p.shape, device="meta") for p in plans})
+    check_state(cfg.src, expected, {p.name: torch.empty(p.shape, device="meta") for p in src.plans})
     order = {name: i for i, name in enumerate(expected)}
-    plans.sort(key=lambda p: order[p.name])
-    return cv.save_plans(cfg.output, plans, CheckpointMeta(src.args, src.tokenizer, lineage), shard_size)
+    src.plans.sort(key=lambda p: order[p.name])
+    if cfg.dtype != "keep":  # "keep": every tensor as stored, mixed dtypes included
+        dtype = DTYPES[cfg.dtype]
+        src.plans = [
+            cv.TensorPlan(p.name, p.shape, dtype if p.dtype.is_floating_point else p.dtype,
+                          lambda p=p, d=dtype: p.produce().to(d))
+            for p in src.plans
+        ]  # fmt: skip
+        src.dtype = dtype
+    shard_size = parse_size(cfg.shard_size)
+    if cfg.to == "hf":
+        return cv.write_hf(cfg.output, src, shard_size)
+    inputs = source_files(cfg.src) + ([cfg.tokenizer] if cfg.tokenizer else [])
+    lineage = make_lineage("convert", cfg.argv or sys.argv[1:], inputs, parent=src.lineage or None)
+    return cv.save_plans(cfg.output, src.plans, CheckpointMeta(src.args, src.tokenizer, lineage), shard_size)
+
+
+def source_files(src: str) -> list[str]:
+    """The files a conversion reads, for the lineage: a directory's files, or a checkpoint's index and shards."""
+    from llamactl.checkpoint import checkpoint_files
+
+    if os.path.isdir(src):
+        return sorted(os.path.join(src, f) for f in os.listdir(src) if os.path.isfile(os.path.join(src, f)))
+    return checkpoint_files(src) if src.endswith((".safetensors", ".json")) else [src]

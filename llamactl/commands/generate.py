@@ -56,11 +56,9 @@ def read_prompts(path: str, tokenizer, vocab_size: int, max_len: int) -> list[tu
             ids = field(rec, "tokens", list, where)
             if not ids:
                 raise UserError(f"{where}: field 'tokens' is empty")
-            bad = next(
-                (t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size), None
-            )
-            if bad is not None or any(isinstance(t, bool) for t in ids):
-                raise UserError(f"{where}: field 'tokens' holds {bad!r}, not a token id in [0, {vocab_size})")
+            bad = [t for t in ids if type(t) is not int or not 0 <= t < vocab_size]
+            if bad:
+                raise UserError(f"{where}: field 'tokens' holds {bad[0]!r}, not a token id in [0, {vocab_size})")
         if len(ids) >= max_len:
             raise UserError(f"{where}: prompt of {len(ids)} tokens leaves no room in the context of {max_len}")
         records.append((rec, ids))
@@ -91,6 +89,10 @@ def run(cfg: GenerateConfig) -> int:
     cfg.validate()
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    from llamactl.checkpoint import read_meta
+
+    if read_meta(cfg.model).args.head != "lm":
+        raise UserError(f"{cfg.model}: has a scalar (reward/value) head, not a language-model head to generate with")
     model, meta = load_model(cfg.model, device, dtype)
     pack_for_cpu_decode(model)
     tokenizer = Tokenizer(meta.tokenizer, cfg.model) if meta.tokenizer is not None else None

@@ -94,8 +94,15 @@ def model_args(cfg: PretrainConfig, vocab_size: int):
     return args
 
 
+def run_settings(cfg: PretrainConfig, global_tokens: int) -> dict:
+    """What fixes a run's loss curve besides the model: a resumed run must be started with the same."""
+    keys = ("seq_len", "steps", "lr", "min_lr_ratio", "warmup", "weight_decay", "grad_clip", "seed")
+    return {**{k: getattr(cfg, k) for k in keys}, "global_batch_tokens": global_tokens}
+
+
 class Windows:
-    """Training sequences: non-overlapping windows of seq_len + 1 tokens, in a seeded random order per epoch.
+    """Training sequences: windows of seq_len + 1 tokens at a stride of seq_len (a window's last token starts the
+    next one), in a seeded random order per epoch.
 
     Sample g of the run is window perm_{g // n}[g % n]: a pure function of g, so the data position is one integer
     that a checkpoint restores exactly, and ranks read disjoint samples of the same global order.
@@ -170,6 +177,8 @@ def run(cfg: PretrainConfig) -> dict:
         )
     accum = global_tokens // micro_tokens
     windows = Windows(train_split, cfg.seq_len, cfg.seed)
+    if cfg.eval_every and Windows(val_split, cfg.seq_len, cfg.seed).n < cfg.batch_size * d.world:
+        raise UserError(f"{cfg.data}: the 'val' split is shorter than one batch of {cfg.batch_size} x {cfg.seq_len}")
     if windows.n < cfg.batch_size * accum * d.world:
         raise UserError(f"{cfg.data}: {len(train_split)} training tokens do not fill one global batch")
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.preset, 3e-4)
@@ -192,8 +201,10 @@ def run(cfg: PretrainConfig) -> dict:
         state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=False)
         if state["model_args"] != args.to_dict():
             raise UserError(f"{ckpt}: was trained with another model config than this command asks for")
-        if state["global_batch_tokens"] != global_tokens or state["seq_len"] != cfg.seq_len:
-            raise UserError(f"{ckpt}: was trained with another batch or sequence length; resume with the same")
+        changed = [k for k, v in run_settings(cfg, global_tokens).items() if state["settings"].get(k) != v]
+        if changed:
+            was = ", ".join(f"--{k.replace('_', '-')} {state['settings'].get(k)}" for k in changed)
+            raise UserError(f"{ckpt}: resume with the flags the run started with ({was})")
         start_step = state["step"]
     wrapped = T.wrap_model(model, cfg.distributed, d, device)
     optim = T.make_optimizer(model, lr, cfg.weight_decay, fused=not (d.world > 1 and cfg.distributed == "fsdp"))
@@ -209,7 +220,7 @@ def run(cfg: PretrainConfig) -> dict:
     metrics = T.MetricsLog(os.path.join(cfg.output, "metrics.jsonl"), start_step if ckpt else None, d.main)
     peak_flops = T.matmul_peak_flops(torch.bfloat16 if use_bf16 else torch.float32, device) * d.world
     flops_tok = T.flops_per_token(model, cfg.seq_len)
-    trainer_state = {"model_args": args.to_dict(), "global_batch_tokens": global_tokens, "seq_len": cfg.seq_len}
+    trainer_state = {"model_args": args.to_dict(), "settings": run_settings(cfg, global_tokens)}
 
     stop = {"signal": None}
 
@@ -224,11 +235,7 @@ def run(cfg: PretrainConfig) -> dict:
     def evaluate() -> float:
         model.eval()
         vw = Windows(val_split, cfg.seq_len, cfg.seed, shuffle=False)
-        n = min(cfg.eval_batches, vw.n // cfg.batch_size // d.world)
-        if n == 0:
-            raise UserError(
-                f"{cfg.data}: the 'val' split is shorter than one batch of {cfg.batch_size} x {cfg.seq_len}"
-            )
+        n = min(cfg.eval_batches, vw.n // cfg.batch_size // d.world)  # >= 1: checked before training
         total = torch.zeros((), device=device)
         with torch.no_grad(), autocast():
             for b in range(n):
@@ -288,13 +295,14 @@ def run(cfg: PretrainConfig) -> dict:
             T.fault_point("step-done", step)
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:.0f}")
-            wants_stop = torch.tensor(float(stop["signal"] is not None))
+            wants_stop = torch.tensor(float(stop["signal"] is not None), device=device)  # NCCL reduces CUDA only
             if float(T.all_reduce_mean(wants_stop, d)) > 0 or (cfg.save_every and step % cfg.save_every == 0):
                 save(step)
             if stop["signal"] is not None:
                 break
             t_last = time.perf_counter()  # exclude evaluation and checkpoint time from the next throughput
-        if step == cfg.steps and not (cfg.save_every and step % cfg.save_every == 0) and stop["signal"] is None:
+        saved = cfg.save_every and step % cfg.save_every == 0
+        if step == cfg.steps and step > start_step and not saved and stop["signal"] is None:
             save(step)
     finally:
         bar.close()

@@ -115,6 +115,21 @@ def test_sharded_checkpoint_loads_like_a_single_file(tmp_path):
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resaving_in_the_other_layout_replaces_the_checkpoint(tmp_path):
+    a = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=32))
+    b = Transformer(a.args)
+    a.init_weights(0)
+    b.init_weights(1)
+    path = str(tmp_path / "m.safetensors")
+    for first, second, shards in ((a, b, 20_000), (b, a, None)):
+        save_model(path, first, shard_size=None if shards else 20_000)
+        save_model(path, second, shard_size=shards)
+        got = load_tensors(path)
+        assert all(torch.equal(got[k], v) for k, v in second.state_dict().items())
+        assert os.path.isfile(path) == (shards is None) and os.path.isfile(path + ".index.json") == bool(shards)
+    assert os.listdir(tmp_path) == ["m.safetensors"]  # the sharded save's files are gone
+
+
 def test_info_describes_a_checkpoint(tmp_path):
     out = str(tmp_path / "s.safetensors")
     assert run_cli("convert", STORIES, "-o", out, "--dtype", "bf16").returncode == 0
@@ -162,6 +177,7 @@ def _truncated(d) -> str:
 
 def test_impossible_flags_fail_before_work(tmp_path):
     assert_user_error(run_cli("convert", "--info", STORIES, "-o", str(tmp_path / "x.safetensors")), "--info")
+    assert_user_error(run_cli("convert", "--info", STORIES, "--to", "hf"), "--info", "--to")
     assert_user_error(run_cli("convert", STORIES), "-o/--output is required")
     assert_user_error(run_cli("convert", STORIES, "-o", str(tmp_path / "x.pt")), ".safetensors")
     assert_user_error(run_cli("convert", STORIES, "-o", str(tmp_path / "x.safetensors"), "--dtype", "fp8"), "fp8")

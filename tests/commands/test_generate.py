@@ -168,15 +168,39 @@ def test_sampling_controls():
         ('{"text": "hi"}\n', ["<stdin>:1", "'prompt'", "'tokens'"]),
         ('{"prompt": "hi"}\n', ["<stdin>:1", "needs a tokenizer"]),
         ('{"tokens": "1 2"}\n', ["<stdin>:1", "'tokens' must be list"]),
+        ('{"tokens": [1, null]}\n', ["<stdin>:1", "None", "not a token id"]),
+        ('{"tokens": [1]}\n{"tokens": [1]}\n{"tokens": [1, "\xff\xfe"]}\n', ["<stdin>:3"]),
         ("[1, 2]\n", ["<stdin>:1", "expected a JSON object"]),
     ],
-    ids=["malformed", "out-of-vocab", "missing-field", "no-tokenizer", "wrong-type", "not-object"],
+    ids=[
+        "malformed",
+        "out-of-vocab",
+        "missing-field",
+        "no-tokenizer",
+        "wrong-type",
+        "null-id",
+        "bad-id-line-3",
+        "not-object",
+    ],
 )
 def test_bad_input_fails_with_one_line_and_writes_nothing(stories, tmp_path, stdin, needles):
     out = tmp_path / "out.jsonl"
     proc = run_cli("generate", "-m", stories, "-o", str(out), "--max-new-tokens", "2", stdin=stdin)
     assert_user_error(proc, *needles)
     assert not os.listdir(tmp_path)
+
+
+def test_invalid_utf8_is_reported_on_its_own_line(stories, tmp_path):
+    bad = tmp_path / "in.jsonl"
+    bad.write_bytes(b'{"tokens": [1]}\n' * 700 + b'{"tokens": [1], "x": "\xff"}\n')
+    assert_user_error(run_cli("generate", "-m", stories, "-i", str(bad)), "in.jsonl:701", "not UTF-8")
+
+
+def test_scalar_head_cannot_generate(tmp_path):
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=32, head="scalar")
+    save_model(str(tmp_path / "rm.safetensors"), Transformer(args))
+    proc = run_cli("generate", "-m", str(tmp_path / "rm.safetensors"), stdin='{"tokens": [1]}\n')
+    assert_user_error(proc, "rm.safetensors", "scalar")
 
 
 def test_bad_flags_and_model(stories, tmp_path):

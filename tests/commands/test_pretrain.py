@@ -139,9 +139,12 @@ def test_ctrl_c_saves_and_resume_finishes_the_same_curve(shards, tmp_path):
 
 def test_existing_run_needs_resume(shards, tmp_path):
     run(_cfg(shards, tmp_path / "run", steps=2))
-    sets = [a for o in TINY for a in ("--set", o)]
-    proc = run_cli("pretrain", shards, "-o", str(tmp_path / "run"), *sets, "--steps", "4")
+    sets = [a for o in TINY for a in ("--set", o)] + ["--seq-len", "32", "--batch-size", "4"]
+    proc = run_cli("pretrain", shards, "-o", str(tmp_path / "run"), *sets, "--steps", "2", "--lr", "3e-3")
     assert_user_error(proc, "pass --resume")
+    # a resumed run must keep the flags that shape its curve (here the schedule's length)
+    proc = run_cli("pretrain", shards, "-o", str(tmp_path / "run"), *sets, "--steps", "4", "--resume")
+    assert_user_error(proc, "resume with the flags the run started with", "--steps 2")
     assert_user_error(run_cli("pretrain", shards, "-o", str(tmp_path / "x"), "--set", "dim=28"), "dim 28", "n_heads 6")
     assert_user_error(run_cli("pretrain", shards, "-o", str(tmp_path / "x"), "--dtype", "fp16"), "--dtype 'fp16'")
     assert_user_error(run_cli("pretrain", str(tmp_path / "none"), "-o", str(tmp_path / "x")), "none", "no such")
