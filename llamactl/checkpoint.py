@@ -291,12 +291,19 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
             raise UserError(f"{file}: shard {s} is missing")
     tensors = {}
     for s in files:
-        with _open_safetensors(s) as f:
-            for k in f.keys():
-                try:
-                    tensors[k] = f.get_tensor(k)
-                except Exception as e:  # safetensors raises its own types for truncated data
-                    raise UserError(f"{s}: tensor {k!r} cannot be read ({str(e).splitlines()[0][:120]})") from None
+        tensors.update(read_safetensors(s))
+    return tensors
+
+
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file (any producer's), memory-mapped; damage is a one-line UserError."""
+    tensors = {}
+    with _open_safetensors(path) as f:
+        for k in f.keys():
+            try:
+                tensors[k] = f.get_tensor(k)
+            except Exception as e:  # safetensors raises its own types for truncated data
+                raise UserError(f"{path}: tensor {k!r} cannot be read ({str(e).splitlines()[0][:120]})") from None
     return tensors
 
 

@@ -22,6 +22,7 @@ from llamactl.checkpoint import (
     group_plans,
     load_tensors,
     read_meta,
+    read_safetensors,
     save_plans,
     stored_dtype,
     write_safetensors,
@@ -262,7 +263,7 @@ def read_hf(path: str) -> Source:
         if not os.path.isfile(f):
             raise UserError(f"{f}: weight file named by the index is missing")
         if kind == "safetensors":
-            tensors.update(load_tensors_any(f))
+            tensors.update(read_safetensors(f))
         else:
             try:
                 tensors.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
@@ -281,17 +282,6 @@ def read_hf(path: str) -> Source:
         produce = (lambda t=t, h=heads: permute_from_hf(t, h)) if heads else (lambda t=t: t)
         plans.append(TensorPlan(name, tuple(t.shape), t.dtype, produce))
     return Source(args, plans, _find_tokenizer(path), {}, stored_dtype(tensors))
-
-
-def load_tensors_any(path: str) -> dict[str, torch.Tensor]:
-    """Memory-mapped tensors of any safetensors file (not only llamactl's)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:160]})") from None
 
 
 def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
@@ -353,6 +343,10 @@ def write_hf(out_dir: str, src: Source, shard_size: int | None) -> list[str]:
                 {"metadata": {"total_size": total}, "weight_map": weight_map},
             )
         )
+    # Weights of an earlier export in the other layout (or with more shards) would be loaded instead or beside.
+    stale = glob.glob(os.path.join(out_dir, "model*.safetensors*")) + glob.glob(os.path.join(out_dir, "pytorch_model*"))
+    for f in set(stale) - set(written):
+        os.unlink(f)
     written.append(_write_json(os.path.join(out_dir, "config.json"), hf_config(src.args, src.dtype)))
     written.append(
         _write_json(
@@ -443,16 +437,11 @@ def read_llama2c(path: str) -> Source:
                 )
             offset += numel
     plans.sort(key=lambda p: _meta_order(p.name))
-    args = ModelArgs(
-        dim=dim,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=n_kv,
-        vocab_size=vocab,
-        hidden_dim=hidden,
-        max_seq_len=seq,
-        tie_embeddings=shared,
-    )
+    try:
+        args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=vocab,
+                         hidden_dim=hidden, max_seq_len=seq, tie_embeddings=shared)  # fmt: skip
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
     return Source(args, plans, None, {}, torch.float32)
 
 

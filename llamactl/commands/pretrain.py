@@ -80,7 +80,7 @@ def model_args(cfg: PretrainConfig, vocab_size: int):
             values[key] = json.loads(raw)
         except ValueError:
             values[key] = raw
-    if "vocab_size" in values and values["vocab_size"] < vocab_size:
+    if type(values.get("vocab_size")) is int and values["vocab_size"] < vocab_size:
         raise UserError(f"--set vocab_size={values['vocab_size']} is smaller than the tokenizer's {vocab_size}")
     values.setdefault("vocab_size", vocab_size)
     try:
