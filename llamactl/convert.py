@@ -63,6 +63,17 @@ def detect_format(path: str) -> str:
     raise UserError(f"{path}: unknown checkpoint format; name it with --from ({', '.join(FORMATS)})")
 
 
+def read_json_object(path: str) -> dict:
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        obj = None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: not a JSON object")
+    return obj
+
+
 def _read_tokenizer(path: str | None) -> bytes | None:
     if path is None:
         return None
@@ -104,12 +115,7 @@ def _meta_split_dim(name: str) -> int | None:
 
 def read_meta_checkpoint(path: str) -> Source:
     params_file = os.path.join(path, "params.json")
-    try:
-        with open(params_file) as f:
-            params = json.load(f)
-        assert isinstance(params, dict)
-    except (OSError, ValueError, AssertionError):
-        raise UserError(f"{params_file}: not a JSON object of model parameters") from None
+    params = read_json_object(params_file)
     shards = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
     if not shards:
         raise UserError(f"{path}: no consolidated.NN.pth files next to params.json")
@@ -226,12 +232,7 @@ def _hf_weight_files(path: str) -> tuple[list[str], str]:
 
 def read_hf(path: str) -> Source:
     cfg_file = os.path.join(path, "config.json")
-    try:
-        with open(cfg_file) as f:
-            cfg = json.load(f)
-        assert isinstance(cfg, dict)
-    except (OSError, ValueError, AssertionError):
-        raise UserError(f"{cfg_file}: not a JSON object") from None
+    cfg = read_json_object(cfg_file)
     if cfg.get("model_type") != "llama":
         raise UserError(f"{cfg_file}: model_type is {cfg.get('model_type')!r}, only 'llama' converts")
     for key, ok in (("rope_scaling", None), ("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
