@@ -82,7 +82,7 @@ def main() -> None:
     from llamactl.model import preset
     from llamactl.shards import ShardWriter
     from llamactl.tokenizer import Tokenizer
-    from llamactl.train import matmul_peak_flops
+    from llamactl.train import flops_per_token, matmul_peak_flops
 
     tok = Tokenizer.from_file(
         os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "llama2-tokenizer.model")
@@ -95,8 +95,7 @@ def main() -> None:
         with ShardWriter(data, tok) as w:
             w.add(rng.integers(3, 32000, size=need))
         margs = preset(args.preset, vocab_size=32000)
-        n = margs.num_params() - (0 if margs.tie_embeddings else margs.vocab_size * margs.dim)
-        flops_tok = 6 * n + 12 * margs.n_layers * margs.dim * args.seq_len
+        flops_tok = flops_per_token(margs, args.seq_len)
         tokens = args.batch_size * args.seq_len
         for dname in args.dtypes.split(","):
             peak = matmul_peak_flops(torch.bfloat16 if dname == "bf16" else torch.float32, torch.device("cpu"))

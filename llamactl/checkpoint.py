@@ -284,11 +284,12 @@ def _read_index(file: str) -> dict:
 
 def load_tensors(path: str) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint (one file or shards), memory-mapped: no copy is made until a tensor is used."""
-    file, is_index = _resolve(path)
-    files = checkpoint_files(path)[1:] if is_index else [file]  # the shards follow their index
-    for s in files:
-        if not os.path.isfile(s):
-            raise UserError(f"{file}: shard {s} is missing")
+    files = checkpoint_files(path)
+    if files[0].endswith(".json"):  # an index, followed by its shards
+        index, files = files[0], files[1:]
+        for s in files:
+            if not os.path.isfile(s):
+                raise UserError(f"{index}: shard {s} is missing")
     tensors = {}
     for s in files:
         tensors.update(read_safetensors(s))

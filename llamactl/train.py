@@ -26,7 +26,7 @@ import torch.distributed as dist
 from llamactl.checkpoint import CheckpointMeta, plan_from_tensors, save_plans
 from llamactl.errors import UserError
 from llamactl.jsonl import atomic_path, dumps
-from llamactl.model import Transformer
+from llamactl.model import ModelArgs, Transformer
 
 LATEST = "latest"
 
@@ -174,9 +174,8 @@ def matmul_peak_flops(dtype: torch.dtype, device: torch.device) -> float:
     return 2 * n**3 / best
 
 
-def flops_per_token(model: Transformer, seq_len: int) -> float:
+def flops_per_token(a: ModelArgs, seq_len: int) -> float:
     """Training FLOPs per token: 6 x parameters (embeddings excluded) + 12 x layers x dim x seq (attention)."""
-    a = model.args
     n = a.num_params() - (0 if a.tie_embeddings else a.vocab_size * a.dim)  # a lookup table does no FLOPs
     return 6 * n + 12 * a.n_layers * a.dim * seq_len
 

@@ -89,11 +89,9 @@ def run(cfg: GenerateConfig) -> int:
     cfg.validate()
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    from llamactl.checkpoint import read_meta
-
-    if read_meta(cfg.model).args.head != "lm":
+    model, meta = load_model(cfg.model, device, dtype)  # memory-mapped: cheap even when refused just below
+    if meta.args.head != "lm":
         raise UserError(f"{cfg.model}: has a scalar (reward/value) head, not a language-model head to generate with")
-    model, meta = load_model(cfg.model, device, dtype)
     pack_for_cpu_decode(model)
     tokenizer = Tokenizer(meta.tokenizer, cfg.model) if meta.tokenizer is not None else None
     records = read_prompts(cfg.input, tokenizer, model.args.vocab_size, model.args.max_seq_len)

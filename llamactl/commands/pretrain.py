@@ -219,7 +219,7 @@ def run(cfg: PretrainConfig) -> dict:
     meta = CheckpointMeta(args, tok.model_bytes, lineage)
     metrics = T.MetricsLog(os.path.join(cfg.output, "metrics.jsonl"), start_step if ckpt else None, d.main)
     peak_flops = T.matmul_peak_flops(torch.bfloat16 if use_bf16 else torch.float32, device) * d.world
-    flops_tok = T.flops_per_token(model, cfg.seq_len)
+    flops_tok = T.flops_per_token(args, cfg.seq_len)
     trainer_state = {"model_args": args.to_dict(), "settings": run_settings(cfg, global_tokens)}
 
     stop = {"signal": None}
