@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all lint demo bench clean
+.PHONY: install test test-all lint demo bench gpu-check clean
 
 install: $(STAMP)
 
@@ -38,6 +38,14 @@ bench: $(STAMP)
 	$(PY) -P bench/convert_memory.py
 	$(PY) -P bench/tokenizer.py
 	$(PY) -P bench/kernels.py
+
+# The GPU check: kernel tests in bf16 on CUDA, kernel benchmarks at Llama-2-7B shapes, training steps of the 1.1B
+# preset, 7B-shaped decode; tables into docs/benchmarks.md (bench/gpu_check.py says what each section does). It runs
+# with whatever Python holds a CUDA torch (a GPU machine's own, no .venv needed) and installs nothing but llamactl.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(GPU_PY) -c "import llamactl.kernels" 2>/dev/null || $(GPU_PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(GPU_PY) -P bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

@@ -269,9 +269,13 @@ def bench(args) -> list[dict]:
             impl = {"eager": case.ref, "compile": torch.compile(case.ref), "triton": case.triton}[impl_name]
             for pass_name, work, backward in passes:
                 print(f"{case.op} {impl_name} {pass_name} ...", file=sys.stderr, flush=True)
-                fn = _runner(case, impl, backward)
-                ms = time_ms(fn, device)
-                mem = peak_mib(fn, device)
+                try:
+                    fn = _runner(case, impl, backward)
+                    ms = time_ms(fn, device)
+                    mem = peak_mib(fn, device)
+                except Exception as e:  # one broken op or impl must not hide the others' numbers
+                    print(f"{case.op} {impl_name} {pass_name} FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+                    ms = mem = float("nan")
                 if case.unit == "GB/s":
                     achieved, peak = work / (ms / 1e3) / 1e9, bw / 1e9
                 else:

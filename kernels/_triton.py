@@ -52,6 +52,12 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def inner_offsets_fit(*tensors: torch.Tensor) -> bool:
+    """True when every element of each tensor's last two dims is addressed by an int32 offset from the start of its
+    (batch, head) plane: the kernels compute batch and head offsets in int64 and the per-token offsets in int32."""
+    return all((t.shape[-2] - 1) * t.stride(-2) + (t.shape[-1] - 1) * t.stride(-1) < 2**31 for t in tensors)
+
+
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

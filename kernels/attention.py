@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import cdiv, dot_precision, next_pow2, tl, triton
+from ._triton import cdiv, dot_precision, inner_offsets_fit, next_pow2, tl, triton
 
 # enable_gqa lets SDPA share K/V heads without materialising repeated copies (torch >= 2.5).
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -74,7 +74,7 @@ def _attn_fwd_kernel(
 ):  # fmt: skip
     NEG: tl.constexpr = -1.0e30
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # int64: b * stride_b passes 2^31 on large batches or caches
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     kvh = h // n_rep  # grouped-query: read the shared K/V head in place, never a repeated copy
@@ -135,7 +135,7 @@ def _attn_bwd_delta_kernel(
 ):  # fmt: skip
     # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij, the row term of the softmax gradient.
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # int64: b * stride_b passes 2^31 on large batches or caches
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -162,7 +162,7 @@ def _attn_bwd_dkdv_kernel(
     # sums over the group happen in registers: no atomics and no repeated K/V.
     NEG: tl.constexpr = -1.0e30
     pid_n = tl.program_id(0)
-    pid_bk = tl.program_id(1)
+    pid_bk = tl.program_id(1).to(tl.int64)
     b = pid_bk // n_kv_heads
     kvh = pid_bk % n_kv_heads
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -228,7 +228,7 @@ def _attn_bwd_dq_kernel(
 ):  # fmt: skip
     NEG: tl.constexpr = -1.0e30
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # int64: b * stride_b passes 2^31 on large batches or caches
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     kvh = h // n_rep
@@ -322,6 +322,8 @@ def attention_unsupported(
         return f"mixed dtypes {q.dtype}, {k.dtype}, {v.dtype}"
     if segment_ids is not None and segment_ids.shape != (q.shape[0], q.shape[2]):
         return f"segment ids {tuple(segment_ids.shape)} for {q.shape[0]} rows of {q.shape[2]} tokens"
+    if not inner_offsets_fit(q, k, v):
+        return "a (tokens x head dim) plane of 2^31 elements or more"
     return None
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import cdiv, dot_precision, next_pow2, num_sms, tl, triton
+from ._triton import cdiv, dot_precision, inner_offsets_fit, next_pow2, num_sms, tl, triton
 from .attention import sdpa_gqa
 
 
@@ -66,7 +66,7 @@ def _decode_split_kernel(
     DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     NEG: tl.constexpr = -1.0e30
-    pid_bk = tl.program_id(0)
+    pid_bk = tl.program_id(0).to(tl.int64)  # int64: b * stride_kb passes 2^31 on a large cache
     split = tl.program_id(1)
     b = pid_bk // n_kv_heads
     kvh = pid_bk % n_kv_heads
@@ -114,7 +114,7 @@ def _decode_merge_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     NEG: tl.constexpr = -1.0e30
-    pid = tl.program_id(0)  # b * n_heads + h
+    pid = tl.program_id(0).to(tl.int64)  # b * n_heads + h
     b = pid // n_heads
     h = pid % n_heads
     sp = tl.arange(0, BLOCK_S)
@@ -139,6 +139,8 @@ def decode_attention_unsupported(q: torch.Tensor, k_cache: torch.Tensor, v_cache
         return f"{q.shape[1]} query heads over {k_cache.shape[1]} K/V heads"
     if not (q.dtype == k_cache.dtype == v_cache.dtype):
         return f"mixed dtypes {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+    if not inner_offsets_fit(k_cache, v_cache):
+        return "a cache (positions x head dim) plane of 2^31 elements or more"
     return None
 
 

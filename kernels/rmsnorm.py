@@ -40,7 +40,7 @@ def _rms_norm_fwd_kernel(
     n_rows, n_cols, stride_x, stride_r, stride_y, stride_s, eps,
     HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: rows * stride passes 2^31
     cols = tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     mask = row_ok[:, None] & (cols[None, :] < n_cols)
@@ -67,7 +67,7 @@ def _rms_norm_bwd_kernel(
 ):  # fmt: skip
     # Each program owns a contiguous run of rows and writes one partial weight gradient; the host sums the
     # partials, so no two programs ever touch the same address (no atomics, no contention).
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
     cols = tl.arange(0, BLOCK_N)

@@ -30,19 +30,23 @@ def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions:
 @triton.jit
 def _rotary_kernel(
     X, Y, COS, SIN, POS,
-    n_tokens, n_pairs, half, head_dim, stride_x, stride_y, stride_cs,
+    n_tokens, n_pairs, half, head_dim, stride_x, stride_y, stride_cs, n_positions,
     INVERSE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     # One tile = BLOCK_T tokens x every (head, pair) of those tokens; pair j is head j // half, index j % half.
-    toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    toks = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # int64: toks * stride passes 2^31
     j = tl.arange(0, BLOCK_P)
     tok_ok = toks < n_tokens
     mask = tok_ok[:, None] & (j < n_pairs)[None, :]
     i = j % half
     col = (j // half) * head_dim + 2 * i  # offset of the pair's first element inside the token's row
-    pos = tl.load(POS + toks, mask=tok_ok, other=0)
-    c = tl.load(COS + pos[:, None] * stride_cs + i[None, :], mask=mask, other=1.0).to(tl.float32)
-    s = tl.load(SIN + pos[:, None] * stride_cs + i[None, :], mask=mask, other=0.0).to(tl.float32)
+    pos = tl.load(POS + toks, mask=tok_ok, other=0).to(tl.int64)
+    # A position outside the tables is never read: its token comes out NaN (the reference raises an IndexError;
+    # a kernel cannot, and a silent read past the table would rotate by garbage).
+    pos_ok = (pos >= 0) & (pos < n_positions)
+    cs_mask = mask & pos_ok[:, None]
+    c = tl.load(COS + pos[:, None] * stride_cs + i[None, :], mask=cs_mask, other=float("nan")).to(tl.float32)
+    s = tl.load(SIN + pos[:, None] * stride_cs + i[None, :], mask=cs_mask, other=float("nan")).to(tl.float32)
     if INVERSE:  # the backward pass rotates the gradient by the opposite angle (the rotation's transpose)
         s = -s
     xp = X + toks[:, None] * stride_x + col[None, :]
@@ -62,7 +66,7 @@ def rotary_unsupported(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, po
         return f"{n_pairs} rotary pairs per token > {MAX_PAIRS}"
     if cos.shape[-1] * 2 != x.shape[-1]:
         return f"tables of width {cos.shape[-1]} for head dim {x.shape[-1]}"
-    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+    if sin.shape != cos.shape or cos.stride(-1) != 1 or sin.stride() != cos.stride():
         return "cos and sin tables that are not laid out alike with unit column stride"
     try:
         torch.broadcast_shapes(positions.shape, x.shape[:-2])
@@ -87,7 +91,7 @@ def rotary_apply(
     block_t = max(1, min(64, 4096 // block_p))
     _rotary_kernel[(cdiv(n_tokens, block_t),)](
         x2, y, cos, sin, pos,
-        n_tokens, n_pairs, head_dim // 2, head_dim, x2.stride(0), y.stride(0), cos.stride(0),
+        n_tokens, n_pairs, head_dim // 2, head_dim, x2.stride(0), y.stride(0), cos.stride(0), cos.shape[0],
         INVERSE=inverse, BLOCK_T=block_t, BLOCK_P=block_p,
     )  # fmt: skip
     return y.view(shape)

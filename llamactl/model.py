@@ -91,7 +91,8 @@ class ModelArgs:
 
 
 # Meta's params.json for Llama 2 (vocab_size -1 there means "from the tokenizer": 32000), and small models for CPU
-# work, shaped like llama2.c's TinyStories models. Names give the parameter count.
+# work, shaped like llama2.c's TinyStories models, and a 1.1B model for a single GPU (TinyLlama's published shape: the
+# Llama 2 architecture with grouped-query attention). Names give the parameter count.
 PRESETS: dict[str, dict] = {
     "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, multiple_of=256, norm_eps=1e-5),
     "llama2-13b": dict(dim=5120, n_layers=40, n_heads=40, multiple_of=256, norm_eps=1e-5),
@@ -101,6 +102,9 @@ PRESETS: dict[str, dict] = {
     "llama2-15m": dict(dim=288, n_layers=6, n_heads=6, multiple_of=32, max_seq_len=256, tie_embeddings=True),
     "llama2-60m": dict(dim=512, n_layers=10, n_heads=8, n_kv_heads=4, multiple_of=32, max_seq_len=512),
     "llama2-110m": dict(dim=768, n_layers=12, n_heads=12, multiple_of=32, max_seq_len=1024, tie_embeddings=True),
+    "llama2-1b": dict(
+        dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, multiple_of=256, max_seq_len=2048, norm_eps=1e-5
+    ),
 }
 
 

@@ -45,16 +45,21 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(device: torch.device) -> Dist:
-    """Join the process group torchrun describes in the environment; a plain run is rank 0 of 1."""
+def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
+    """Join the process group torchrun describes in the environment; a plain run is rank 0 of 1.
+
+    Returns the group and this rank's device: under torchrun a CUDA rank always runs on ``cuda:LOCAL_RANK``, whatever
+    index ``--device`` named (``--device cuda:0`` would otherwise put every rank of a node on its first GPU).
+    """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return Dist()
+        return Dist(), device
+    d = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)  # before the group: NCCL binds each rank to the current device
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    if device.type == "cuda":
-        torch.cuda.set_device(d.local_rank)
-    return d
+    return Dist(dist.get_rank(), dist.get_world_size(), d.local_rank), device
 
 
 def all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:

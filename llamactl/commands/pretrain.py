@@ -163,7 +163,7 @@ def run(cfg: PretrainConfig) -> dict:
     if cfg.eval_every and val_split is None:
         raise UserError(f"{cfg.data}: no 'val' split to evaluate on; encode with --val-fraction, or --eval-every 0")
     device = resolve_device(cfg.device)
-    d = T.init_distributed(device)
+    d, device = T.init_distributed(device)
     use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and bf16_supported(device))
     if cfg.dtype == "bf16" and not bf16_supported(device):
         raise UserError(f"--dtype bf16: {device.type} has no native bf16 here; use fp32")

@@ -51,3 +51,20 @@ def test_non_contiguous_input(device, assert_close):
     x = torch.randn(2, 4, 10, 16, generator=g).to(device).transpose(1, 2)  # (B, T, H, D) view, not contiguous
     pos = torch.arange(10, device=device)
     assert_close(rotary_triton(x, cos, sin, pos), rotary_ref(x, cos, sin, pos))
+
+
+def test_position_outside_tables_is_nan_not_a_stray_read(device):
+    """A position past the tables (or negative) gives NaN for that token and leaves every other token exact; the
+    tables are padded with finite sentinels so that a read past their end would show up as a finite wrong value."""
+    g = torch.Generator().manual_seed(3)
+    cos, sin = rotary_tables(16, 40)
+    # Rows 32..39 are poison: the kernel is handed the first 32 rows as a view, so a read past row 31 lands on them.
+    cos[32:], sin[32:] = 7.0, 7.0
+    cos, sin = cos[:32].to(device), sin[:32].to(device)
+    x = torch.randn(1, 6, 2, 16, generator=g).to(device)
+    pos = torch.tensor([0, 31, 32, 35, -1, 5], device=device)
+    y = rotary_triton(x, cos, sin, pos)
+    bad = torch.tensor([False, False, True, True, True, False], device=device)
+    assert torch.isnan(y[0, bad]).all()
+    ok = ~bad
+    torch.testing.assert_close(y[0, ok], rotary_ref(x[:, ok], cos, sin, pos[ok])[0])
