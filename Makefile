@@ -45,7 +45,7 @@ bench: $(STAMP)
 GPU_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 gpu-check:
 	$(GPU_PY) -c "import llamactl.kernels" 2>/dev/null || $(GPU_PY) -m pip install -q --no-deps --no-build-isolation -e .
-	$(GPU_PY) -P bench/gpu_check.py
+	$(GPU_PY) -P bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs
