@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 from llamactl import __version__
+from llamactl.config import check_memory, model_args, rope_bytes
 from llamactl.errors import UserError
-from llamactl.jsonl import atomic_path
+from llamactl.files import atomic_path, kind_of, require_input
 from llamactl.model import ModelArgs, Transformer
 
 FORMAT = "llamactl/1"
@@ -129,12 +130,35 @@ class CheckpointMeta:
         if meta.get("format") != FORMAT:
             raise UserError(f"{source}: not a llamactl checkpoint (no '{FORMAT}' format tag in its header)")
         try:
-            args = ModelArgs.from_dict(json.loads(meta["config"]))
-            tok = base64.b64decode(meta["tokenizer"]) if "tokenizer" in meta else None
+            config = json.loads(meta["config"])
+            tok = base64.b64decode(meta["tokenizer"], validate=True) if "tokenizer" in meta else None
             lineage = json.loads(meta.get("lineage", "{}"))
-        except (KeyError, ValueError, TypeError) as e:
-            raise UserError(f"{source}: damaged checkpoint header ({e})") from None
-        return cls(args, tok, lineage)
+        except KeyError as e:
+            raise UserError(f"{source}: damaged checkpoint header (no {e.args[0]!r})") from None
+        except (ValueError, TypeError, RecursionError) as e:
+            raise UserError(f"{source}: damaged checkpoint header ({str(e)[:160]})") from None
+        problem = lineage_problem(lineage)
+        if problem:
+            raise UserError(f"{source}: damaged lineage in the checkpoint header ({problem})")
+        return cls(model_args(config, f"{source}: header"), tok, lineage)
+
+
+def lineage_problem(lineage: object) -> str | None:
+    """What is wrong with a lineage read from a file (None if nothing): each level an object with text
+    ``command``/``llamactl``, a list ``args``, an integer ``step``, ``inputs`` of {path, sha256}, an optional
+    ``parent``."""
+    where = "lineage"
+    while lineage is not None:
+        if not isinstance(lineage, dict):
+            return f"{where} is {type(lineage).__name__}, not an object"
+        for key, kind in (("command", str), ("llamactl", str), ("step", int), ("args", list), ("inputs", list)):
+            if key in lineage and not isinstance(lineage[key], kind):
+                return f"{where}.{key} is {type(lineage[key]).__name__}, not {kind.__name__}"
+        for i, item in enumerate(lineage.get("inputs", [])):
+            if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("path", "sha256")):
+                return f"{where}.inputs[{i}] is not an object with text fields 'path' and 'sha256'"
+        lineage, where = lineage.get("parent"), f"{where}.parent"
+    return None
 
 
 def make_lineage(command: str, argv: list[str], inputs: Iterable[str], parent: dict | None = None, **extra) -> dict:
@@ -241,9 +265,8 @@ def _resolve(path: str) -> tuple[str, bool]:
     newer one is the checkpoint.
     """
     if path.endswith(".json"):
-        if os.path.isfile(path):
-            return path, True
-        raise UserError(f"{path}: no such checkpoint index")
+        require_input(path, "checkpoint index")
+        return path, True
     single, index = os.path.isfile(path), os.path.isfile(index_path(path))
     if single and index:
         single = os.path.getmtime(path) >= os.path.getmtime(index_path(path))
@@ -251,7 +274,13 @@ def _resolve(path: str) -> tuple[str, bool]:
         return path, False
     if index:
         return index_path(path), True
-    raise UserError(f"{path}: no such checkpoint")
+    kind = kind_of(path)
+    if kind is None:
+        raise UserError(f"{path}: no such checkpoint")
+    hint = ""
+    if kind == "a directory" and any(os.path.isfile(os.path.join(path, f)) for f in ("params.json", "config.json")):
+        hint = f"; convert it first: llamactl convert {path} -o model.safetensors"
+    raise UserError(f"{path}: is {kind}, not a checkpoint (a .safetensors file or its .index.json){hint}")
 
 
 def _open_safetensors(path: str):
@@ -332,6 +361,7 @@ def build_model(
     with torch.device("meta"):
         model = Transformer(args)
     check_state(source, model.state_dict(), tensors)
+    check_memory(rope_bytes(args), f"max_seq_len {args.max_seq_len}: the rotary tables", source, device)
     state = {
         k: t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
         for k, t in tensors.items()

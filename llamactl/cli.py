@@ -34,29 +34,96 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks f
         _state["debug"] = True
 
 
+def _click():
+    """The click that typer runs on: a copy of its own in newer typer versions, the click package in older ones."""
+    try:
+        import typer._click as click
+        import typer._click.exceptions
+        import typer._click.globals  # noqa: F401
+    except ImportError:
+        import click
+    return click
+
+
+def _error(message: str, where: str | None = None) -> None:
+    """The one line a failed command prints: what ran, then what is wrong."""
+    if where is None:
+        ctx = _click().globals.get_current_context(silent=True)
+        where = ctx.command_path if ctx is not None else "llamactl"
+    message = " ".join(message.split("\n"))  # one line, whatever the message was built from
+    typer.secho(f"{where}: error: {message}", fg=typer.colors.RED, err=True)
+
+
+def _flag(param: str) -> str:
+    """The command-line name of the parameter ``param`` of the command running now (its longest option)."""
+    ctx = _click().globals.get_current_context(silent=True)
+    for p in ctx.command.params if ctx is not None else []:
+        if p.name == param and p.opts:
+            return max(p.opts, key=len)
+    return "--" + param.replace("_", "-")
+
+
+def _check_finite(kwargs: dict) -> None:
+    """Every float flag of every command is a finite number: nan and inf would reach the arithmetic."""
+    from llamactl.errors import UserError
+
+    bad = [f"{_flag(k)} must be a finite number, got {v}" for k, v in kwargs.items() if _not_finite(v)]
+    if bad:
+        raise UserError("; ".join(bad))
+
+
+def _not_finite(v) -> bool:
+    import math
+
+    return isinstance(v, float) and not math.isfinite(v)
+
+
 def run_command(module: str, config_cls: str, entry: str = "run", **kwargs):
-    """Import llamactl.commands.<module>, build its config, call ``entry`` (run) with it; user errors become one line
-    and exit 2."""
+    """Import llamactl.commands.<module>, build its config, call ``entry`` (run) with it.
+
+    The contract every command inherits: a user mistake (UserError) or an OSError on a path the user named prints
+    one line and exits with code 2; an interruption (Ctrl-C, SIGTERM, SIGHUP) exits with 128 + the signal after
+    the work has unwound (temporary files removed); ``--debug`` shows the traceback instead.
+    """
     import importlib
 
     from llamactl.errors import UserError
+    from llamactl.files import os_reason
 
     try:
+        _check_finite(kwargs)
         mod = importlib.import_module(f"llamactl.commands.{module}")
         cfg = getattr(mod, config_cls)(**kwargs)
         return getattr(mod, entry)(cfg)
     except UserError as e:
         if _state["debug"]:
             raise
-        typer.secho(f"llamactl {module}: error: {e}", fg=typer.colors.RED, err=True)
+        _error(str(e))
         raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        typer.secho(f"llamactl {module}: interrupted", fg=typer.colors.RED, err=True)
-        raise typer.Exit(130) from None
     except BrokenPipeError:
         # The reader of our stdout went away (`| head`): not an error of ours.
-        sys.stderr.close()
+        _quiet_stdout()
         raise typer.Exit(0) from None
+    except OSError as e:
+        if _state["debug"]:
+            raise
+        paths = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        _error(f"{paths}: {os_reason(e)}" if paths else os_reason(e))
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt as e:
+        import signal
+
+        signum = getattr(e, "signum", signal.SIGINT)
+        _error("interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}")
+        raise typer.Exit(128 + signum) from None
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered for a reader that left or a full disk goes nowhere,
+    instead of failing again at exit with a second message."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 @app.command(
@@ -308,8 +375,32 @@ def pretrain(
     )
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """The entry point: usage errors are one line too (typer's Usage / Try / Error block is three)."""
+    import errno
+
+    from llamactl.files import interrupt_on_signals, os_reason
+
+    interrupt_on_signals()
+    exceptions = _click().exceptions
+    try:
+        code = typer.main.get_command(app).main(args=argv, prog_name="llamactl", standalone_mode=False)
+    except exceptions.NoArgsIsHelpError as e:  # no arguments at all: the help is the answer
+        e.show()
+        code = e.exit_code
+    except exceptions.UsageError as e:
+        _error(e.format_message(), e.ctx.command_path if e.ctx is not None else "llamactl")
+        code = 2
+    except typer.Abort:  # end of input while parsing
+        code = 2
+    try:
+        sys.stdout.flush()
+    except OSError as e:
+        _quiet_stdout()
+        if e.errno != errno.EPIPE and not code:
+            _error(f"<stdout>: cannot write ({os_reason(e)})", "llamactl")
+            code = 2
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ from llamactl.checkpoint import (
     stored_dtype,
     write_safetensors,
 )
+from llamactl.config import model_args
 from llamactl.errors import UserError
-from llamactl.jsonl import atomic_path
+from llamactl.files import atomic_path, kind_of, os_reason, require_input
 from llamactl.model import ModelArgs
 
 FORMATS = ("llamactl", "meta", "hf", "llama2c")
@@ -50,8 +51,8 @@ def detect_format(path: str) -> str:
         if os.path.isfile(os.path.join(path, "config.json")):
             return "hf"
         raise UserError(f"{path}: directory holds neither params.json (Meta) nor config.json (Hugging Face)")
-    if not os.path.exists(path) and not os.path.isfile(path + ".index.json"):
-        raise UserError(f"{path}: no such file or directory")
+    if not os.path.isfile(path + ".index.json"):
+        require_input(path, "checkpoint file or directory")
     if path.endswith((".safetensors", ".json")) or os.path.isfile(path + ".index.json"):
         return "llamactl"
     if path.endswith(".bin"):
@@ -64,11 +65,14 @@ def detect_format(path: str) -> str:
 
 
 def read_json_object(path: str) -> dict:
+    require_input(path, "JSON file")
     try:
-        with open(path) as f:
+        with open(path, "rb") as f:
             obj = json.load(f)
-    except (OSError, ValueError):
-        obj = None
+    except OSError as e:
+        raise UserError(f"{path}: {os_reason(e)}") from None
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{path}: not JSON ({str(e)[:120]})") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path}: not a JSON object")
     return obj
@@ -144,16 +148,16 @@ def read_meta_checkpoint(path: str) -> Source:
     vocab, dim = shapes["tok_embeddings.weight"]
     known = {"dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta"}
     cfg = {k: v for k, v in params.items() if k in known and v is not None}
-    try:
-        args = ModelArgs(
+    args = model_args(
+        {
             **cfg,
-            vocab_size=vocab,
-            hidden_dim=shapes["layers.0.feed_forward.w1.weight"][0],
-            max_seq_len=params.get("max_seq_len", 4096),  # Llama 2's context; params.json does not say it
-            tie_embeddings="output.weight" not in shapes,
-        )
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{params_file}: {e}") from None
+            "vocab_size": vocab,
+            "hidden_dim": shapes["layers.0.feed_forward.w1.weight"][0],
+            "max_seq_len": params.get("max_seq_len", 4096),  # Llama 2's context; params.json does not say it
+            "tie_embeddings": "output.weight" not in shapes,
+        },
+        params_file,
+    )
     if args.dim != dim:
         raise UserError(f"{params_file}: dim {args.dim} does not match tok_embeddings width {dim}")
     return Source(args, plans, _find_tokenizer(path, os.path.dirname(os.path.abspath(path))), {}, plans[0].dtype)
@@ -238,24 +242,26 @@ def read_hf(path: str) -> Source:
     for key, ok in (("rope_scaling", None), ("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
         if cfg.get(key, ok) != ok:
             raise UserError(f"{cfg_file}: {key}={cfg[key]!r} is not the Llama 2 architecture")
+    architectures = cfg.get("architectures") or []
+    if not isinstance(architectures, list):
+        raise UserError(f"{cfg_file}: architectures must be a list, got {architectures!r}")
     try:
-        args = ModelArgs(
-            dim=cfg["hidden_size"],
-            n_layers=cfg["num_hidden_layers"],
-            n_heads=cfg["num_attention_heads"],
-            n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-            vocab_size=cfg["vocab_size"],
-            hidden_dim=cfg["intermediate_size"],
-            norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            rope_theta=cfg.get("rope_theta", 10000.0),
-            max_seq_len=cfg.get("max_position_embeddings", 4096),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            head="scalar" if "LlamaForSequenceClassification" in cfg.get("architectures", []) else "lm",
-        )
+        values = {
+            "dim": cfg["hidden_size"],
+            "n_layers": cfg["num_hidden_layers"],
+            "n_heads": cfg["num_attention_heads"],
+            "n_kv_heads": cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            "vocab_size": cfg["vocab_size"],
+            "hidden_dim": cfg["intermediate_size"],
+            "norm_eps": cfg.get("rms_norm_eps", 1e-5),
+            "rope_theta": cfg.get("rope_theta", 10000.0),
+            "max_seq_len": cfg.get("max_position_embeddings", 4096),
+            "tie_embeddings": cfg.get("tie_word_embeddings", False),
+            "head": "scalar" if "LlamaForSequenceClassification" in architectures else "lm",
+        }
     except KeyError as e:
         raise UserError(f"{cfg_file}: missing field {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{cfg_file}: {e}") from None
+    args = model_args(values, cfg_file)
     if cfg.get("head_dim") not in (None, args.head_dim):
         raise UserError(f"{cfg_file}: head_dim {cfg['head_dim']} differs from hidden_size / num_attention_heads")
     files, kind = _hf_weight_files(path)
@@ -438,11 +444,8 @@ def read_llama2c(path: str) -> Source:
                 )
             offset += numel
     plans.sort(key=lambda p: _meta_order(p.name))
-    try:
-        args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=vocab,
-                         hidden_dim=hidden, max_seq_len=seq, tie_embeddings=shared)  # fmt: skip
-    except UserError as e:
-        raise UserError(f"{path}: {e}") from None
+    args = model_args(dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=vocab,
+                           hidden_dim=hidden, max_seq_len=seq, tie_embeddings=shared), path)  # fmt: skip
     return Source(args, plans, None, {}, torch.float32)
 
 
@@ -462,8 +465,12 @@ def read_source(path: str, fmt: str = "auto") -> Source:
         fmt = detect_format(path)
     if fmt not in READERS:
         raise UserError(f"--from: unknown format {fmt!r}; use auto, {', '.join(FORMATS)}")
-    if not os.path.exists(path) and not (fmt == "llamactl" and os.path.isfile(path + ".index.json")):
-        raise UserError(f"{path}: no such file or directory")
+    if not (fmt == "llamactl" and os.path.isfile(path + ".index.json")):
+        want_dir = fmt in ("meta", "hf")
+        if kind_of(path) != ("a directory" if want_dir else "a regular file"):
+            require_input(path, "checkpoint directory" if want_dir else "checkpoint file")
+            if want_dir:
+                raise UserError(f"{path}: is a file; --from {fmt} reads a directory")
     return READERS[fmt](path)
 
 

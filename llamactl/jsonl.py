@@ -1,43 +1,127 @@
-"""JSONL in and out: one JSON object a line, UTF-8, ``-`` for stdin/stdout, errors that name the file and line."""
+"""JSONL in and out: one JSON object a line, UTF-8, ``-`` for stdin/stdout, errors that name the file and line.
+
+Input is read as it arrives: a reader asked to (``wait``) marks each moment the input has nothing new (a pipe whose
+writer is quiet), so that a command can finish and flush what it has instead of holding results back.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import select
+import stat
 import sys
-import tempfile
 from collections.abc import Iterator
-from typing import IO
+from typing import IO, TypeVar
 
 from llamactl.errors import UserError
+from llamactl.files import atomic_path, display_name, named_errors, require_input
+
+__all__ = [
+    "atomic_path",
+    "batches",
+    "check_free",
+    "display_name",
+    "dumps",
+    "field",
+    "open_output",
+    "parse_record",
+    "read_chunks",
+    "read_jsonl",
+    "streams",
+]
+
+READ_BYTES = 1 << 16
+T = TypeVar("T")
 
 
-def display_name(path: str) -> str:
-    return "<stdin>" if path == "-" else path
+def _ready(fd: int, wait: float) -> bool:
+    try:
+        return bool(select.select([fd], [], [], wait)[0])
+    except (OSError, ValueError):  # an fd select cannot watch: read it as a file
+        return True
 
 
-def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, record) for each non-blank line; a bad line raises UserError naming file and line."""
-    name = display_name(path)
+def read_chunks(path: str, size: int = READ_BYTES, wait: float | None = None) -> Iterator[bytes | None]:
+    """The bytes of a file (``-``: stdin) as they arrive, in reads of at most ``size`` bytes.
+
+    With ``wait`` set, None is yielded whenever the input has had nothing new for ``wait`` seconds, before the read
+    that blocks; a regular file never waits, so its reads (and what callers make of them) do not depend on timing.
+    """
     if path == "-":
-        stream: IO[bytes] = sys.stdin.buffer
+        fd, own = sys.stdin.fileno(), False
     else:
-        if not os.path.isfile(path):
-            raise UserError(f"{name}: no such file")
-        stream = open(path, "rb")  # noqa: SIM115 - closed below
-    # Bytes decoded line by line: a text stream decodes ahead in blocks and would blame an earlier line.
-    with contextlib.closing(stream) if path != "-" else contextlib.nullcontext(stream):
-        lineno = 0
-        for raw in stream:
+        require_input(path, "file", stream_ok=True)
+        fd, own = os.open(path, os.O_RDONLY), True
+    try:
+        waits = wait is not None and not stat.S_ISREG(os.fstat(fd).st_mode)
+        while True:
+            if waits and not _ready(fd, wait):
+                yield None
+            data = os.read(fd, size)
+            if not data:
+                return
+            yield data
+    finally:
+        if own:
+            os.close(fd)
+
+
+def streams(path: str) -> bool:
+    """Whether an input arrives over time (a pipe, a terminal) rather than lying whole in a regular file."""
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode if path == "-" else os.stat(path).st_mode
+    except (OSError, ValueError):
+        return True
+    return not stat.S_ISREG(mode)
+
+
+def batches(items: Iterator[T | None], size: int) -> Iterator[list[T]]:
+    """Lists of up to ``size`` items; a None (the input is waiting, see ``read_jsonl``) closes a batch early, so
+    that no record waits for input that has not come."""
+    batch: list[T] = []
+    for item in items:
+        if item is not None:
+            batch.append(item)
+        if batch and (item is None or len(batch) == size):
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def read_jsonl(path: str, wait: float | None = None) -> Iterator[tuple[int, dict] | None]:
+    """Yield (line number, record) for each non-blank line; a bad line raises UserError naming file and line.
+
+    With ``wait`` set, None marks each moment the input has had nothing new for ``wait`` seconds (``read_chunks``).
+    """
+    name = display_name(path)
+    lineno = 0
+    buf = b""
+    for data in read_chunks(path, wait=wait):
+        if data is None:
+            yield None
+            continue
+        *lines, buf = (buf + data).split(b"\n")
+        for raw in lines:
             lineno += 1
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{name}:{lineno}: not UTF-8 text ({e.reason})") from None
-            if not line.strip():
-                continue
-            yield lineno, parse_record(line, f"{name}:{lineno}")
+            rec = _parse_line(raw, name, lineno)
+            if rec is not None:
+                yield lineno, rec
+    if buf:
+        rec = _parse_line(buf, name, lineno + 1)
+        if rec is not None:
+            yield lineno + 1, rec
+
+
+def _parse_line(raw: bytes, name: str, lineno: int) -> dict | None:
+    # Bytes decoded line by line: a text stream decodes ahead in blocks and would blame an earlier line.
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{name}:{lineno}: not UTF-8 text ({e.reason})") from None
+    return parse_record(line, f"{name}:{lineno}") if line.strip() else None
 
 
 def parse_record(line: str, where: str) -> dict:
@@ -64,36 +148,27 @@ def field(rec: dict, key: str, kind: type | tuple[type, ...], where: str, requir
     return value
 
 
+def check_free(rec: dict, keys, where: str, source: str | None = None) -> None:
+    """Refuse a record that already has a field the command would write (other than its ``source`` field)."""
+    for key in keys:
+        if key != source and key in rec:
+            raise UserError(f"{where}: already has a {key!r} field; it would be overwritten")
+
+
 def dumps(rec: dict) -> str:
     return json.dumps(rec, ensure_ascii=False)
 
 
 @contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-    """A temporary path beside ``path`` that is renamed onto it only if the block succeeds."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the permissions any new file would
-    os.close(fd)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:  # on disk before the name says it is complete
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-@contextlib.contextmanager
 def open_output(path: str) -> Iterator[IO[str]]:
-    """A text stream for JSONL output: stdout for ``-`` (line-flushed for pipes), else an atomic file."""
+    """A text stream for JSONL output: stdout for ``-``, else a file written through ``atomic_path``.
+
+    A write that fails (a full disk, ``> /dev/full``) is a UserError naming the output.
+    """
     if path == "-":
-        yield sys.stdout
-        sys.stdout.flush()
+        with named_errors("-"):
+            yield sys.stdout
+            sys.stdout.flush()
         return
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, named_errors(path, tmp), open(tmp, "w", encoding="utf-8") as f:
         yield f

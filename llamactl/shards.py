@@ -12,7 +12,9 @@ A shard holds whole documents, each as the encoder wrote it (``tokenize encode``
 behind). Splits (``train``, optionally ``val``) are separate lists of shards in the one index.
 
 Shard names carry a hash of their tokens, so rewriting a directory never touches a file the old index points at:
-a crash leaves either the old index with its shards or the new index with its shards, never a mix.
+a crash leaves either the old index with its shards or the new index with its shards, never a mix. What a killed
+writer leaves behind (shards no index names, temporary files) is recognised by name: writing the directory again
+works and removes it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from llamactl.errors import UserError
-from llamactl.jsonl import atomic_path
+from llamactl.files import atomic_path, new_temp, publish
 from llamactl.tokenizer import Tokenizer
 
 INDEX_NAME = "index.json"
@@ -39,6 +41,10 @@ FORMAT = "llamactl-token-shards"
 VERSION = 1
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB a shard in uint16
 _DTYPES = {"uint16": (np.uint16, "U16"), "int32": (np.int32, "I32")}
+# Every name a ShardWriter creates: shards, the tokenizer, and the temporary files of shards, tokenizer and index.
+_OWN_FILE = re.compile(
+    r"\w+-\d{5}-[0-9a-f]{16}\.safetensors|tokenizer\.model|\.(?:\w+|tokenizer\.model|index\.json)\.\w+\.tmp"
+)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -105,7 +111,7 @@ class ShardWriter:
                     self._old_files = {s["file"] for split in old["splits"].values() for s in split["shards"]}
                 except (KeyError, TypeError, AttributeError):
                     raise UserError(f"{os.path.join(directory, INDEX_NAME)}: malformed token shards index") from None
-            elif os.listdir(directory):
+            elif not all(_OWN_FILE.fullmatch(name) for name in os.listdir(directory)):
                 raise UserError(f"{directory}: not empty and not a token shards directory; give a new or empty one")
         else:
             os.makedirs(directory)
@@ -156,15 +162,14 @@ class ShardWriter:
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         entry = self._splits[split]
-        fd, self._temp = tempfile.mkstemp(prefix=f".{split}-", suffix=".tmp", dir=self.directory)
-        os.close(fd)
+        self._temp = new_temp(self.directory, split)
         # One metadata entry: safetensors writes metadata in hash-map order, and the file should be the same bytes
         # for the same documents.
         save_file({"tokens": tokens, "offsets": offsets}, self._temp, metadata={"format": FORMAT})
         digest = hashlib.sha256(tokens.data)
         digest.update(offsets.data)
         name = f"{split}-{len(entry['shards']):05d}-{digest.hexdigest()[:16]}.safetensors"
-        os.replace(self._temp, os.path.join(self.directory, name))
+        publish(self._temp, os.path.join(self.directory, name))
         self._temp = None
         self._written.append(name)
         entry["shards"].append({"file": name, "num_tokens": int(tokens.size), "num_docs": len(lengths)})
@@ -204,7 +209,9 @@ class ShardWriter:
         }
         _write_atomic(os.path.join(self.directory, INDEX_NAME), (json.dumps(index, indent=2) + "\n").encode())
         self.index = index
-        for name in self._old_files - set(self._written):
+        keep = {*self._written, TOKENIZER_NAME, INDEX_NAME}
+        leftovers = {n for n in os.listdir(self.directory) if _OWN_FILE.fullmatch(n)}  # of a killed earlier writer
+        for name in (self._old_files | leftovers) - keep:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.directory, name))
         return index

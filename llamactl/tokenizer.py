@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 import sentencepiece as spm
 
 from llamactl.errors import UserError
+from llamactl.files import require_input
 
 # Llama 2's trainer settings, as stored in the trainer_spec of Meta's tokenizer.model: BPE, byte fallback instead
 # of <unk>, digits split one per piece, identity normalisation with whitespace kept as is (a dummy prefix space
@@ -62,8 +63,7 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str) -> Tokenizer:
-        if not os.path.isfile(path):
-            raise UserError(f"{path}: no such tokenizer file")
+        require_input(path, "tokenizer file", stream_ok=True)
         with open(path, "rb") as f:
             return cls(f.read(), path)
 
@@ -122,12 +122,39 @@ def train_bpe(
             **spec,
         )
     except RuntimeError as e:
-        message = str(e)
-        too_high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message)
-        if too_high:
-            raise UserError(
-                f"vocabulary size {too_high.group(1)} is more than this text supports: at most {too_high.group(2)}"
-            ) from None
-        reason = message.splitlines()[0].removeprefix("INTERNAL: ") if message else type(e).__name__
-        raise UserError(f"tokenizer training failed: {reason}") from None
+        raise UserError(f"tokenizer training failed: {_trainer_message(str(e))}") from None
     return Tokenizer(out.getvalue(), "<trained>")
+
+
+# The trainer's options as llamactl's flags name them, for SentencePiece's own messages.
+TRAINER_FLAGS = {
+    "vocab_size": "--vocab-size",
+    "character_coverage": "--character-coverage",
+    "max_sentence_length": "--max-sentence-length",
+    "num_threads": "--threads",
+}
+
+
+def _trainer_message(message: str) -> str:
+    """SentencePiece's error (``INTERNAL: src/trainer_interface.cc(638) [condition] text``) in the CLI's words."""
+    too_high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message)
+    if too_high:
+        return f"--vocab-size {too_high.group(1)} is more than this text supports: at most {too_high.group(2)}"
+    too_low = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", message)
+    if too_low:
+        return (
+            f"--vocab-size {too_low.group(1)} is too small for this text: its characters, 256 byte pieces and 3 "
+            f"special pieces need {too_low.group(2)} (or lower --character-coverage)"
+        )
+    first = (message.splitlines() or [""])[0].removeprefix("INTERNAL: ")
+    m = re.fullmatch(r"\s*(?:\S+\.cc\(\d+\)\s*)?(?:\[(.*)\])?\s*(.*)", first)
+    condition, text = (m.group(1) or "", m.group(2)) if m else ("", first)
+
+    def flag(match: re.Match) -> str:
+        return TRAINER_FLAGS.get(match.group(1), match.group(1))
+
+    condition = re.sub(r"\(?trainer_spec_?\.(\w+)\(\)\)?", flag, condition)
+    text = re.sub(r"--(\w+)(?: option)?", lambda m: TRAINER_FLAGS.get(m.group(1), m.group(0)), text)
+    if text:
+        return text
+    return f"needs {condition}" if condition else "SentencePiece gave no reason"

@@ -1,10 +1,12 @@
 """Pieces every training command shares: distributed set-up, optimizer and schedule, checkpoints that resume exactly.
 
 A run directory holds ``metrics.jsonl``, one ``step-NNNNNNN/`` folder per checkpoint (``model.safetensors``, a
-self-describing llamactl checkpoint, and ``trainer.pt``: optimizer, step, RNG and data position) and ``latest``,
-a one-line file naming the newest complete checkpoint. A checkpoint folder is written under a temporary name and
-renamed when whole, and ``latest`` is replaced atomically after it, so a crash at any moment (kill -9 included)
-leaves the previous checkpoint as the one ``--resume`` picks up.
+self-describing llamactl checkpoint; ``trainer.safetensors``, the optimizer's and RNGs' tensors; ``trainer.json``,
+step, settings, optimizer hyperparameters and the Python and NumPy RNG states) and ``latest``, a one-line file
+naming the newest complete checkpoint. Nothing is pickled: resuming a run directory from someone else executes no
+code of theirs. A checkpoint folder is written under a temporary name, fsynced and renamed when whole, and
+``latest`` is replaced atomically after it, so a crash at any moment (kill -9 or power loss) leaves the previous
+checkpoint as the one ``--resume`` picks up.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -23,12 +26,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from llamactl.checkpoint import CheckpointMeta, plan_from_tensors, save_plans
+from llamactl.checkpoint import CheckpointMeta, plan_from_tensors, read_safetensors, save_plans, write_safetensors
 from llamactl.errors import UserError
-from llamactl.jsonl import atomic_path, dumps
+from llamactl.files import atomic_path, fsync_dir
+from llamactl.jsonl import dumps, parse_record
 from llamactl.model import ModelArgs, Transformer
 
 LATEST = "latest"
+TRAINER_JSON = "trainer.json"
+TRAINER_TENSORS = "trainer.safetensors"
+TRAINER_FORMAT = "llamactl-trainer/1"
 
 
 # ------------------------------------------------------------------------------------------------ distributed
@@ -161,21 +168,30 @@ def cosine_lr(step: int, peak: float, warmup: int, total: int, final_ratio: floa
     return peak * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def matmul_peak_flops(dtype: torch.dtype, device: torch.device) -> float:
-    """FLOP/s of a large square matmul in ``dtype``, measured now: the denominator of MFU."""
+def matmul_peak_flops(dtype: torch.dtype, device: torch.device, min_seconds: float = 0.3) -> float:
+    """FLOP/s of a large square matmul in ``dtype``, measured now: the denominator of MFU.
+
+    The best of repeated timings after a warm-up, for at least ``min_seconds``: a single timing taken while the
+    machine was still busy (start-up, another process) understated the peak and put MFU above 100%.
+    """
     n = 2048 if device.type == "cpu" else 8192
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(3):
+
+    def timed() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
         a @ b
         if device.type == "cuda":
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
+        return time.perf_counter() - t
+
+    timed()  # warm-up: thread pools, kernels, clocks
+    best, start, tries = float("inf"), time.perf_counter(), 0
+    while tries < 3 or time.perf_counter() - start < min_seconds:
+        best = min(best, timed())
+        tries += 1
     return 2 * n**3 / best
 
 
@@ -188,19 +204,26 @@ def flops_per_token(a: ModelArgs, seq_len: int) -> float:
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    """Every RNG's state: the JSON-able ones (Python, NumPy) and the tensors (torch, CUDA)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    plain = {"python": [version, list(internal), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
+    tensors = {"rng/torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors.update({f"rng/cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return plain, tensors
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(plain: dict, tensors: dict[str, torch.Tensor]) -> None:
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["rng/torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda/")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
@@ -208,12 +231,81 @@ def latest_checkpoint(run_dir: str) -> str | None:
     path = os.path.join(run_dir, LATEST)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        name = f.read().strip()
+    with open(path, "rb") as f:
+        name = f.read(64).decode("utf-8", "replace").strip()
     folder = os.path.join(run_dir, name)
-    if not os.path.isfile(os.path.join(folder, "trainer.pt")):
-        raise UserError(f"{path}: names {name}, which is not a whole checkpoint")
+    if not re.fullmatch(r"step-\d{7}", name) or not os.path.isdir(folder):
+        raise UserError(f"{path}: names {name!r}, which is not a checkpoint folder of this run")
+    if not os.path.isfile(os.path.join(folder, TRAINER_JSON)):
+        if os.path.isfile(os.path.join(folder, "trainer.pt")):
+            raise UserError(
+                f"{folder}: written by an older llamactl (trainer.pt, a pickle, which is not loaded: it could run "
+                "code); start a new run"
+            )
+        raise UserError(f"{path}: names {name}, which is not a whole checkpoint (no {TRAINER_JSON})")
     return folder
+
+
+def save_trainer_state(folder: str, state: dict, optim_sd: dict) -> None:
+    """``trainer.json`` and ``trainer.safetensors`` in ``folder``: ``state`` (step, settings ...), the optimizer's
+    state dict (per-parameter tensors by parameter name, hyperparameters as JSON) and every RNG."""
+    rng, tensors = rng_state()
+    for fqn, per_param in optim_sd["state"].items():
+        for key, value in per_param.items():
+            assert isinstance(value, torch.Tensor), f"optimizer state {fqn}.{key} is {type(value).__name__}"
+            tensors[f"optimizer/{fqn}/{key}"] = value
+    write_safetensors(os.path.join(folder, TRAINER_TENSORS), plan_from_tensors(tensors), {"format": TRAINER_FORMAT})
+    doc = {"format": TRAINER_FORMAT, **state, "param_groups": optim_sd["param_groups"], "rng": rng}
+    with atomic_path(os.path.join(folder, TRAINER_JSON)) as tmp, open(tmp, "w") as f:
+        json.dump(doc, f)
+
+
+def load_trainer_state(folder: str) -> dict:
+    """What ``save_trainer_state`` wrote: the state with ``optimizer`` (a state dict) and ``rng_tensors`` added.
+    Damage (a truncated or altered file) is one UserError naming the file."""
+    path = os.path.join(folder, TRAINER_JSON)
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        state = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{path}: damaged trainer state (not JSON: {str(e)[:120]})") from None
+    problem = _trainer_state_problem(state)
+    if problem:
+        raise UserError(f"{path}: damaged trainer state ({problem})")
+    per_param: dict[str, dict[str, torch.Tensor]] = {}
+    rng_tensors = {}
+    for key, t in read_safetensors(os.path.join(folder, TRAINER_TENSORS)).items():
+        if key.startswith("optimizer/"):
+            fqn, _, name = key.removeprefix("optimizer/").rpartition("/")
+            per_param.setdefault(fqn, {})[name] = t
+        elif key.startswith("rng/"):
+            rng_tensors[key] = t
+    if "rng/torch" not in rng_tensors:
+        raise UserError(f"{os.path.join(folder, TRAINER_TENSORS)}: damaged trainer state (no torch RNG state)")
+    # JSON has no tuples; torch's optimizers keep hyperparameters such as betas as tuples
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()} for g in
+              state.pop("param_groups")]  # fmt: skip
+    return {**state, "optimizer": {"state": per_param, "param_groups": groups}, "rng_tensors": rng_tensors}
+
+
+def _trainer_state_problem(state: object) -> str | None:
+    if not isinstance(state, dict) or state.get("format") != TRAINER_FORMAT:
+        return f"no format tag {TRAINER_FORMAT!r}"
+    kinds = {"step": int, "model_args": dict, "settings": dict, "param_groups": list, "rng": dict}
+    for key, kind in kinds.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            return f"{key!r} is missing or not {kind.__name__}"
+    if state["step"] < 0:
+        return f"step {state['step']}"
+    if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in state["param_groups"]):
+        return "'param_groups' are not objects with 'params'"
+    py, nump = state["rng"].get("python"), state["rng"].get("numpy")
+    if not (isinstance(py, list) and len(py) == 3 and isinstance(py[1], list)):
+        return "the Python RNG state is malformed"
+    if not (isinstance(nump, list) and len(nump) == 5 and isinstance(nump[1], list)):
+        return "the NumPy RNG state is malformed"
+    return None
 
 
 def save_checkpoint(
@@ -238,12 +330,12 @@ def save_checkpoint(
     os.makedirs(tmp)
     meta.lineage = {**meta.lineage, "step": step}
     save_plans(os.path.join(tmp, "model.safetensors"), plan_from_tensors(model_sd), meta)
-    torch.save(
-        {**trainer_state, "step": step, "optimizer": optim_sd, "rng": rng_state()}, os.path.join(tmp, "trainer.pt")
-    )
+    save_trainer_state(tmp, {**trainer_state, "step": step}, optim_sd)
     fault_point("checkpoint-written", step)
+    fsync_dir(tmp)  # each file is on disk already (atomic_path); now the folder's entries
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    fsync_dir(run_dir)
     with atomic_path(os.path.join(run_dir, LATEST)) as t, open(t, "w") as f:
         f.write(name + "\n")
     steps = sorted(n for n in os.listdir(run_dir) if n.startswith("step-") and n != name)
@@ -274,8 +366,21 @@ class MetricsLog:
             return
         rows = []
         if resume_step is not None and os.path.isfile(path):
-            with open(path) as f:
-                rows = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+            with open(path, encoding="utf-8", errors="replace") as f:
+                lines = f.read().split("\n")
+            for i, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    step = parse_record(line, f"{path}:{i}").get("step")
+                except UserError:
+                    if i == len(lines):  # the last row, cut short by the crash being resumed from
+                        continue
+                    raise
+                if not isinstance(step, int):
+                    raise UserError(f"{path}:{i}: a metrics row without an integer 'step'")
+                if step <= resume_step:
+                    rows.append(line + "\n")
         with atomic_path(path) as tmp, open(tmp, "w") as f:
             f.writelines(rows)
         self.f = open(path, "a")  # noqa: SIM115 - open for the run's lifetime

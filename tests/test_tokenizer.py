@@ -98,5 +98,5 @@ def test_train_bpe_behaves_like_llama2(trained, llama):
 
 
 def test_train_bpe_vocab_too_large_names_the_limit():
-    with pytest.raises(UserError, match=r"vocabulary size 5000 is more than this text supports: at most \d+"):
+    with pytest.raises(UserError, match=r"--vocab-size 5000 is more than this text supports: at most \d+"):
         train_bpe(["to be or not to be"] * 10, 5000, num_threads=1)

@@ -24,7 +24,9 @@ class ConvertConfig:
     argv: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
+        from llamactl.checkpoint import parse_size
         from llamactl.convert import FORMATS
+        from llamactl.files import check_output, input_problem, overlaps, same_file
 
         problems = []
         if self.info and (self.output or self.to != "llamactl" or self.dtype != "keep" or self.shard_size != "5GB"):
@@ -37,10 +39,25 @@ class ConvertConfig:
             problems.append(f"--to {self.to!r} is not one of llamactl, hf")
         if self.dtype not in DTYPE_CHOICES:
             problems.append(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
-        if self.output and self.to == "llamactl" and not self.output.endswith(".safetensors"):
-            problems.append(f"-o {self.output}: a llamactl checkpoint is a .safetensors file")
-        if self.tokenizer and not os.path.isfile(self.tokenizer):
-            problems.append(f"--tokenizer {self.tokenizer}: no such file")
+        if self.output:
+            if problem := check_output(self.output, "-o/--output", directory=self.to == "hf"):
+                problems.append(problem)
+            elif self.to == "llamactl" and not self.output.endswith(".safetensors"):
+                problems.append(f"-o {self.output}: a llamactl checkpoint is a .safetensors file")
+            else:
+                inputs = [("", f) for f in _input_files(self.src)] + [("--tokenizer", self.tokenizer or "")]
+                problems += overlaps([("-o/--output", self.output)], inputs)
+                if self.to == "hf":  # the export rewrites its directory's weight, config and tokenizer files
+                    inside = [p for _, p in inputs if p and same_file(os.path.dirname(os.path.abspath(p)), self.output)]
+                    problems += [
+                        f"-o/--output {self.output} holds the input {p}; export to another directory" for p in inside
+                    ]
+        if self.tokenizer is not None and (problem := input_problem(self.tokenizer, "tokenizer file", True)):
+            problems.append(f"--tokenizer {problem}")
+        try:
+            parse_size(self.shard_size)
+        except UserError as e:
+            problems.append(str(e))
         if problems:
             raise UserError("; ".join(problems))
 
@@ -59,7 +76,7 @@ def describe(src, path: str) -> str:
     if src.tokenizer is not None:
         from llamactl.tokenizer import Tokenizer
 
-        tok = Tokenizer(src.tokenizer)
+        tok = Tokenizer(src.tokenizer, path)
         lines.append(f"tokenizer    SentencePiece, {tok.vocab_size} pieces, bos={tok.bos_id} eos={tok.eos_id}")
     else:
         lines.append("tokenizer    none (attach one with convert --tokenizer)")
@@ -120,6 +137,14 @@ def run(cfg: ConvertConfig) -> list[str]:
     inputs = source_files(cfg.src) + ([cfg.tokenizer] if cfg.tokenizer else [])
     lineage = make_lineage("convert", cfg.argv or sys.argv[1:], inputs, parent=src.lineage or None)
     return cv.save_plans(cfg.output, src.plans, CheckpointMeta(src.args, src.tokenizer, lineage), shard_size)
+
+
+def _input_files(src: str) -> list[str]:
+    """The files SRC stands for, for the check that the output is none of them (nothing, where SRC is not there)."""
+    try:
+        return [src, *source_files(src)]
+    except (UserError, OSError):
+        return [src]
 
 
 def source_files(src: str) -> list[str]:

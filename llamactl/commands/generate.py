@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from llamactl.errors import UserError
 
+BATCH_WAIT_S = 0.05  # how long a batch waits for more records from input that arrives over time (a pipe)
+
 
 @dataclass
 class GenerateConfig:
@@ -23,6 +25,8 @@ class GenerateConfig:
     dtype: str = "auto"
 
     def validate(self) -> None:
+        from llamactl.files import check_output, overlaps
+
         problems = []
         if self.max_new_tokens < 1:
             problems.append(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
@@ -34,35 +38,36 @@ class GenerateConfig:
             problems.append(f"--top-k must be >= 0, got {self.top_k}")
         if self.batch_size < 1:
             problems.append(f"--batch-size must be at least 1, got {self.batch_size}")
+        if problem := check_output(self.output, "-o/--output"):
+            problems.append(problem)
+        inputs = [("-i/--input", self.input), ("-m/--model", self.model), ("-m/--model", self.model + ".index.json")]
+        problems += overlaps([("-o/--output", self.output)], inputs)
         if problems:
             raise UserError("; ".join(problems))
 
 
-def read_prompts(path: str, tokenizer, vocab_size: int, max_len: int) -> list[tuple[dict, list[int]]]:
-    """Every record with its prompt ids, all checked before any generation starts (so bad input writes nothing)."""
-    from llamactl.jsonl import display_name, field, read_jsonl
+def prompt_ids(rec: dict, where: str, tokenizer, vocab_size: int, max_len: int, writes: tuple[str, ...]) -> list[int]:
+    """The prompt of one record as token ids, checked; ``writes``: the fields the result adds, refused on input."""
+    from llamactl.jsonl import check_free, field
 
-    records = []
-    for lineno, rec in read_jsonl(path):
-        where = f"{display_name(path)}:{lineno}"
-        if ("prompt" in rec) == ("tokens" in rec):
-            raise UserError(f"{where}: give exactly one of the fields 'prompt' (text) and 'tokens' (ids)")
-        if "prompt" in rec:
-            text = field(rec, "prompt", str, where)
-            if tokenizer is None:
-                raise UserError(f"{where}: field 'prompt' needs a tokenizer, and the model has none; send 'tokens'")
-            ids = tokenizer.encode(text, bos=True)
-        else:
-            ids = field(rec, "tokens", list, where)
-            if not ids:
-                raise UserError(f"{where}: field 'tokens' is empty")
-            bad = [t for t in ids if type(t) is not int or not 0 <= t < vocab_size]
-            if bad:
-                raise UserError(f"{where}: field 'tokens' holds {bad[0]!r}, not a token id in [0, {vocab_size})")
-        if len(ids) >= max_len:
-            raise UserError(f"{where}: prompt of {len(ids)} tokens leaves no room in the context of {max_len}")
-        records.append((rec, ids))
-    return records
+    if ("prompt" in rec) == ("tokens" in rec):
+        raise UserError(f"{where}: give exactly one of the fields 'prompt' (text) and 'tokens' (ids)")
+    check_free(rec, writes, where)
+    if "prompt" in rec:
+        text = field(rec, "prompt", str, where)
+        if tokenizer is None:
+            raise UserError(f"{where}: field 'prompt' needs a tokenizer, and the model has none; send 'tokens'")
+        ids = tokenizer.encode(text, bos=True)
+    else:
+        ids = field(rec, "tokens", list, where)
+        if not ids:
+            raise UserError(f"{where}: field 'tokens' is empty")
+        bad = [t for t in ids if type(t) is not int or not 0 <= t < vocab_size]
+        if bad:
+            raise UserError(f"{where}: field 'tokens' holds {bad[0]!r}, not a token id in [0, {vocab_size})")
+    if len(ids) >= max_len:
+        raise UserError(f"{where}: prompt of {len(ids)} tokens leaves no room in the context of {max_len}")
+    return ids
 
 
 def continuation(tokenizer, prompt: list[int], new: list[int]) -> str:
@@ -74,16 +79,22 @@ def continuation(tokenizer, prompt: list[int], new: list[int]) -> str:
 
 
 def run(cfg: GenerateConfig) -> int:
-    """Generate for every input record; returns the number of records written."""
+    """Generate for every input record; returns the number of records written.
+
+    Records are processed as they arrive: a batch is up to --batch-size records, or fewer when the input has had
+    nothing new for ``BATCH_WAIT_S``, and each batch's results are written and flushed before the next is read. A
+    regular file is read and checked whole first, so that a bad record in it writes nothing.
+    """
     import time
 
     import torch
-    from tqdm import tqdm
 
     from llamactl.checkpoint import load_model
+    from llamactl.config import check_memory, kv_cache_bytes
     from llamactl.device import resolve_device, resolve_dtype
     from llamactl.generate import SamplingParams, generate, pack_for_cpu_decode
-    from llamactl.jsonl import dumps, open_output
+    from llamactl.jsonl import batches, display_name, dumps, open_output, read_jsonl, streams
+    from llamactl.progress import progress
     from llamactl.tokenizer import Tokenizer
 
     cfg.validate()
@@ -94,14 +105,26 @@ def run(cfg: GenerateConfig) -> int:
         raise UserError(f"{cfg.model}: has a scalar (reward/value) head, not a language-model head to generate with")
     pack_for_cpu_decode(model)
     tokenizer = Tokenizer(meta.tokenizer, cfg.model) if meta.tokenizer is not None else None
-    records = read_prompts(cfg.input, tokenizer, model.args.vocab_size, model.args.max_seq_len)
+    writes = ("finish_reason",) + (("completion",) if tokenizer else ()) + (("logprobs",) if cfg.logprobs else ())
+    name, vocab, max_len = display_name(cfg.input), model.args.vocab_size, model.args.max_seq_len
+    prompts = (
+        None if item is None else (item[1], prompt_ids(item[1], f"{name}:{item[0]}", tokenizer, vocab, max_len, writes))
+        for item in read_jsonl(cfg.input, wait=BATCH_WAIT_S)
+    )
+    total = None
+    if not streams(cfg.input):
+        listed = list(prompts)
+        prompts, total = iter(listed), len(listed)
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.logprobs)
     eos = tokenizer.eos_id if tokenizer is not None else 2  # Llama's EOS id when no tokenizer says otherwise
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    n_tokens, t0 = 0, time.perf_counter()
-    with open_output(cfg.output) as out, tqdm(total=len(records), unit="seq", desc="generate", leave=False) as bar:
-        for s in range(0, len(records), cfg.batch_size):
-            chunk = records[s : s + cfg.batch_size]
+    n_records = n_tokens = 0
+    t0 = time.perf_counter()
+    with open_output(cfg.output) as out, progress("generate", "seq", total=total) as bar:
+        for chunk in batches(prompts, cfg.batch_size):
+            longest = min(max(len(ids) for _, ids in chunk) + cfg.max_new_tokens, max_len)
+            cache = kv_cache_bytes(model.args, len(chunk), longest, dtype)
+            check_memory(cache, f"the KV cache of {len(chunk)} x {longest} tokens", cfg.model, device)
             results = generate(model, [ids for _, ids in chunk], params, eos, gen)
             for (rec, ids), res in zip(chunk, results, strict=True):
                 new = res.tokens[:-1] if res.finish_reason == "eos" else res.tokens
@@ -115,6 +138,7 @@ def run(cfg: GenerateConfig) -> int:
                 out.write(dumps(result) + "\n")
                 n_tokens += len(res.tokens)
             out.flush()
+            n_records += len(chunk)
             bar.update(len(chunk))
             bar.set_postfix(tok_s=f"{n_tokens / (time.perf_counter() - t0):.1f}")
-    return len(records)
+    return n_records

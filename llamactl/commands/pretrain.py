@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import signal
 import sys
 import time
@@ -61,37 +61,37 @@ class PretrainConfig:
             problems.append(f"--distributed {self.distributed!r} is not one of ddp, fsdp")
         if self.dtype not in ("auto", "fp32", "bf16"):
             problems.append(f"--dtype {self.dtype!r}: training runs in fp32 or bf16 autocast (auto picks)")
+        from llamactl.config import parse_override
+        from llamactl.files import check_output, overlaps
+        from llamactl.model import PRESETS
+
         for o in self.overrides:
-            if "=" not in o:
-                problems.append(f"--set {o!r}: write key=value")
+            try:
+                parse_override(o)
+            except UserError as e:
+                problems.append(str(e))
+        if self.preset not in PRESETS:
+            problems.append(f"--preset {self.preset!r} is not one of {', '.join(PRESETS)}")
+        if problem := check_output(self.output, "-o/--output", directory=True):
+            problems.append(problem)
+        problems += overlaps([("-o/--output", self.output)], [("", self.data)])
         if problems:
             raise UserError("; ".join(problems))
 
 
 def model_args(cfg: PretrainConfig, vocab_size: int):
-    import json
+    """The preset with the --set fields (typed and checked), the shards' vocabulary, and room for --seq-len."""
+    from llamactl.config import model_args as checked_args
+    from llamactl.config import parse_override
+    from llamactl.model import PRESETS
 
-    from llamactl.model import ModelArgs, preset
-
-    values = {}
-    for o in cfg.overrides:
-        key, raw = o.split("=", 1)
-        try:
-            values[key] = json.loads(raw)
-        except ValueError:
-            values[key] = raw
-    if type(values.get("vocab_size")) is int and values["vocab_size"] < vocab_size:
+    values = dict(parse_override(o) for o in cfg.overrides)
+    if values.get("vocab_size", vocab_size) < vocab_size:
         raise UserError(f"--set vocab_size={values['vocab_size']} is smaller than the tokenizer's {vocab_size}")
     values.setdefault("vocab_size", vocab_size)
-    try:
-        args = preset(cfg.preset, **values)
-    except TypeError as e:
-        raise UserError(f"--set: {e}") from None
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    if cfg.seq_len > args.max_seq_len:
-        args = ModelArgs(**{**args.to_dict(), "max_seq_len": cfg.seq_len})
-    return args
+    values = {**PRESETS[cfg.preset], **values}
+    values["max_seq_len"] = max(values.get("max_seq_len", 4096), cfg.seq_len)
+    return checked_args(values, f"--preset {cfg.preset}" + (" with --set" if cfg.overrides else ""))
 
 
 def run_settings(cfg: PretrainConfig, global_tokens: int) -> dict:
@@ -147,13 +147,14 @@ def run(cfg: PretrainConfig) -> dict:
     import math
 
     import torch
-    from tqdm import tqdm
 
     from llamactl import train as T
     from llamactl.checkpoint import CheckpointMeta, load_tensors, make_lineage
+    from llamactl.config import check_memory, rope_bytes
     from llamactl.device import bf16_supported, resolve_device, seed_everything
-    from llamactl.jsonl import atomic_path
+    from llamactl.files import link_or_copy
     from llamactl.model import Transformer
+    from llamactl.progress import progress
     from llamactl.shards import INDEX_NAME, open_shards
 
     cfg.validate()
@@ -191,14 +192,9 @@ def run(cfg: PretrainConfig) -> dict:
     if d.main:
         T.clean_partial(cfg.output)
 
-    seed_everything(cfg.seed)
-    model = Transformer(args)
-    model.init_weights(cfg.seed)
-    model.grad_checkpointing = cfg.activation_checkpointing
-    model.to(device)
     start_step, state = 0, None
     if ckpt:
-        state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=False)
+        state = T.load_trainer_state(ckpt)
         if state["model_args"] != args.to_dict():
             raise UserError(f"{ckpt}: was trained with another model config than this command asks for")
         changed = [k for k, v in run_settings(cfg, global_tokens).items() if state["settings"].get(k) != v]
@@ -206,12 +202,28 @@ def run(cfg: PretrainConfig) -> dict:
             was = ", ".join(f"--{k.replace('_', '-')} {state['settings'].get(k)}" for k in changed)
             raise UserError(f"{ckpt}: resume with the flags the run started with ({was})")
         start_step = state["step"]
+        if start_step >= cfg.steps:
+            return _finished(cfg, ckpt, start_step, d.main)
+
+    # parameters, gradients and AdamW's two moments in fp32, and the rotary tables, before any is allocated
+    need = 16 * args.num_params() // d.world + rope_bytes(args)
+    check_memory(need, f"training {args.num_params():,} parameters", f"--preset {cfg.preset}", device)
+    seed_everything(cfg.seed)
+    model = Transformer(args)
+    model.init_weights(cfg.seed)
+    model.grad_checkpointing = cfg.activation_checkpointing
+    model.to(device)
     wrapped = T.wrap_model(model, cfg.distributed, d, device)
     optim = T.make_optimizer(model, lr, cfg.weight_decay, fused=not (d.world > 1 and cfg.distributed == "fsdp"))
     if state is not None:
         model_sd = load_tensors(os.path.join(ckpt, "model.safetensors"))
-        T.load_full_state(wrapped, optim, model_sd, state["optimizer"], d)
-        T.set_rng_state(state["rng"])
+        try:
+            T.load_full_state(wrapped, optim, model_sd, state["optimizer"], d)
+            T.set_rng_state(state["rng"], state["rng_tensors"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise UserError(
+                f"{ckpt}: the trainer state does not fit this run ({str(e).splitlines()[0][:160]})"
+            ) from None
     forward = torch.compile(wrapped) if cfg.compile else wrapped
 
     tok = data.load_tokenizer()
@@ -227,7 +239,7 @@ def run(cfg: PretrainConfig) -> dict:
     def on_signal(signum, frame):
         stop["signal"] = signum
 
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
@@ -248,7 +260,7 @@ def run(cfg: PretrainConfig) -> dict:
         T.save_checkpoint(cfg.output, step, wrapped, optim, meta, trainer_state, d, cfg.keep)
 
     last = {"loss": float("nan"), "val_loss": None}
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="pretrain", unit="step", disable=not d.main, leave=False)
+    bar = progress("pretrain", "step", total=cfg.steps, initial=start_step, disable=not d.main)
     step = start_step
     try:
         model.train()
@@ -323,10 +335,31 @@ def run(cfg: PretrainConfig) -> dict:
         base = f" (unigram baseline {baseline:.4f})" if baseline is not None else ""
         print(f"llamactl pretrain: step {step}, train loss {last['loss']:.4f}{val}{base}", file=sys.stderr)
     if d.main:  # the final model beside the run's checkpoints: a hard link, no second copy
-        with atomic_path(os.path.join(cfg.output, "model.safetensors")) as tmp:
-            os.unlink(tmp)
-            try:
-                os.link(os.path.join(final, "model.safetensors"), tmp)
-            except OSError:
-                shutil.copyfile(os.path.join(final, "model.safetensors"), tmp)
+        link_or_copy(os.path.join(final, "model.safetensors"), os.path.join(cfg.output, "model.safetensors"))
     return {"step": step, "checkpoint": final, **last}
+
+
+def _finished(cfg: PretrainConfig, ckpt: str, step: int, main: bool) -> dict:
+    """--resume of a run that has done its --steps: say so with its last losses, and make sure its model is out."""
+    import json
+
+    from llamactl.files import link_or_copy
+
+    last: dict = {"loss": None, "val_loss": None}
+    metrics = os.path.join(cfg.output, "metrics.jsonl")
+    if os.path.isfile(metrics):
+        with open(metrics, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                with contextlib.suppress(ValueError, AttributeError):
+                    row = json.loads(line)
+                    last.update({k: row[k] for k in ("loss", "val_loss") if isinstance(row.get(k), (int, float))})
+    if main:
+        link_or_copy(os.path.join(ckpt, "model.safetensors"), os.path.join(cfg.output, "model.safetensors"))
+        losses = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in last.items() if v is not None)
+        print(
+            f"llamactl pretrain: {cfg.output} is complete at step {step} of {cfg.steps}"
+            + (f" (last {losses})" if losses else "")
+            + "; nothing to do (a longer run needs a new -o)",
+            file=sys.stderr,
+        )
+    return {"step": step, "checkpoint": ckpt, **last}

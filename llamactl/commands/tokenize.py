@@ -17,12 +17,14 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 
 from llamactl.errors import UserError
-from llamactl.jsonl import parse_record
+from llamactl.files import check_output, input_problem, overlaps
+from llamactl.files import display_name as _display
+from llamactl.jsonl import check_free, parse_record, read_chunks
 
 if TYPE_CHECKING:
     from concurrent.futures import ProcessPoolExecutor
@@ -45,22 +47,17 @@ def _input_kind(path: str, fmt: str) -> str:
     return "jsonl" if path == "-" or path.endswith(".jsonl") else "text"
 
 
-def _check_inputs(inputs: list[str], problems: list[str]) -> None:
+def _check_paths(inputs: list[str], tokenizer: str | None, output: str | None, problems: list[str]) -> None:
+    """The inputs exist and are files, the output can be written and is none of the inputs."""
     if not inputs:
         problems.append("no input given")
     if inputs.count("-") > 1:
         problems.append("stdin (-) can be read only once")
-    for path in inputs:
-        if path != "-" and not os.path.isfile(path):
-            problems.append(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file")
-
-
-def _display(path: str) -> str:
-    return "<stdin>" if path == "-" else path
-
-
-def _open_binary(path: str) -> BinaryIO:
-    return sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115 - closed by the caller
+    problems += [p for path in inputs if path != "-" and (p := input_problem(path, "file", stream_ok=True))]
+    if output is not None:
+        problems += [p for p in [check_output(output, "-o/--output")] if p]
+        named = [("", p) for p in inputs] + ([("-t/--tokenizer", tokenizer)] if tokenizer else [])
+        problems += overlaps([("-o/--output", output)], named)
 
 
 def _decode_text(data: bytes, name: str, lineno: int) -> str:
@@ -77,34 +74,29 @@ def _decode_text(data: bytes, name: str, lineno: int) -> str:
     return text
 
 
-def _blocks(path: str, cut: Callable[[bytearray], int]) -> Iterator[tuple[int, bytes]]:
-    """(first line number, bytes) blocks of about BLOCK_BYTES, each cut where ``cut`` says (-1: read on)."""
-    size = BLOCK_BYTES
-    stream = _open_binary(path)
-    try:
-        buf = bytearray()
-        lineno = 1
-        while True:
-            data = stream.read1(size) if hasattr(stream, "read1") else stream.read(size)
-            if data:
-                buf += data
-                if len(buf) < size:
-                    continue
-                k = cut(buf)
-                if k <= 0:
-                    continue
-            else:
-                k = len(buf)
-            if k:
-                block = bytes(buf[:k])
-                del buf[:k]
-                yield lineno, block
-                lineno += block.count(b"\n")
-            if not data:
-                return
-    finally:
-        if stream is not sys.stdin.buffer:
-            stream.close()
+def _blocks(path: str, cut: Callable[[bytearray], int]) -> Iterator[tuple[int, bytes] | None]:
+    """(first line number, bytes) blocks of about BLOCK_BYTES, each cut where ``cut`` says (-1: read on).
+
+    Input that arrives slowly (a pipe) is cut at the last place it can be whenever nothing more is there to read,
+    and None then marks that the next read waits: results so far can go out first.
+    """
+    buf = bytearray()
+    lineno = 1
+    for data in read_chunks(path, BLOCK_BYTES, wait=0.0):
+        if data is not None:
+            buf += data
+            if len(buf) < BLOCK_BYTES:
+                continue
+        k = cut(buf)
+        if k > 0:
+            block = bytes(buf[:k])
+            del buf[:k]
+            yield lineno, block
+            lineno += block.count(b"\n")
+        if data is None:
+            yield None
+    if buf:
+        yield lineno, bytes(buf)
 
 
 def _cut_after_line(buf: bytearray) -> int:
@@ -142,12 +134,6 @@ def split_documents(text: str, doc_split: str) -> list[str]:
     return docs
 
 
-def _check_free(rec: dict, keys: Iterable[str], source: str, where: str) -> None:
-    for key in keys:
-        if key != source and key in rec:
-            raise UserError(f"{where}: already has a {key!r} field; it would be overwritten")
-
-
 # ---------------------------------------------------------------------------------------------------------- train
 
 
@@ -164,21 +150,20 @@ class TrainConfig:
 
     def validate(self) -> None:
         problems: list[str] = []
-        _check_inputs(self.inputs, problems)
+        _check_paths(self.inputs, None, self.output, problems)
         if self.format not in FORMATS:
             problems.append(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         elif self.field is not None and all(_input_kind(p, self.format) != "jsonl" for p in self.inputs):
             problems.append("--field names the text field of JSONL input, and no input is JSONL")
         if self.vocab_size < 260:
             problems.append(f"--vocab-size must be at least 260 (3 special + 256 byte pieces), got {self.vocab_size}")
-        if not 0 < self.character_coverage <= 1:
-            problems.append(f"--character-coverage must be in (0, 1], got {self.character_coverage}")
-        if self.max_sentence_length < 1:
-            problems.append(f"--max-sentence-length must be at least 1, got {self.max_sentence_length}")
-        if self.threads < 0:
-            problems.append(f"--threads must be >= 0 (0: all cores), got {self.threads}")
-        if os.path.isdir(self.output):
-            problems.append(f"--output {self.output} is a directory; give a file name such as tokenizer.model")
+        # SentencePiece's own bounds, said in our flags' names before it starts
+        if not 0.98 <= self.character_coverage <= 1:
+            problems.append(f"--character-coverage must be in [0.98, 1], got {self.character_coverage}")
+        if not 10 <= self.max_sentence_length <= 1 << 30:
+            problems.append(f"--max-sentence-length must be in [10, 2^30], got {self.max_sentence_length}")
+        if not 0 <= self.threads <= 1024:
+            problems.append(f"--threads must be in [0, 1024] (0: all cores), got {self.threads}")
         if problems:
             raise UserError("; ".join(problems))
 
@@ -195,7 +180,7 @@ def _training_lines(cfg: TrainConfig) -> Iterator[str]:
             for lineno, rec in read_jsonl(path):
                 yield from filter(None, get_field(rec, key, str, f"{name}:{lineno}").split("\n"))
         else:
-            for lineno, block in _blocks(path, _cut_after_line):
+            for lineno, block in filter(None, _blocks(path, _cut_after_line)):
                 yield from filter(None, _decode_text(block, name, lineno).split("\n"))
 
 
@@ -222,7 +207,7 @@ def run_train(cfg: TrainConfig) -> dict:
         cfg.vocab_size,
         character_coverage=cfg.character_coverage,
         max_sentence_length=cfg.max_sentence_length,
-        num_threads=cfg.threads or None,
+        num_threads=cfg.threads or min(os.cpu_count() or 1, 1024),
     )
     with atomic_path(cfg.output) as tmp, open(tmp, "wb") as f:
         f.write(tokenizer.model_bytes)
@@ -265,7 +250,9 @@ class EncodeConfig:
 
     def validate(self) -> None:
         problems: list[str] = []
-        _check_inputs(self.inputs, problems)
+        _check_paths(self.inputs, self.tokenizer, self.output if self.out is None else None, problems)
+        if self.out is not None:
+            problems += [p for p in [check_output(self.out, "--out", directory=True)] if p]
         kinds = {_input_kind(p, self.format) for p in self.inputs} if self.format in FORMATS else set()
         if self.format not in FORMATS:
             problems.append(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
@@ -349,7 +336,7 @@ class _Encoder:
         docs = [get_field(rec, key, str, w) for rec, w in zip(records, where, strict=True)]
         if not self.job.shards:
             for rec, w in zip(records, where, strict=True):
-                _check_free(rec, ("tokens",), key, w)
+                check_free(rec, ("tokens",), w, key)
                 del rec[key]
         return self._finish(self.tok.encode_batch(docs, self.job.bos, self.job.eos), records)
 
@@ -378,7 +365,7 @@ class _Encoder:
         lines, num_tokens = [], 0
         for rec, w in zip(records, where, strict=True):
             messages = get_field(rec, key, list, w)
-            _check_free(rec, ("tokens", "mask"), key, w)
+            check_free(rec, ("tokens", "mask"), w, key)
             try:
                 dialog = encode_dialog(self.tok, messages)
             except DialogError as e:
@@ -394,6 +381,9 @@ _WORKER: _Encoder | None = None
 
 def _init_worker(job: _Job) -> None:
     global _WORKER
+    from llamactl.files import default_signals
+
+    default_signals()
     _WORKER = _Encoder(job)
 
 
@@ -427,17 +417,17 @@ def _process_pool(job: _Job, workers: int) -> ProcessPoolExecutor:
 
 
 def _ordered_results(
-    job: _Job, chunks: Iterator[tuple[str, str, int, bytes]], pool: ProcessPoolExecutor | None, workers: int
+    job: _Job, chunks: Iterator[tuple[str, str, int, bytes] | None], pool: ProcessPoolExecutor | None, workers: int
 ) -> Iterator[_Result]:
     """Results of ``chunks`` in input order, over the ``workers`` processes of ``pool`` (None: in this process),
-    with at most two blocks a worker in flight.
+    with at most two blocks a worker in flight; a None chunk (the input is waiting) lets every result out first.
 
     An input error found while reading ahead is raised only after the blocks before it are out, so the output and
     the error are the same whatever the number of workers.
     """
     if pool is None:
         encoder = _Encoder(job)
-        for chunk in chunks:
+        for chunk in filter(None, chunks):
             yield encoder(chunk)
         return
     pending: deque = deque()
@@ -451,6 +441,10 @@ def _ordered_results(
                 while pending:
                     yield pending.popleft().result()
                 raise
+            if chunk is None:
+                while pending:
+                    yield pending.popleft().result()
+                continue
             pending.append(pool.submit(_encode_in_worker, chunk))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().result()
@@ -461,7 +455,7 @@ def _ordered_results(
             future.cancel()
 
 
-def _chunks(cfg: EncodeConfig) -> Iterator[tuple[str, str, int, bytes]]:
+def _chunks(cfg: EncodeConfig) -> Iterator[tuple[str, str, int, bytes] | None]:
     for path in cfg.inputs:
         kind = _input_kind(path, cfg.format)
         if kind == "jsonl":
@@ -470,8 +464,8 @@ def _chunks(cfg: EncodeConfig) -> Iterator[tuple[str, str, int, bytes]]:
             cut = {"paragraph": _cut_after_blank_line, "line": _cut_after_line, "file": _cut_never}[
                 cfg.doc_split or "paragraph"
             ]
-        for lineno, block in _blocks(path, cut):
-            yield _display(path), kind, lineno, block
+        for item in _blocks(path, cut):
+            yield None if item is None else (_display(path), kind, *item)
 
 
 def _val_selector(fraction: float) -> Callable[[np.ndarray], np.ndarray]:
@@ -497,9 +491,8 @@ def _plural(n: int, word: str) -> str:
 
 def run_encode(cfg: EncodeConfig) -> dict:
     """Encode the inputs to JSONL or to token shards; returns the counts it reports."""
-    from tqdm import tqdm
-
     from llamactl.jsonl import open_output
+    from llamactl.progress import progress
     from llamactl.shards import DEFAULT_SHARD_TOKENS, ShardWriter
     from llamactl.tokenizer import Tokenizer
 
@@ -526,9 +519,7 @@ def run_encode(cfg: EncodeConfig) -> dict:
             stream = stack.enter_context(open_output(cfg.output))
         # The pool starts before the bar does, while this process runs no other thread (see _process_pool).
         pool = stack.enter_context(_process_pool(job, cfg.workers)) if cfg.workers > 1 else None
-        bar = stack.enter_context(
-            tqdm(desc="encode", unit="tok", unit_scale=True, disable=None, leave=False, file=sys.stderr)
-        )
+        bar = stack.enter_context(progress("encode", "tok", unit_scale=True))
         results = stack.enter_context(contextlib.closing(_ordered_results(job, _chunks(cfg), pool, cfg.workers)))
         for r in results:
             counts["documents"] += r.num_docs
@@ -538,6 +529,7 @@ def run_encode(cfg: EncodeConfig) -> dict:
                 _add_to_shards(writer, r, counts["documents"] - r.num_docs, cfg.val_fraction)
             else:
                 stream.write(r.text)
+                stream.flush()  # a block of 64 KiB of input at most: results go out as the input comes in
         if shards and writer.num_docs("train") == 0:
             n = counts["documents"]
             raise UserError(f"{'no documents' if not n else f'all {n} documents went to val'}: nothing to write")
@@ -587,7 +579,7 @@ class DecodeConfig:
 
     def validate(self) -> None:
         problems: list[str] = []
-        _check_inputs(self.inputs, problems)
+        _check_paths(self.inputs, self.tokenizer, self.output, problems)
         if not self.field:
             problems.append("--field must name the output field")
         if self.field == "tokens":
@@ -598,10 +590,9 @@ class DecodeConfig:
 
 def run_decode(cfg: DecodeConfig) -> dict:
     """``{"tokens": [...]}`` records back to text in ``cfg.field``, other fields passed through."""
-    from tqdm import tqdm
-
     from llamactl.jsonl import dumps, open_output, read_jsonl
     from llamactl.jsonl import field as get_field
+    from llamactl.progress import progress
     from llamactl.tokenizer import Tokenizer
 
     cfg.validate()
@@ -609,18 +600,19 @@ def run_decode(cfg: DecodeConfig) -> dict:
     vocab = tokenizer.vocab_size
     start = time.perf_counter()
     n_records = n_tokens = 0
-    with (
-        open_output(cfg.output) as f,
-        tqdm(desc="decode", unit="tok", unit_scale=True, disable=None, leave=False, file=sys.stderr) as bar,
-    ):
+    with open_output(cfg.output) as f, progress("decode", "tok", unit_scale=True) as bar:
         for path in cfg.inputs:
-            for lineno, rec in read_jsonl(path):
+            for item in read_jsonl(path, wait=0.0):
+                if item is None:  # the input is waiting: what is decoded so far goes out
+                    f.flush()
+                    continue
+                lineno, rec = item
                 where = f"{_display(path)}:{lineno}"
                 ids = get_field(rec, "tokens", list, where)
                 for j, t in enumerate(ids):
                     if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
                         raise UserError(f"{where}: field 'tokens'[{j}] is {t!r}, not a token id in [0, {vocab})")
-                _check_free(rec, (cfg.field,), "tokens", where)
+                check_free(rec, (cfg.field,), where, "tokens")
                 del rec["tokens"]
                 rec[cfg.field] = tokenizer.decode(ids)
                 f.write(dumps(rec) + "\n")
