@@ -275,10 +275,12 @@ def section_decode(out: str, new_tokens: int) -> None:
 
     for mode in ("triton", "ref"):
         os.environ["LLAMACTL_KERNELS"] = mode
-        one, many = _cuda_time(ours(1)), _cuda_time(ours(new_tokens + 1))
+        one, many = _cuda_time(ours(1), repeats=2), _cuda_time(ours(new_tokens + 1), repeats=2)
         tokens[f"llamactl-{mode}"] = ours(new_tokens)()[0].tokens
         logits[f"llamactl-{mode}"] = prompt_logits()
         rows.append((f"llamactl ({mode} kernels)", len(prompt) / one, new_tokens / (many - one)))
+        print(f"llamactl {mode}: prefill {rows[-1][1]:,.0f} tok/s, decode {rows[-1][2]:.1f} tok/s", file=sys.stderr)
+        sys.stderr.flush()
     os.environ["LLAMACTL_KERNELS"] = "auto"
     try:
         hf = _hf_from(model)
@@ -288,7 +290,7 @@ def section_decode(out: str, new_tokens: int) -> None:
             return lambda: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
         with torch.inference_mode():
-            one, many = _cuda_time(theirs(1)), _cuda_time(theirs(new_tokens + 1))
+            one, many = _cuda_time(theirs(1), repeats=2), _cuda_time(theirs(new_tokens + 1), repeats=2)
             tokens["transformers"] = theirs(new_tokens)()[0, len(prompt) :].tolist()
             logits["transformers"] = hf(ids).logits.float()
         rows.append(("transformers generate (eager, dynamic cache)", len(prompt) / one, new_tokens / (many - one)))
@@ -298,8 +300,8 @@ def section_decode(out: str, new_tokens: int) -> None:
     print(
         f"Batch-1 greedy decode, random Llama-2-7B-shaped model in bf16 ({weight_bytes / 1e9:.1f} GB of weights), "
         f"a {len(prompt)}-token prompt, {new_tokens} new tokens; decode tok/s = {new_tokens} / (time of "
-        f"{new_tokens + 1} tokens - time of 1), best of 3. Bandwidth fraction: weight bytes x tok/s over the copy "
-        "bandwidth measured in `env`."
+        f"{new_tokens + 1} tokens - time of 1), best of 2 after a warm-up. Bandwidth fraction: weight bytes x "
+        "tok/s over the copy bandwidth measured in `env`."
     )
     print()
     print("| engine | prefill tok/s | decode tok/s | of copy bandwidth |")
@@ -395,7 +397,7 @@ SECTIONS = {  # name -> (title, timeout s, least time left to start it)
     "tests": ("Kernel tests on CUDA", 170, 60),
     "kernels": ("Kernels at Llama-2-7B shapes (bf16)", 120, 45),
     "train": ("Training steps, 1.1B preset", 150, 60),
-    "decode": ("Decode, 7B-shaped model, batch 1", 100, 45),
+    "decode": ("Decode, 7B-shaped model, batch 1", 150, 45),
 }
 
 
@@ -422,7 +424,7 @@ def main() -> None:
     ap.add_argument("--train-preset", default="llama2-1b")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--run-section", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)

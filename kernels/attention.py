@@ -73,8 +73,9 @@ def _attn_fwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     NEG: tl.constexpr = -1.0e30
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)  # int64: b * stride_b passes 2^31 on large batches or caches
+    # (batch x heads) on grid axis 0, whose limit is 2^31 - 1: axis 1 stops at 65535, which B x H passes first.
+    pid_bh = tl.program_id(0).to(tl.int64)  # int64: b * stride_b passes 2^31 on large batches or caches
+    pid_m = tl.program_id(1)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     kvh = h // n_rep  # grouped-query: read the shared K/V head in place, never a repeated copy
@@ -134,8 +135,9 @@ def _attn_bwd_delta_kernel(
     n_heads, t_q, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij, the row term of the softmax gradient.
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)  # int64: b * stride_b passes 2^31 on large batches or caches
+    # (batch x heads) on grid axis 0, whose limit is 2^31 - 1: axis 1 stops at 65535, which B x H passes first.
+    pid_bh = tl.program_id(0).to(tl.int64)  # int64: b * stride_b passes 2^31 on large batches or caches
+    pid_m = tl.program_id(1)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -161,8 +163,8 @@ def _attn_bwd_dkdv_kernel(
     # One program owns a block of keys of one K/V head and loops over every query head of its group, so the dK/dV
     # sums over the group happen in registers: no atomics and no repeated K/V.
     NEG: tl.constexpr = -1.0e30
-    pid_n = tl.program_id(0)
-    pid_bk = tl.program_id(1).to(tl.int64)
+    pid_bk = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
     b = pid_bk // n_kv_heads
     kvh = pid_bk % n_kv_heads
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -227,8 +229,9 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     NEG: tl.constexpr = -1.0e30
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)  # int64: b * stride_b passes 2^31 on large batches or caches
+    # (batch x heads) on grid axis 0, whose limit is 2^31 - 1: axis 1 stops at 65535, which B x H passes first.
+    pid_bh = tl.program_id(0).to(tl.int64)  # int64: b * stride_b passes 2^31 on large batches or caches
+    pid_m = tl.program_id(1)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     kvh = h // n_rep
@@ -353,7 +356,7 @@ def flash_attention_forward(
     # Placeholders for absent optional inputs: pointers the kernel never reads without HAS_SEG / HAS_QSTART.
     seg = _unit_last(segment_ids) if segment_ids is not None else q
     q_start = q_start.contiguous() if q_start is not None else None
-    _attn_fwd_kernel[(cdiv(t_q, bm), B * H)](
+    _attn_fwd_kernel[(B * H, cdiv(t_q, bm))](
         q, k, v, o, lse, seg, q_start if q_start is not None else q,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), o.stride(0), o.stride(1), o.stride(2), seg.stride(0) if segment_ids is not None else 0,
@@ -385,7 +388,7 @@ def flash_attention_backward(
     bm, bn = block_m or bm, block_n or bn
     block_d = max(16, next_pow2(D))
     delta = torch.empty_like(lse)
-    _attn_bwd_delta_kernel[(cdiv(T, bm), B * H)](
+    _attn_bwd_delta_kernel[(B * H, cdiv(T, bm))](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, T, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm,
     )  # fmt: skip
@@ -396,14 +399,14 @@ def flash_attention_backward(
     qk_scale, sm_scale, prec = D**-0.5 * LOG2E, D**-0.5, dot_precision(q.dtype)
     strides_qkv = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     strides_qkv += (v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-    _attn_bwd_dkdv_kernel[(cdiv(T, bn), B * KV)](
+    _attn_bwd_dkdv_kernel[(B * KV, cdiv(T, bn))](
         q, k, v, do, lse, delta, dk, dv, seg, *strides_qkv,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         seg_stride, H, KV, H // KV, T, qk_scale, sm_scale,
         CAUSAL=causal, HAS_SEG=has_seg, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=prec,
         num_warps=warps, num_stages=2,
     )  # fmt: skip
-    _attn_bwd_dq_kernel[(cdiv(T, bm), B * H)](
+    _attn_bwd_dq_kernel[(B * H, cdiv(T, bm))](
         q, k, v, do, lse, delta, dq, seg, *strides_qkv,
         dq.stride(0), dq.stride(1), dq.stride(2),
         seg_stride, H, H // KV, T, qk_scale, sm_scale,

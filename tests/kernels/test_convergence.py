@@ -11,13 +11,14 @@ from llamactl.model import ModelArgs, Transformer
 LOSS_ATOL = 1e-4
 
 
-def _train(steps: int) -> list[float]:
+def _train(steps: int, device: torch.device) -> list[float]:
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32, max_seq_len=64)
     model = Transformer(args)
     model.init_weights(seed=0)
+    model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     # A fixed batch that the model can memorise: the loss falls by an order of magnitude within 30 steps.
-    data = torch.randint(0, 128, (2, 33), generator=torch.Generator().manual_seed(1))
+    data = torch.randint(0, 128, (2, 33), generator=torch.Generator().manual_seed(1)).to(device)
     losses = []
     for _ in range(steps):
         loss = model.loss(data[:, :-1], data[:, 1:])
@@ -28,11 +29,11 @@ def _train(steps: int) -> list[float]:
     return losses
 
 
-def test_losses_match_references(kernels):
+def test_losses_match_references(kernels, device):
     kernels("ref")
-    ref = _train(30)
+    ref = _train(30, device)
     kernels("triton")
-    with_kernels = _train(30)
+    with_kernels = _train(30, device)
     assert ref[-1] < 0.2 * ref[0]  # the run does train
     for step, (a, e) in enumerate(zip(with_kernels, ref, strict=True)):
         assert abs(a - e) <= LOSS_ATOL, f"step {step}: kernels {a:.7f} vs references {e:.7f}"

@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+from llamactl.kernels import attention as attention_module
 from llamactl.kernels import rmsnorm
 from llamactl.kernels.rotary import rotary_tables
 
@@ -32,11 +33,11 @@ def test_unknown_mode_is_an_error(kernels):
 
 
 @pytest.mark.parametrize("mode, expect_kernel", [("ref", False), ("triton", True)])
-def test_mode_forces_implementation(mode, expect_kernel, kernels, monkeypatch):
+def test_mode_forces_implementation(mode, expect_kernel, kernels, monkeypatch, device):
     kernels(mode)
     kernel_calls = _spy(monkeypatch, rmsnorm, "rms_norm_triton")
     torch_calls = _spy(monkeypatch, rmsnorm, "rms_norm_torch")  # the plain-torch path that "ref" selects
-    ops.rms_norm(torch.randn(4, 8), torch.ones(8), 1e-5)
+    ops.rms_norm(torch.randn(4, 8, device=device), torch.ones(8, device=device), 1e-5)
     assert (kernel_calls, torch_calls) == ((["rms_norm_triton"], []) if expect_kernel else ([], ["rms_norm_torch"]))
 
 
@@ -48,9 +49,9 @@ def test_auto_uses_reference_on_cpu(kernels, monkeypatch):
     assert kernel_calls == []
 
 
-def test_forced_kernel_rejects_shape_it_cannot_take(kernels):
+def test_forced_kernel_rejects_shape_it_cannot_take(kernels, device):
     kernels("triton")
-    q = torch.randn(1, 2, 8, 256)  # head dim 256 > 128
+    q = torch.randn(1, 2, 8, 256, device=device)  # head dim 256 > 128
     with pytest.raises(UserError, match="attention kernel cannot take head dim 256"):
         ops.attention(q, q, q)
 
@@ -75,6 +76,28 @@ def test_auto_on_gpu_reports_fallback_once(kernels, monkeypatch, caplog):
     ]
 
 
+def test_auto_on_gpu_runs_sdpa_for_unpacked_attention(kernels, monkeypatch):
+    """auto on a GPU: 16-bit attention without segment ids goes to SDPA (measured faster), packed rows and fp32 to
+    the kernel."""
+    kernels("auto")
+
+    class FakeCuda(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+    kernel_calls = _spy(monkeypatch, attention_module, "attention_triton")
+    monkeypatch.setattr(ops, "attention_triton", lambda *a, **k: kernel_calls.append("attention_triton"))
+    ref_calls = []
+    monkeypatch.setattr(ops, "attention_ref", lambda *a, **k: ref_calls.append("attention_ref"))
+    q = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16).as_subclass(FakeCuda)
+    ops.attention(q, q, q)
+    ops.attention(q, q, q, segment_ids=torch.zeros(1, 8, dtype=torch.long))
+    ops.attention(q.float().as_subclass(FakeCuda), q.float(), q.float())
+    assert ref_calls == ["attention_ref"]
+    assert kernel_calls == ["attention_triton", "attention_triton"]
+
+
 def test_ops_quant_matmul_validates_format(kernels):
     kernels("ref")
     x = torch.randn(2, 64)
@@ -84,21 +107,21 @@ def test_ops_quant_matmul_validates_format(kernels):
         ops.quant_matmul(x, torch.zeros(8, 64, dtype=torch.int8), torch.ones(8), "int3")
 
 
-def test_ops_rotary_with_model_tables(kernels, assert_close):
+def test_ops_rotary_with_model_tables(kernels, assert_close, device):
     """The model's rotary call under both modes, with its own fp32 tables."""
-    cos, sin = rotary_tables(16, 64)
-    x, pos = torch.randn(2, 9, 3, 16), torch.arange(9) + 30
+    cos, sin = (t.to(device) for t in rotary_tables(16, 64))
+    x, pos = torch.randn(2, 9, 3, 16, device=device), torch.arange(9, device=device) + 30
     kernels("ref")
     expected = ops.rotary(x, cos, sin, pos)
     kernels("triton")
     assert_close(ops.rotary(x, cos, sin, pos), expected)
 
 
-def _tiny_model(seed: int = 0, vocab: int = 128) -> Transformer:
+def _tiny_model(device: torch.device, seed: int = 0, vocab: int = 128) -> Transformer:
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, multiple_of=32, max_seq_len=64)
     model = Transformer(args)
     model.init_weights(seed)
-    return model
+    return model.to(device)
 
 
 def _under(kernels, mode, fn):
@@ -106,14 +129,15 @@ def _under(kernels, mode, fn):
     return fn()
 
 
-def test_model_packed_rows_loss_and_grads(kernels, assert_close):
+def test_model_packed_rows_loss_and_grads(kernels, assert_close, device):
     """sft packing through the model: segment ids, per-segment positions and an answer-only mask."""
-    model = _tiny_model()
+    model = _tiny_model(device)
     g = torch.Generator().manual_seed(1)
     tokens, targets = torch.randint(0, 128, (2, 30), generator=g), torch.randint(0, 128, (2, 30), generator=g)
     seg = torch.cat([torch.zeros(2, 12), torch.ones(2, 18)], 1).long()
     positions = torch.cat([torch.arange(12), torch.arange(18)]).expand(2, 30)
     mask = torch.rand(2, 30, generator=g) > 0.5
+    tokens, targets, seg, positions, mask = (t.to(device) for t in (tokens, targets, seg, positions, mask))
 
     def loss_and_grads():
         model.zero_grad()
@@ -128,18 +152,18 @@ def test_model_packed_rows_loss_and_grads(kernels, assert_close):
         assert_close(a, e)
 
 
-def test_model_generation_path(kernels, assert_close):
+def test_model_generation_path(kernels, assert_close, device):
     """Prefill, a multi-token cache step (cached attention) and single-token decode steps, kernels against refs."""
-    model = _tiny_model(seed=2).eval()
+    model = _tiny_model(device, seed=2).eval()
     g = torch.Generator().manual_seed(3)
-    prompt = torch.randint(0, 128, (2, 11), generator=g)
-    steps = torch.randint(0, 128, (2, 6), generator=g)
+    prompt = torch.randint(0, 128, (2, 11), generator=g).to(device)
+    steps = torch.randint(0, 128, (2, 6), generator=g).to(device)
 
     @torch.no_grad()
     def run():
-        cache = KVCache(model.args, batch=2, max_len=40, device="cpu", dtype=torch.float32)
+        cache = KVCache(model.args, batch=2, max_len=40, device=device, dtype=torch.float32)
         outs = [model.hidden(prompt, cache=cache)]
-        start = torch.full((2,), 11)
+        start = torch.full((2,), 11, device=device)
         outs.append(model.hidden(steps[:, :3], cache=cache, start=start))  # T = 3 new tokens: cached attention
         for i in range(3, 6):  # one token at a time: decode attention
             outs.append(model.hidden(steps[:, i : i + 1], cache=cache, start=start + i))

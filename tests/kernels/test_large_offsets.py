@@ -21,7 +21,7 @@ def _randn(*shape):
 
 
 def test_decode_attention_cache_past_2_31():
-    B, H, KV, S, D = 17, 32, 8, 16384, 128  # 17 x 8 x 16384 x 128 = 2.28e9 elements per cache
+    B, H, KV, S, D = 17, 32, 8, 131072, 128  # 17 x 8 x 131072 x 128 = 2.28e9 elements per cache
     assert B * KV * S * D > BIG
     q = _randn(B, H, D)
     kc = torch.empty(B, KV, S, D, device="cuda", dtype=torch.bfloat16)
