@@ -28,11 +28,12 @@ def field_types() -> dict[str, tuple[str, ...]]:
     return names
 
 
-def value_problem(key: str, value: object) -> str | None:
-    """Why ``value`` cannot be the ModelArgs field ``key``, or None."""
+def value_problem(key: str, value: object, shown: str | None = None) -> str | None:
+    """Why ``value`` cannot be the ModelArgs field ``key`` (called ``shown`` where it came from), or None."""
     types = field_types().get(key)
     if types is None:
         return f"{key} is not a model config field (fields: {', '.join(field_types())})"
+    key = shown or key
     if value is None:
         return None if "None" in types else f"{key} must be set, got null"
     ok = (
@@ -50,12 +51,14 @@ def value_problem(key: str, value: object) -> str | None:
     return f"{key} must be {names}, got {value!r}"
 
 
-def model_args(values: dict, source: str) -> ModelArgs:
+def model_args(values: dict, source: str, names: dict[str, str] | None = None) -> ModelArgs:
     """A ModelArgs from outside ``values``; every problem found is named in one UserError that starts with
-    ``source`` (a file, or the flag the values came from)."""
+    ``source`` (a file, or the flag the values came from), each field by its name there (``names``: ours -> theirs,
+    e.g. dim -> hidden_size)."""
     if not isinstance(values, dict):
         raise UserError(f"{source}: a model config is a JSON object, got {type(values).__name__}")
-    problems = [p for k, v in values.items() if (p := value_problem(k, v))]
+    names = names or {}
+    problems = [p for k, v in values.items() if (p := value_problem(k, v, names.get(k)))]
     if problems:
         raise UserError(f"{source}: invalid model config: {'; '.join(problems)}")
     try:

@@ -50,7 +50,7 @@ def detect_format(path: str) -> str:
             return "meta"
         if os.path.isfile(os.path.join(path, "config.json")):
             return "hf"
-        raise UserError(f"{path}: directory holds neither params.json (Meta) nor config.json (Hugging Face)")
+        raise UserError(f"{path}: is a directory without params.json (Meta) or config.json (Hugging Face)")
     if not os.path.isfile(path + ".index.json"):
         require_input(path, "checkpoint file or directory")
     if path.endswith((".safetensors", ".json")) or os.path.isfile(path + ".index.json"):
@@ -234,6 +234,21 @@ def _hf_weight_files(path: str) -> tuple[list[str], str]:
     raise UserError(f"{path}: no model.safetensors or pytorch_model.bin (nor their index) in this directory")
 
 
+# ModelArgs fields and the config.json keys they are read from
+_HF_CONFIG = {
+    "dim": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "vocab_size": "vocab_size",
+    "hidden_dim": "intermediate_size",
+    "norm_eps": "rms_norm_eps",
+    "rope_theta": "rope_theta",
+    "max_seq_len": "max_position_embeddings",
+    "tie_embeddings": "tie_word_embeddings",
+}
+
+
 def read_hf(path: str) -> Source:
     cfg_file = os.path.join(path, "config.json")
     cfg = read_json_object(cfg_file)
@@ -245,23 +260,14 @@ def read_hf(path: str) -> Source:
     architectures = cfg.get("architectures") or []
     if not isinstance(architectures, list):
         raise UserError(f"{cfg_file}: architectures must be a list, got {architectures!r}")
-    try:
-        values = {
-            "dim": cfg["hidden_size"],
-            "n_layers": cfg["num_hidden_layers"],
-            "n_heads": cfg["num_attention_heads"],
-            "n_kv_heads": cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-            "vocab_size": cfg["vocab_size"],
-            "hidden_dim": cfg["intermediate_size"],
-            "norm_eps": cfg.get("rms_norm_eps", 1e-5),
-            "rope_theta": cfg.get("rope_theta", 10000.0),
-            "max_seq_len": cfg.get("max_position_embeddings", 4096),
-            "tie_embeddings": cfg.get("tie_word_embeddings", False),
-            "head": "scalar" if "LlamaForSequenceClassification" in architectures else "lm",
-        }
-    except KeyError as e:
-        raise UserError(f"{cfg_file}: missing field {e.args[0]!r}") from None
-    args = model_args(values, cfg_file)
+    defaults = {"rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096}
+    defaults.update(tie_word_embeddings=False, num_key_value_heads=cfg.get("num_attention_heads"))
+    missing = [k for k in _HF_CONFIG.values() if cfg.get(k, defaults.get(k)) is None]
+    if missing:
+        raise UserError(f"{cfg_file}: missing field {missing[0]!r}")
+    values = {ours: cfg.get(theirs, defaults.get(theirs)) for ours, theirs in _HF_CONFIG.items()}
+    values["head"] = "scalar" if "LlamaForSequenceClassification" in architectures else "lm"
+    args = model_args(values, cfg_file, _HF_CONFIG)
     if cfg.get("head_dim") not in (None, args.head_dim):
         raise UserError(f"{cfg_file}: head_dim {cfg['head_dim']} differs from hidden_size / num_attention_heads")
     files, kind = _hf_weight_files(path)

@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from llamactl.errors import UserError
-from llamactl.files import atomic_path, new_temp, publish
+from llamactl.files import atomic_path, kind_of, new_temp, publish
 from llamactl.tokenizer import Tokenizer
 
 INDEX_NAME = "index.json"
@@ -350,8 +350,9 @@ class TokenDataset:
 
 def open_shards(directory: str) -> TokenDataset:
     """Open a shards directory written by ``ShardWriter``, checking that every file the index names is whole."""
-    if not os.path.isdir(directory):
-        raise UserError(f"{directory}: no such token shards directory")
+    kind = kind_of(directory)
+    if kind != "a directory":
+        raise UserError(f"{directory}: " + (f"is {kind}, not a" if kind else "no such") + " token shards directory")
     if not os.path.isfile(os.path.join(directory, INDEX_NAME)):
         raise UserError(f"{directory}: not a token shards directory (no {INDEX_NAME})")
     index = _read_index(directory)

@@ -289,6 +289,24 @@ def load_trainer_state(folder: str) -> dict:
     return {**state, "optimizer": {"state": per_param, "param_groups": groups}, "rng_tensors": rng_tensors}
 
 
+def optimizer_state_problem(model: torch.nn.Module, optim: torch.optim.Optimizer, optim_sd: dict) -> str | None:
+    """Whether a loaded optimizer state dict is this optimizer's (same parameter groups, moments of the parameters'
+    shapes): loading another one would not fail, it would silently restart the moments."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    want = [sorted(name_of[id(p)] for p in g["params"]) for g in optim.param_groups]
+    got = [sorted(map(str, g["params"])) for g in optim_sd["param_groups"]]
+    if want != got:
+        return "its optimizer's parameter groups are not this model's"
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    for fqn, per_param in optim_sd["state"].items():
+        if fqn not in shapes:
+            return f"optimizer state for {fqn!r}, which this model does not have"
+        for key, t in per_param.items():
+            if t.dim() and tuple(t.shape) != shapes[fqn]:
+                return f"optimizer state {fqn}/{key} has shape {tuple(t.shape)}, the parameter {shapes[fqn]}"
+    return None
+
+
 def _trainer_state_problem(state: object) -> str | None:
     if not isinstance(state, dict) or state.get("format") != TRAINER_FORMAT:
         return f"no format tag {TRAINER_FORMAT!r}"

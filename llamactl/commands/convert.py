@@ -29,9 +29,10 @@ class ConvertConfig:
         from llamactl.files import check_output, input_problem, overlaps, same_file
 
         problems = []
-        if self.info and (self.output or self.to != "llamactl" or self.dtype != "keep" or self.shard_size != "5GB"):
+        writes = self.output is not None or self.to != "llamactl" or self.dtype != "keep" or self.shard_size != "5GB"
+        if self.info and writes:
             problems.append("--info prints a description and writes nothing: drop -o, --to, --dtype, --shard-size")
-        if not self.info and not self.output:
+        if not self.info and self.output is None:
             problems.append("-o/--output is required (or --info to describe SRC)")
         if self.src_format not in ("auto", *FORMATS):
             problems.append(f"--from {self.src_format!r} is not one of auto, {', '.join(FORMATS)}")
@@ -39,7 +40,7 @@ class ConvertConfig:
             problems.append(f"--to {self.to!r} is not one of llamactl, hf")
         if self.dtype not in DTYPE_CHOICES:
             problems.append(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
-        if self.output:
+        if self.output is not None:
             if problem := check_output(self.output, "-o/--output", directory=self.to == "hf"):
                 problems.append(problem)
             elif self.to == "llamactl" and not self.output.endswith(".safetensors"):

@@ -25,7 +25,7 @@ class GenerateConfig:
     dtype: str = "auto"
 
     def validate(self) -> None:
-        from llamactl.files import check_output, overlaps
+        from llamactl.files import check_output, input_problem, overlaps
 
         problems = []
         if self.max_new_tokens < 1:
@@ -39,6 +39,8 @@ class GenerateConfig:
         if self.batch_size < 1:
             problems.append(f"--batch-size must be at least 1, got {self.batch_size}")
         if problem := check_output(self.output, "-o/--output"):
+            problems.append(problem)
+        if self.input != "-" and (problem := input_problem(self.input, "file", stream_ok=True)):
             problems.append(problem)
         inputs = [("-i/--input", self.input), ("-m/--model", self.model), ("-m/--model", self.model + ".index.json")]
         problems += overlaps([("-o/--output", self.output)], inputs)

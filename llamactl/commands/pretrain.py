@@ -91,7 +91,10 @@ def model_args(cfg: PretrainConfig, vocab_size: int):
     values.setdefault("vocab_size", vocab_size)
     values = {**PRESETS[cfg.preset], **values}
     values["max_seq_len"] = max(values.get("max_seq_len", 4096), cfg.seq_len)
-    return checked_args(values, f"--preset {cfg.preset}" + (" with --set" if cfg.overrides else ""))
+    args = checked_args(values, f"--preset {cfg.preset}" + (" with --set" if cfg.overrides else ""))
+    if args.head != "lm":
+        raise UserError(f"--set head={args.head}: pretrain trains a language model (head lm)")
+    return args
 
 
 def run_settings(cfg: PretrainConfig, global_tokens: int) -> dict:
@@ -185,12 +188,9 @@ def run(cfg: PretrainConfig) -> dict:
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.preset, 3e-4)
     warmup = cfg.warmup if cfg.warmup is not None else min(2000, cfg.steps // 10)
 
-    os.makedirs(cfg.output, exist_ok=True)
     ckpt = T.latest_checkpoint(cfg.output)
     if ckpt and not cfg.resume:
         raise UserError(f"{cfg.output}: holds a run (latest {os.path.basename(ckpt)}); pass --resume or another -o")
-    if d.main:
-        T.clean_partial(cfg.output)
 
     start_step, state = 0, None
     if ckpt:
@@ -217,20 +217,27 @@ def run(cfg: PretrainConfig) -> dict:
     optim = T.make_optimizer(model, lr, cfg.weight_decay, fused=not (d.world > 1 and cfg.distributed == "fsdp"))
     if state is not None:
         model_sd = load_tensors(os.path.join(ckpt, "model.safetensors"))
+        problem = T.optimizer_state_problem(model, optim, state["optimizer"])
+        if problem:
+            raise UserError(f"{ckpt}: the trainer state does not fit this run ({problem})")
         try:
             T.load_full_state(wrapped, optim, model_sd, state["optimizer"], d)
             T.set_rng_state(state["rng"], state["rng_tensors"])
-        except (KeyError, ValueError, TypeError, RuntimeError) as e:
-            raise UserError(
-                f"{ckpt}: the trainer state does not fit this run ({str(e).splitlines()[0][:160]})"
-            ) from None
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
+            raise UserError(f"{ckpt}: the trainer state does not fit this run ({reason})") from None
     forward = torch.compile(wrapped) if cfg.compile else wrapped
+    # The run directory appears only now that every check has passed (a refused command leaves nothing behind).
+    os.makedirs(cfg.output, exist_ok=True)
+    if d.main:
+        T.clean_partial(cfg.output)
 
     tok = data.load_tokenizer()
     lineage = make_lineage("pretrain", cfg.argv or sys.argv[1:], [os.path.join(cfg.data, INDEX_NAME)])
     meta = CheckpointMeta(args, tok.model_bytes, lineage)
     metrics = T.MetricsLog(os.path.join(cfg.output, "metrics.jsonl"), start_step if ckpt else None, d.main)
-    peak_flops = T.matmul_peak_flops(torch.bfloat16 if use_bf16 else torch.float32, device) * d.world
+    peak_dtype = torch.bfloat16 if use_bf16 else torch.float32
+    peak_flops, remeasured = T.matmul_peak_flops(peak_dtype, device) * d.world, False
     flops_tok = T.flops_per_token(args, cfg.seq_len)
     trainer_state = {"model_args": args.to_dict(), "settings": run_settings(cfg, global_tokens)}
 
@@ -298,6 +305,9 @@ def run(cfg: PretrainConfig) -> dict:
                 "tokens_per_s": round(tok_s, 1),
                 "mfu": round(tok_s * flops_tok / peak_flops, 4),
             }
+            if row["mfu"] > 1 and not remeasured:  # the start-up measurement was taken on a busy machine
+                peak_flops = max(peak_flops, T.matmul_peak_flops(peak_dtype, device) * d.world)
+                row["mfu"], remeasured = round(tok_s * flops_tok / peak_flops, 4), True
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 val = evaluate()
                 last["val_loss"] = val

@@ -1,0 +1,396 @@
+"""The contract every command inherits (README, "The contract"), held against a table of bad inputs.
+
+Each row runs the real CLI in a process of its own and asserts: exit code 2, exactly one line on stderr that
+names the file, line or flag (the row's needles), no traceback, nothing on stdout, and no change at all on disk:
+no output, no temporary file, inputs untouched, a symlink, FIFO or device node where one was. Rows come from two
+places: ``SPECS`` (one valid invocation per command, from which the output, input, float-flag and usage rows are
+derived; a new command adds its spec, and ``test_every_command_has_a_spec`` fails until it does) and ``CASES``
+(hand-written rows for what a command checks of its own).
+"""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import json
+import os
+import shlex
+import shutil
+import stat
+import struct
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from helpers import FIXTURES, run_cli
+
+TOKENIZER = os.path.join(FIXTURES, "llama2-tokenizer.model")
+TINY = ["--set", "dim=32", "--set", "n_layers=1", "--set", "n_heads=4", "--set", "multiple_of=16"]
+PRETRAIN_FLAGS = ["--steps", "2", "--seq-len", "16", "--batch-size", "2", "--eval-every", "0", "--save-every", "1"]
+PRETRAIN_FLAGS += ["--dtype", "fp32", *TINY]
+
+
+# ------------------------------------------------------------------------------------------------- the inputs
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, str]:
+    """Valid inputs of every kind, made once: the rows point their commands at these (and must leave them be)."""
+    import torch
+
+    from llamactl.checkpoint import CheckpointMeta, plan_from_tensors, save_model, write_safetensors
+    from llamactl.commands.pretrain import PretrainConfig
+    from llamactl.commands.pretrain import run as pretrain
+    from llamactl.model import ModelArgs, Transformer
+    from llamactl.shards import ShardWriter
+    from llamactl.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("world")
+    w = {"root": str(root)}
+    w["tok"] = str(root / "tokenizer.model")
+    shutil.copyfile(TOKENIZER, w["tok"])
+    tok = Tokenizer.from_file(w["tok"])
+
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=32000, multiple_of=16, max_seq_len=64)
+    model = Transformer(args)
+    model.init_weights(0)
+    w["model"] = str(root / "model.safetensors")
+    save_model(w["model"], model, tokenizer=tok.model_bytes)
+
+    # the same weights under headers that lie: absurd context, damaged lineage, a string where a bool belongs
+    plans = plan_from_tensors(model.state_dict())
+    header = CheckpointMeta(args, tok.model_bytes, {}).to_header()
+    for name, change in {
+        "huge": {"config": json.dumps({**args.to_dict(), "max_seq_len": 2**34})},
+        "lineage": {"lineage": json.dumps({"command": "convert", "inputs": [{"path": "x"}]})},
+        "lineage_list": {"lineage": json.dumps(["not", "an", "object"])},
+        "stringbool": {"config": json.dumps({**args.to_dict(), "tie_embeddings": "False"})},
+        "badtok": {"tokenizer": "not base64!"},
+    }.items():
+        w[name] = str(root / f"{name}.safetensors")
+        write_safetensors(w[name], plans, {**header, **change})
+
+    w["prompts"] = str(root / "prompts.jsonl")
+    Path(w["prompts"]).write_text('{"prompt": "Once upon a time"}\n{"tokens": [1, 15043]}\n')
+    w["tokens"] = str(root / "tokens.jsonl")
+    Path(w["tokens"]).write_text('{"tokens": [1, 15043, 3186]}\n')
+    w["text"] = str(root / "corpus.txt")
+    lines = [f"The quick brown fox {i} jumps over the lazy dog, and the cat sat on mat {i % 13}." for i in range(400)]
+    Path(w["text"]).write_text("\n\n".join(lines) + "\n")
+
+    w["shards"] = str(root / "shards")
+    with ShardWriter(w["shards"], tok, shard_tokens=4000, splits=("train", "val")) as writer:
+        for i, line in enumerate(lines):
+            writer.add(tok.encode(line, bos=True, eos=True), "val" if i % 10 == 0 else "train")
+
+    # a finished run, and copies of it damaged the ways a crash, a disk or an older llamactl leaves them
+    w["run"] = str(root / "run")
+    cfg = dict(data=w["shards"], output=w["run"], steps=2, seq_len=16, batch_size=2, eval_every=0, save_every=1)
+    pretrain(PretrainConfig(**cfg, dtype="fp32", overrides=[o for o in TINY if o != "--set"]))
+    step = os.path.join(w["run"], "step-0000002")
+    for name, damage in {
+        "run_truncated": lambda d: _truncate(os.path.join(d, "trainer.json"), 40),
+        "run_empty_json": lambda d: _truncate(os.path.join(d, "trainer.json"), 0),
+        "run_garbage": lambda d: Path(d, "trainer.safetensors").write_bytes(b"\x00garbage" * 10),
+        "run_pickle": lambda d: (os.unlink(os.path.join(d, "trainer.json")), Path(d, "trainer.pt").write_bytes(b"x")),
+        "run_wrong_state": lambda d: _edit_json(
+            os.path.join(d, "trainer.json"), step=1, param_groups=[{"params": ["nope"]}]
+        ),
+    }.items():
+        w[name] = str(root / name)
+        shutil.copytree(w["run"], w[name])
+        damage(os.path.join(w[name], os.path.basename(step)))
+    w["run_latest"] = str(root / "run_latest")
+    shutil.copytree(w["run"], w["run_latest"])
+    Path(w["run_latest"], "latest").write_text("../../etc\n")
+
+    w["hfdir"] = str(root / "hfdir")
+    os.makedirs(w["hfdir"])
+    hf = {"model_type": "llama", "hidden_size": 64.0, "num_hidden_layers": 1, "num_attention_heads": 4}
+    Path(w["hfdir"], "config.json").write_text(json.dumps({**hf, "vocab_size": 128, "intermediate_size": 96}))
+    w["meta_params"] = str(root / "meta")
+    os.makedirs(w["meta_params"])
+    Path(w["meta_params"], "params.json").write_text(json.dumps({"dim": 32, "n_layers": "2", "n_heads": 4}))
+    torch.save({"tok_embeddings.weight": torch.zeros(8, 32), "layers.0.feed_forward.w1.weight": torch.zeros(96, 32)},
+               os.path.join(w["meta_params"], "consolidated.00.pth"))  # fmt: skip
+    w["l2c"] = str(root / "huge.bin")  # a llama2.c header asking for 2^30 layers
+    Path(w["l2c"]).write_bytes(struct.pack("<7i", 64, 128, 2**30, 4, 4, 32, 64) + b"\x00" * 64)
+    w["notjson"] = str(root / "notjson.safetensors.index.json")
+    Path(w["notjson"]).write_text("{")
+    w["base64tok"] = base64.b64encode(b"x").decode()
+    return w
+
+
+def _truncate(path: str, size: int) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def _edit_json(path: str, **changes) -> None:
+    doc = json.loads(Path(path).read_text())
+    Path(path).write_text(json.dumps({**doc, **changes}))
+
+
+# ---------------------------------------------------------------------------------------- what must not change
+
+
+def snapshot(*roots: str) -> dict:
+    """Every entry under ``roots`` as lstat shows it (kind, inode, size, mtime, link target, device number)."""
+    seen = {}
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in [*dirnames, *filenames]:
+                p = os.path.join(dirpath, name)
+                st = os.lstat(p)
+                link = os.readlink(p) if stat.S_ISLNK(st.st_mode) else None
+                seen[p] = (stat.S_IFMT(st.st_mode), st.st_ino, st.st_size, st.st_mtime_ns, link, st.st_rdev)
+    return seen
+
+
+def make_special(scratch: Path) -> None:
+    """What a row may write over and must not: a FIFO, a symlink to a file, a file, and a device node (root)."""
+    os.mkfifo(scratch / "fifo")
+    (scratch / "file").write_text("precious\n")
+    os.symlink("file", scratch / "link")
+    try:
+        os.mknod(scratch / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except PermissionError:
+        pass
+
+
+# ------------------------------------------------------------------------------------------------- the table
+
+
+@dataclass
+class Spec:
+    """One valid invocation of a command with its output at ``{out}``; ``inputs`` are the placeholders of the
+    paths it reads (changed one at a time into bad ones)."""
+
+    argv: list[str]
+    out: str = "out.jsonl"  # the output's name in the row's scratch directory
+    out_dir: bool = False
+    inputs: tuple[str, ...] = ()
+    stdin: str | None = None
+
+
+SPECS: dict[str, Spec] = {
+    "convert": Spec(["convert", "{model}", "-o", "{out}"], out="out.safetensors", inputs=("{model}",)),
+    "generate": Spec(
+        ["generate", "-m", "{model}", "-i", "{prompts}", "-o", "{out}", "--max-new-tokens", "2"],
+        inputs=("{model}", "{prompts}"),
+    ),
+    "pretrain": Spec(["pretrain", "{shards}", "-o", "{out}", *PRETRAIN_FLAGS], out="run", out_dir=True),
+    "tokenize train": Spec(
+        ["tokenize", "train", "{text}", "-o", "{out}", "--vocab-size", "350"], out="t.model", inputs=("{text}",)
+    ),
+    "tokenize encode": Spec(["tokenize", "encode", "{text}", "-t", "{tok}", "-o", "{out}"], inputs=("{text}", "{tok}")),
+    "tokenize decode": Spec(
+        ["tokenize", "decode", "{tokens}", "-t", "{tok}", "-o", "{out}"], inputs=("{tokens}", "{tok}")
+    ),
+}
+
+
+@dataclass
+class Case:
+    id: str
+    argv: list[str]
+    needles: list[str]
+    stdin: str | None = None
+    ids: list[str] = field(default_factory=list)
+
+
+def _commands() -> dict[str, typing.Any]:
+    """Every command of the CLI by its path ("tokenize encode"), found in the typer app itself."""
+    import typer
+
+    from llamactl.cli import app
+
+    def walk(cmd, path):
+        subs = getattr(cmd, "commands", None)
+        if subs:
+            for name, sub in subs.items():
+                yield from walk(sub, [*path, name])
+        else:
+            yield " ".join(path), cmd
+
+    return dict(walk(typer.main.get_command(app), []))
+
+
+def _option_kinds(cmd) -> dict[str, type]:
+    """Each option's longest flag with the type its wrapper declares (float, int, str ...)."""
+    hints = typing.get_type_hints(inspect.unwrap(cmd.callback))
+    kinds = {}
+    for p in cmd.params:
+        if p.opts and p.opts[0].startswith("-"):
+            hint = hints.get(p.name)
+            args = typing.get_args(hint) or (hint,)
+            kinds[max(p.opts, key=len)] = next((t for t in (float, int, str) if t in args), None)
+    return kinds
+
+
+def derived_cases() -> list[Case]:
+    """The rows every command gets from its spec: outputs, inputs, float flags, usage."""
+    commands = _commands()
+    cases = []
+    for name, spec in SPECS.items():
+        key = name.replace(" ", "-")
+        argv = spec.argv
+
+        def with_out(out: str, argv=argv) -> list[str]:
+            return [out if a == "{out}" else a for a in argv]
+
+        def add(id_: str, args: list[str], *needles: str, spec=spec, key=key) -> None:
+            cases.append(Case(f"{key}:{id_}", args, list(needles), spec.stdin))
+
+        add("out-empty", with_out(""), "empty path")
+        add("out-parent-is-a-file", with_out("{scratch}/file/x"), "file", "not a directory")
+        if spec.out_dir:
+            add("out-is-a-file", with_out("{scratch}/file"), "{scratch}/file", "not a directory")
+            add("out-is-a-fifo", with_out("{scratch}/fifo"), "{scratch}/fifo", "FIFO")
+        else:
+            add("out-is-a-directory", with_out("{scratch}"), "{scratch}", "is a directory")
+        for placeholder in spec.inputs:
+            bare = placeholder[1:-1]
+            add(f"out-is-input-{bare}", with_out(placeholder), placeholder, "is also an input")
+            add(f"out-links-to-input-{bare}", with_out("{to_" + bare + "}"), "also an input")  # the same file
+            missing = [a if a != placeholder else "{scratch}/missing" for a in with_out("{scratch}/" + spec.out)]
+            add(f"input-missing-{bare}", missing, "{scratch}/missing", "no such")
+            as_dir = [a if a != placeholder else "{scratch}" for a in with_out("{scratch}/" + spec.out)]
+            add(f"input-is-a-directory-{bare}", as_dir, "{scratch}", "is a directory")
+        good = with_out("{scratch}/" + spec.out)
+        for flag, kind in _option_kinds(commands[name]).items():
+            if kind is float:
+                for bad in ("nan", "inf", "-inf"):
+                    add(f"{flag}={bad}", [*good, flag, bad], flag, "finite")
+            elif kind is int:
+                add(f"{flag}=x", [*good, flag, "x"], flag)
+        add("unknown-option", [*good, "--no-such-option"], "--no-such-option")
+    return cases
+
+
+OUT = "{scratch}/out.jsonl"
+GEN = f"generate -m {{model}} -o {OUT} --max-new-tokens 2"
+RUN = " ".join(PRETRAIN_FLAGS)
+NEW_RUN = "pretrain {shards} -o {scratch}/r"
+RESUME = f"--resume {RUN}"
+
+# (id, command line split as a shell would, what the one line names, stdin)
+TABLE: list[tuple] = [
+    # usage: one line, not typer's Usage / Try / Error block
+    ("usage:no-such-command", "frobnicate", ["No such command"]),
+    ("usage:missing-option", "generate", ["--model"]),
+    ("usage:missing-argument", f"pretrain -o {OUT}", ["'data'"]),
+    ("usage:bad-int", "generate -m {model} --top-k many", ["--top-k"]),
+    ("usage:extra-argument", f"convert {{model}} extra -o {OUT}", ["extra"]),
+    # generate: records
+    ("generate:bad-json-line-2", GEN, ["<stdin>:2", "invalid JSON"], '{"tokens": [1]}\n{"tokens": [1\n'),
+    ("generate:out-of-vocab", GEN, ["<stdin>:1", "32000"], '{"tokens": [1, 32000]}\n'),
+    ("generate:no-prompt", GEN, ["<stdin>:1", "'prompt'"], '{"text": "hi"}\n'),
+    ("generate:not-an-object", GEN, ["<stdin>:1", "JSON object"], "[1, 2]\n"),
+    ("generate:not-utf8", GEN, ["<stdin>:1", "UTF-8"], '{"prompt": "\udcff"}\n'),
+    ("generate:completion-exists", GEN, ["<stdin>:1", "'completion'"], '{"prompt": "a", "completion": ""}\n'),
+    ("generate:finish-reason-exists", GEN, ["'finish_reason'"], '{"tokens": [1], "finish_reason": 1}\n'),
+    ("generate:logprobs-exists", GEN + " --logprobs", ["'logprobs'"], '{"tokens": [1], "logprobs": []}\n'),
+    ("generate:prompt-too-long", GEN, ["<stdin>:1", "context of 64"], json.dumps({"tokens": [1] * 64})),
+    # generate: flags and models
+    ("generate:top-p-0", GEN + " --top-p 0", ["--top-p"], ""),
+    ("generate:model-is-hf-dir", "generate -m {hfdir}", ["{hfdir}", "is a directory", "convert it first"]),
+    ("generate:model-is-fifo", "generate -m {scratch}/fifo", ["{scratch}/fifo", "FIFO"]),
+    ("generate:huge-context", "generate -m {huge}", ["{huge}", "max_seq_len 17179869184", "would take"]),
+    ("generate:string-for-bool", "generate -m {stringbool}", ["{stringbool}", "tie_embeddings"]),
+    ("generate:damaged-tokenizer", "generate -m {badtok}", ["{badtok}", "damaged"]),
+    ("generate:index-not-json", "generate -m {notjson}", ["{notjson}", "not a checkpoint index"]),
+    # convert
+    ("convert:info-damaged-lineage", "convert --info {lineage}", ["{lineage}", "lineage.inputs[0]"]),
+    ("convert:info-lineage-list", "convert --info {lineage_list}", ["{lineage_list}", "lineage is list"]),
+    ("convert:hf-float-size", "convert {hfdir} -o {scratch}/o.safetensors", ["hidden_size", "integer"]),
+    ("convert:meta-string-size", "convert {meta_params} -o {scratch}/o.safetensors", ["n_layers"]),
+    ("convert:llama2c-huge", "convert {l2c} -o {scratch}/o.safetensors", ["{l2c}"]),
+    ("convert:to-hf-over-a-file", "convert {model} --to hf -o {scratch}/file", ["not a directory"]),
+    ("convert:to-hf-into-input-dir", "convert {model} --to hf -o {root}", ["holds the input"]),
+    ("convert:tokenizer-is-dir", "convert {model} -o {scratch}/o.safetensors -t {root}", ["--tokenizer", "directory"]),
+    ("convert:shard-size", "convert {model} -o {scratch}/o.safetensors --shard-size big", ["--shard-size"]),
+    ("convert:info-with-output", "convert --info {model} -o {scratch}/o.safetensors", ["--info"]),
+    # tokenize
+    ("tokenize-train:vocab-too-small", "tokenize train {text} -o {scratch}/t.model --vocab-size 261",
+     ["--vocab-size 261"]),
+    ("tokenize-train:coverage", "tokenize train {text} -o {scratch}/t.model --character-coverage 0.5",
+     ["--character-coverage"]),
+    ("tokenize-train:field-missing", "tokenize train - -o {scratch}/t.model", ["<stdin>:1", "'text'"],
+     '{"body": "x"}\n'),
+    ("tokenize-encode:tokenizer-is-text", "tokenize encode -t {text}", ["{text}", "SentencePiece"]),
+    ("tokenize-encode:tokens-exists", f"tokenize encode -t {{tok}} -o {OUT}", ["<stdin>:1", "'tokens'"],
+     '{"text": "a", "tokens": 1}\n'),
+    ("tokenize-encode:out-not-shards", "tokenize encode {text} -t {tok} --out {root}",
+     ["{root}", "not a token shards directory"]),
+    ("tokenize-encode:out-is-a-file", "tokenize encode {text} -t {tok} --out {scratch}/file",
+     ["--out", "not a directory"]),
+    ("tokenize-decode:bad-id", f"tokenize decode -t {{tok}} -o {OUT}", ["<stdin>:1", "'tokens'[0]"],
+     '{"tokens": [-1]}\n'),
+    # pretrain
+    ("pretrain:set-not-a-field", f"{NEW_RUN} --set depth=3", ["depth"]),
+    ("pretrain:set-bool-as-text", f"{NEW_RUN} --set tie_embeddings=yes", ["tie_embeddings", "true or false"]),
+    ("pretrain:set-head-scalar", f"{NEW_RUN} --set head=scalar --set tie_embeddings=false", ["head=scalar"]),
+    ("pretrain:set-head-unknown", f"{NEW_RUN} --set head=value", ["head must be one of"]),
+    ("pretrain:set-float-int", f"{NEW_RUN} --set dim=32.5", ["dim"]),
+    ("pretrain:set-no-equals", f"{NEW_RUN} --set dim", ["key=value"]),
+    ("pretrain:unknown-preset", f"{NEW_RUN} --preset x", ["--preset"]),
+    ("pretrain:too-big", f"{NEW_RUN} {RUN} --set dim=65536 --set n_heads=4 --set n_layers=4096", ["would take"]),
+    ("pretrain:out-is-data", "pretrain {shards} -o {shards}", ["is also an input"]),
+    ("pretrain:data-is-a-file", "pretrain {text} -o {scratch}/r", ["{text}", "not a token shards"]),
+    ("pretrain:existing-run", f"pretrain {{shards}} -o {{run}} {RUN}", ["pass --resume"]),
+    ("pretrain:resume-truncated-state", f"pretrain {{shards}} -o {{run_truncated}} {RESUME}",
+     ["trainer.json", "damaged trainer state"]),
+    ("pretrain:resume-empty-state", f"pretrain {{shards}} -o {{run_empty_json}} {RESUME}",
+     ["trainer.json", "damaged trainer state"]),
+    ("pretrain:resume-garbage-tensors", f"pretrain {{shards}} -o {{run_garbage}} {RESUME}", ["trainer.safetensors"]),
+    ("pretrain:resume-old-pickle", f"pretrain {{shards}} -o {{run_pickle}} {RESUME}", ["trainer.pt"]),
+    ("pretrain:resume-wrong-state", f"pretrain {{shards}} -o {{run_wrong_state}} {RESUME}", ["does not fit"]),
+    ("pretrain:resume-bad-latest", f"pretrain {{shards}} -o {{run_latest}} {RESUME}", ["latest"]),
+    ("pretrain:resume-other-flags", f"pretrain {{shards}} -o {{run}} {RESUME} --lr 1e-3", ["--lr"]),
+]  # fmt: skip
+CASES = [Case(row[0], shlex.split(row[1]), row[2], *row[3:]) for row in TABLE]
+
+
+ALL = derived_cases() + CASES
+
+
+@pytest.mark.parametrize("case", ALL, ids=[c.id for c in ALL])
+def test_bad_input_is_one_line_and_changes_nothing(case: Case, world, tmp_path):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    make_special(scratch)
+    values = {**world, "scratch": str(scratch)}
+    for name in ("model", "prompts", "text", "tok", "tokens"):  # symlinks to inputs, named like them
+        values[f"to_{name}"] = str(scratch / f"link-{os.path.basename(world[name])}")
+        os.symlink(world[name], values[f"to_{name}"])
+    argv = [a.format(**values) for a in case.argv]
+    before = snapshot(world["root"], str(scratch))
+    proc = run_cli(*argv, stdin=case.stdin)
+    assert proc.returncode == 2, (argv, proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("llamactl") and ": error: " in lines[0], lines[0]
+    for needle in case.needles:
+        assert needle.format(**values) in lines[0], (needle.format(**values), lines[0])
+    assert proc.stdout == ""
+    assert snapshot(world["root"], str(scratch)) == before  # no output, no temporary file, nothing replaced
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_each_spec_is_a_valid_invocation(name, world, tmp_path):
+    """The base of the derived rows succeeds, so each derived row fails for the one thing it changes."""
+    spec = SPECS[name]
+    out = tmp_path / spec.out
+    argv = [a.format(**world, out=str(out)) for a in spec.argv]
+    proc = run_cli(*argv, stdin=spec.stdin)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert out.is_dir() if spec.out_dir else out.is_file()
+    assert "Traceback" not in proc.stderr and "\r" not in proc.stderr  # no progress bar redraws off a terminal
+
+
+def test_every_command_has_a_spec():
+    """A new command joins the contract: give it a spec (and rows in CASES for what it checks of its own)."""
+    assert set(_commands()) == set(SPECS)
