@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -88,7 +89,7 @@ def section_env(out: str) -> None:
 def section_tests(out: str) -> None:
     junit = os.path.join(out, "kernel-tests.xml")
     cmd = [sys.executable, "-m", "pytest", "tests/kernels", "-m", "", "-q", "-p", "no:cacheprovider"]
-    cmd += ["-rfE", f"--junitxml={junit}"]
+    cmd += ["-rfE", f"--junitxml={junit}", "-p", "no:benchmark"]
     try:
         import xdist  # noqa: F401
 
@@ -97,7 +98,7 @@ def section_tests(out: str) -> None:
         pass
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     sys.stderr.write(proc.stdout[-20000:] + proc.stderr[-5000:])
-    summary = [line for line in proc.stdout.splitlines() if line.strip()]
+    summary = [line for line in proc.stdout.splitlines() if re.search(r"\d+ (passed|failed|error)", line)]
     failed = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
     print(f"`pytest tests/kernels -m ''` on CUDA: {summary[-1] if summary else 'no output'} (exit {proc.returncode})")
     if failed:
@@ -191,7 +192,7 @@ def section_train(out: str, steps: int, preset_name: str = "llama2-1b", seq: int
         print("Loss per step: " + "; ".join(f"{k}: " + ", ".join(f"{x:.3f}" for x in v) for k, v in curves.items()))
 
 
-def _random_model(device: str, name: str = "llama2-7b"):
+def _random_model(device: str, name: str = "llama2-7b", dtype=None):
     import torch
 
     from llamactl.model import Transformer, preset
@@ -199,7 +200,7 @@ def _random_model(device: str, name: str = "llama2-7b"):
     args = preset(name, vocab_size=32000, max_seq_len=4096)
     with torch.device("meta"):
         model = Transformer(args)
-    model = model.to(torch.bfloat16).to_empty(device=device)
+    model = model.to(dtype or torch.bfloat16).to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -334,6 +335,29 @@ def section_decode(out: str, new_tokens: int) -> None:
         )
     model = logits = None  # frees the 13.5 GB of weights before the next part
     torch.cuda.empty_cache()
+
+    # The same comparison in fp32 on the 1.1B shape, where rounding cannot hide a real difference.
+    try:
+        small = _random_model("cuda", "llama2-1b", torch.float32)
+        hf = _hf_from(small)
+        ids = torch.tensor([prompt], device="cuda")
+        with torch.inference_mode():
+            theirs = hf(ids).logits.float()
+            errs = {}
+            for mode in ("triton", "ref"):
+                os.environ["LLAMACTL_KERNELS"] = mode
+                ours_l = small.logits(small.hidden(ids)).float()
+                errs[mode] = float((ours_l - theirs).norm() / theirs.norm())
+        os.environ["LLAMACTL_KERNELS"] = "auto"
+        print()
+        print(
+            "Prompt logits of a random 1.1B-shaped model in fp32 against transformers' on the same weights (relative "
+            "Frobenius error): " + ", ".join(f"llamactl-{k} {v:.2e}" for k, v in errs.items())
+        )
+        small = hf = None
+        torch.cuda.empty_cache()
+    except Exception as e:
+        print(f"\nfp32 logits comparison failed: {type(e).__name__}: {str(e)[:200]}")
 
     # The linear layers of one decode step per scheme: 32 blocks (wq, wk, wv, wo 4096x4096; w1, w3 11008x4096;
     # w2 4096x11008) and the bf16 output head, at batch 1. One block's weights are reused 32 times (each block's
