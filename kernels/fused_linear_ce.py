@@ -138,15 +138,19 @@ def _accumulate(grad_w: torch.Tensor | None, g: torch.Tensor, hc: torch.Tensor) 
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
+    """The *sum* of the counted tokens' cross-entropies: a training loop divides once by the tokens it counted over
+    all micro-steps and ranks (a mean per micro-batch would weight unequal micro-batches wrongly)."""
+
     @staticmethod
-    def forward(ctx, h, weight, targets, w, chunk_size: int, chunk_op: ChunkOp):
+    def forward(ctx, h, weight, targets, w, chunk_size: int, chunk_op: ChunkOp, grad_enabled: bool):
         h = h.contiguous()  # the gradient rows below are written in place as contiguous slices
         N = h.shape[0]
-        denom = w.sum().clamp(min=1)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # Inside forward grad mode is always off and needs_input_grad follows requires_grad alone: under the
+        # caller's no_grad (evaluation) the gradients would be computed for nothing (two matmuls per chunk).
+        need_h, need_w = ctx.needs_input_grad[0] and grad_enabled, ctx.needs_input_grad[1] and grad_enabled
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
-        scale = w / denom
+        scale = w
         tgt = targets.clamp(min=0)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         for s in range(0, N, chunk_size):
@@ -158,7 +162,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 torch.mm(logits, weight, out=grad_h[s : s + chunk_size])
             _accumulate(grad_w, logits, hc)
         ctx.save_for_backward(grad_h, grad_w)
-        return loss / denom
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -167,7 +171,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             grad_h = grad_h * grad_out.to(grad_h.dtype)
         if grad_w is not None:
             grad_w = grad_w * grad_out.to(grad_w.dtype)
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 class LinearLogprobsFunction(torch.autograd.Function):
@@ -208,30 +212,47 @@ def _chunk(h: torch.Tensor, weight: torch.Tensor, chunk_size: int | None) -> int
     return chunk_size if chunk_size is not None else default_chunk_size(h.shape[0], weight.shape[0], weight.shape[1])
 
 
-def linear_cross_entropy_chunked(
+def _ce_sum(h, weight, targets, mask, ignore_index, chunk_size, chunk_op) -> tuple[torch.Tensor, torch.Tensor]:
+    w = _weights(targets, mask, ignore_index)
+    total = LinearCrossEntropyFunction.apply(h, weight, targets, w, chunk_size, chunk_op, torch.is_grad_enabled())
+    return total, w.sum()
+
+
+def linear_cross_entropy_sum_chunked(
     h: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
     mask: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
     chunk_size: int = 1024,
-) -> torch.Tensor:
-    """Same result as ``linear_cross_entropy_ref``, in plain torch, never holding more than a chunk of logits."""
-    w = _weights(targets, mask, ignore_index)
-    return LinearCrossEntropyFunction.apply(h, weight, targets, w, chunk_size, _ce_chunk_torch)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the counted tokens' cross-entropies, number of counted tokens), both fp32, in plain torch, never
+    holding more than a chunk of logits."""
+    return _ce_sum(h, weight, targets, mask, ignore_index, chunk_size, _ce_chunk_torch)
 
 
-def linear_cross_entropy_triton(
+def linear_cross_entropy_sum_triton(
     h: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
     mask: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
     chunk_size: int | None = None,
-) -> torch.Tensor:
-    """Same result as ``linear_cross_entropy_ref``, with the softmax/gradient pass of each chunk in Triton."""
-    w = _weights(targets, mask, ignore_index)
-    return LinearCrossEntropyFunction.apply(h, weight, targets, w, _chunk(h, weight, chunk_size), _ce_chunk_triton)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As ``linear_cross_entropy_sum_chunked``, with the softmax/gradient pass of each chunk in Triton."""
+    return _ce_sum(h, weight, targets, mask, ignore_index, _chunk(h, weight, chunk_size), _ce_chunk_triton)
+
+
+def linear_cross_entropy_chunked(h, weight, targets, mask=None, ignore_index: int = IGNORE_INDEX, chunk_size=1024):
+    """Same result as ``linear_cross_entropy_ref`` (the mean), in plain torch."""
+    total, count = linear_cross_entropy_sum_chunked(h, weight, targets, mask, ignore_index, chunk_size)
+    return total / count.clamp(min=1)
+
+
+def linear_cross_entropy_triton(h, weight, targets, mask=None, ignore_index: int = IGNORE_INDEX, chunk_size=None):
+    """Same result as ``linear_cross_entropy_ref`` (the mean), with the chunk pass in Triton."""
+    total, count = linear_cross_entropy_sum_triton(h, weight, targets, mask, ignore_index, chunk_size)
+    return total / count.clamp(min=1)
 
 
 def linear_logprobs_chunked(

@@ -277,16 +277,42 @@ class Transformer(nn.Module):
         assert self.args.head == "scalar", "scores need a scalar head"
         return self.score(h).squeeze(-1).float()
 
-    def forward(self, tokens, targets=None, mask=None, positions=None, segment_ids=None) -> torch.Tensor:
-        """With ``targets``: the mean next-token cross-entropy over counted targets, never materialising the full
-        logits (``mask`` and ignore index -100 exclude tokens). Without: logits (B, T, vocab) for an lm head,
-        scores (B, T) for a scalar head. Training calls this (not ``hidden``) so DDP and FSDP hooks run."""
+    def forward(self, tokens, targets=None, mask=None, positions=None, segment_ids=None, output: str | None = None):
+        """The model's one entry for training and scoring (DDP and FSDP hooks run on ``forward`` only).
+
+        ``output`` says what comes back (default: ``loss`` when ``targets`` are given, else ``logits``/``scores``
+        by head); targets equal to -100 and zeros of ``mask`` (B, T) exclude tokens:
+
+        - ``loss``: the mean next-token cross-entropy over counted targets (fp32 scalar), never materialising the
+          full logits;
+        - ``loss_sum``: ``(sum, count)`` of the same, fp32: what a training loop normalises once over micro-steps
+          and ranks;
+        - ``logprobs``: log p(target) per token (B, T) fp32, 0 where excluded, with gradients (RL stages);
+        - ``logits``: (B, T, vocab) fp32 (lm head); ``scores``: (B, T) fp32 (scalar head).
+        """
+        lm_outputs = ("loss", "loss_sum", "logprobs", "logits")
+        output = output or ("loss" if targets is not None else "logits" if self.args.head == "lm" else "scores")
+        if output not in (*lm_outputs, "scores"):
+            raise ValueError(f"output {output!r}: use one of {', '.join((*lm_outputs, 'scores'))}")
+        if (output in lm_outputs) != (self.args.head == "lm"):
+            kind = "a language" if self.args.head == "lm" else "a scalar-head (reward)"
+            raise ValueError(f"{kind} model has no {output!r} output")
+        if (targets is None) == (output in ("loss", "loss_sum", "logprobs")):
+            raise ValueError(f"output {output!r} {'needs' if targets is None else 'takes no'} targets")
         h = self.hidden(tokens, positions, segment_ids)
-        if targets is not None:
-            flat_mask = mask.reshape(-1) if mask is not None else None
-            flat_h = h.reshape(-1, h.shape[-1])
-            return ops.linear_cross_entropy(flat_h, self.output_weight, targets.reshape(-1), flat_mask)
-        return self.logits(h) if self.args.head == "lm" else self.scores(h)
+        if output == "logits":
+            return self.logits(h)
+        if output == "scores":
+            return self.scores(h)
+        flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        if output == "logprobs":
+            lp = ops.linear_logprobs(flat_h, self.output_weight, flat_t)
+            if mask is not None:
+                lp = lp * mask.reshape(-1)
+            return lp.view(targets.shape)
+        flat_mask = mask.reshape(-1) if mask is not None else None
+        total, count = ops.linear_cross_entropy_sum(flat_h, self.output_weight, flat_t, flat_mask)
+        return (total, count) if output == "loss_sum" else total / count.clamp(min=1)
 
     def loss(self, tokens, targets, mask=None, positions=None, segment_ids=None) -> torch.Tensor:
         return self(tokens, targets, mask, positions, segment_ids)

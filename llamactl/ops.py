@@ -34,8 +34,8 @@ from llamactl.kernels.decode_attention import (
 )
 from llamactl.kernels.fused_linear_ce import (
     IGNORE_INDEX,
-    linear_cross_entropy_chunked,
-    linear_cross_entropy_triton,
+    linear_cross_entropy_sum_chunked,
+    linear_cross_entropy_sum_triton,
     linear_cross_entropy_unsupported,
     linear_logprobs_chunked,
     linear_logprobs_triton,
@@ -168,8 +168,12 @@ def _autocast_pair(h: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor,
     return h.to(dtype), weight.to(dtype), True
 
 
-def linear_cross_entropy(h, weight, targets, mask=None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Mean cross-entropy of softmax(h @ weight^T) over counted tokens, without materialising the logits.
+def linear_cross_entropy_sum(
+    h, weight, targets, mask=None, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Sum of the counted tokens' cross-entropies under softmax(h @ weight^T), number of counted tokens), both fp32,
+    without materialising the logits. The sum, not the mean: a training loop normalises once by the tokens counted
+    over all its micro-steps and ranks.
 
     h (N, D), weight (V, D), targets (N,); a token counts when its target is not ``ignore_index`` and ``mask``
     (N,), if given, is set.
@@ -177,8 +181,14 @@ def linear_cross_entropy(h, weight, targets, mask=None, ignore_index: int = IGNO
     h, weight, autocast = _autocast_pair(h, weight)
     with torch.autocast(h.device.type, enabled=False) if autocast else contextlib.nullcontext():
         if _use_triton("linear_cross_entropy", h, linear_cross_entropy_unsupported(h, weight)):
-            return linear_cross_entropy_triton(h, weight, targets, mask, ignore_index)
-        return linear_cross_entropy_chunked(h, weight, targets, mask, ignore_index)
+            return linear_cross_entropy_sum_triton(h, weight, targets, mask, ignore_index)
+        return linear_cross_entropy_sum_chunked(h, weight, targets, mask, ignore_index)
+
+
+def linear_cross_entropy(h, weight, targets, mask=None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Mean cross-entropy over the counted tokens (``linear_cross_entropy_sum`` divided by its count)."""
+    total, count = linear_cross_entropy_sum(h, weight, targets, mask, ignore_index)
+    return total / count.clamp(min=1)
 
 
 def linear_logprobs(h, weight, targets, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:

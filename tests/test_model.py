@@ -1,5 +1,6 @@
 """The model core against transformers' LlamaForCausalLM, through the real converter."""
 
+import pytest
 import torch
 
 from llamactl.checkpoint import load_model
@@ -110,3 +111,40 @@ def test_bf16_autocast_loss_tracks_fp32_and_reaches_master_weights():
     # bf16 keeps 8 bits of mantissa: logits of size ~1 carry errors ~1e-2, the mean loss far less
     assert abs(loss.item() - ref.item()) < 2e-2
     assert model.output.weight.grad.dtype == torch.float32 and model.output.weight.grad.abs().sum() > 0
+
+
+def _tiny(head: str = "lm") -> Transformer:
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16, max_seq_len=32)
+    model = Transformer(ModelArgs(**{**args.to_dict(), "head": head}))
+    model.init_weights(0)
+    return model
+
+
+def test_forward_outputs_against_full_logits():
+    """loss, loss_sum and logprobs, computed from hidden states without full logits, against log_softmax of the
+    full logits written out here; masked and -100 targets excluded."""
+    model = _tiny()
+    g = torch.Generator().manual_seed(1)
+    tokens, targets = torch.randint(0, 50, (3, 9), generator=g), torch.randint(0, 50, (3, 9), generator=g)
+    targets[0, :4] = -100
+    mask = torch.rand(3, 9, generator=g) > 0.4
+    logp = torch.log_softmax(model(tokens, output="logits").double(), -1)
+    keep = (targets != -100) & mask
+    picked = logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * keep
+    total, count = model(tokens, targets, mask, output="loss_sum")
+    assert count.item() == keep.sum().item()
+    torch.testing.assert_close(total.double(), -picked.sum(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(tokens, targets, mask).double(), -picked.sum() / keep.sum(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model(tokens, targets, mask, output="logprobs").double(), picked, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_refuses_outputs_the_head_lacks():
+    lm, rm = _tiny("lm"), _tiny("scalar")
+    tokens = torch.randint(0, 50, (1, 5))
+    with pytest.raises(ValueError, match="scalar-head \\(reward\\) model has no 'loss' output"):
+        rm(tokens, tokens)
+    with pytest.raises(ValueError, match="a language model has no 'scores' output"):
+        lm(tokens, output="scores")
+    with pytest.raises(ValueError, match="output 'logprobs' needs targets"):
+        lm(tokens, output="logprobs")
+    assert rm(tokens).shape == (1, 5)

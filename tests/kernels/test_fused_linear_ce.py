@@ -104,3 +104,27 @@ def test_matches_torch_cross_entropy(device, assert_close):
     h, w, targets, _ = _inputs(40, 16, 37, torch.float32, device, seed=4)
     expected = F.cross_entropy(h @ w.t(), targets, ignore_index=IGNORE_INDEX)
     assert_close(linear_cross_entropy_triton(h, w, targets, chunk_size=16), expected)
+
+
+@pytest.mark.parametrize("impl", ["torch-chunked", "triton"])
+def test_no_gradient_work_under_no_grad(impl, monkeypatch, device):
+    """Evaluation under no_grad must not compute the gradients the training forward computes in passing (two extra
+    matmuls per chunk): the chunk op is then asked for no gradient, and the result is still the mean loss."""
+    from llamactl.kernels import fused_linear_ce as ce
+
+    name = "_ce_chunk_torch" if impl == "torch-chunked" else "_ce_chunk_triton"
+    original, asked = getattr(ce, name), []
+
+    def spy(logits, targets, scale):
+        asked.append(scale is not None)
+        return original(logits, targets, scale)
+
+    monkeypatch.setattr(ce, name, spy)
+    h, w, t = _inputs(40, 16, 50, torch.float32, device)[:3]
+    with torch.no_grad():
+        loss = LOSSES[impl](h, w, t)
+    assert asked and not any(asked)
+    torch.testing.assert_close(loss, linear_cross_entropy_ref(h.detach(), w.detach(), t))
+    asked.clear()
+    LOSSES[impl](h, w, t).backward()  # with grad enabled the same call does compute them
+    assert asked and all(asked)
