@@ -21,9 +21,6 @@ from collections.abc import Iterator
 
 from llamactl.errors import Interrupted, UserError
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
 
 def display_name(path: str) -> str:
     return "<stdin>" if path == "-" else path
@@ -139,20 +136,31 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc), else by setting it back."""
+    with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def new_temp(directory: str, name: str) -> str:
-    """An empty temporary file in ``directory`` for ``name``, with the permissions any new file gets (not 0600)."""
+    """An empty temporary file in ``directory`` for ``name`` (``publish`` puts it in place)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
-    finally:
-        os.close(fd)
+    os.close(fd)
     return tmp
 
 
 def publish(tmp: str, path: str) -> None:
-    """Put the finished temporary file ``tmp`` in place at ``path``: data on disk first, then the name."""
+    """Put the finished temporary file ``tmp`` in place at ``path``: data on disk first, then the name.
+
+    It gets the permissions any new file gets (0644 under umask 022), not mkstemp's 0600 (nor those of a writer
+    that replaced the temporary file with its own), so that other users and other nodes can read it.
+    """
     fd = os.open(tmp, os.O_RDONLY)
     try:
+        os.fchmod(fd, 0o666 & ~umask())
         os.fsync(fd)
     finally:
         os.close(fd)

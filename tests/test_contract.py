@@ -394,3 +394,150 @@ def test_each_spec_is_a_valid_invocation(name, world, tmp_path):
 def test_every_command_has_a_spec():
     """A new command joins the contract: give it a spec (and rows in CASES for what it checks of its own)."""
     assert set(_commands()) == set(SPECS)
+
+
+# ----------------------------------------------------------------------- outputs the table cannot express
+
+
+def _generate(world, out: str) -> list[str]:
+    return ["generate", "-m", world["model"], "-i", world["prompts"], "-o", out, "--max-new-tokens", "2"]
+
+
+def test_special_outputs_are_written_in_place_and_symlinks_through(world, tmp_path):
+    """As shell redirection does: a device stays a device, a FIFO gets the data, a symlink keeps pointing."""
+    import threading
+
+    make_special(tmp_path)
+    os.symlink("new.jsonl", tmp_path / "dangling")
+    for name in ("link", "dangling"):
+        proc = run_cli(*_generate(world, str(tmp_path / name)))
+        assert proc.returncode == 0, proc.stderr
+        assert os.path.islink(tmp_path / name)
+    assert len((tmp_path / "file").read_text().splitlines()) == 2  # the target of "link" holds the two results
+    assert len((tmp_path / "new.jsonl").read_text().splitlines()) == 2
+    got = []
+    reader = threading.Thread(target=lambda: got.append((tmp_path / "fifo").read_text()))
+    reader.start()
+    proc = run_cli(*_generate(world, str(tmp_path / "fifo")))
+    reader.join(60)
+    assert proc.returncode == 0 and len(got[0].splitlines()) == 2, proc.stderr
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "fifo").st_mode)
+    if not os.path.exists(tmp_path / "null"):
+        pytest.skip("making a device node needs root")
+    proc = run_cli(*_generate(world, str(tmp_path / "null")))
+    assert proc.returncode == 0, proc.stderr
+    st = os.lstat(tmp_path / "null")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+    assert sorted(os.listdir(tmp_path)) == ["dangling", "fifo", "file", "link", "new.jsonl", "null"]
+
+
+def test_a_full_disk_is_one_line(world, tmp_path):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    proc = run_cli(*_generate(world, "/dev/full"))
+    assert (
+        proc.returncode == 2
+        and proc.stderr == "llamactl generate: error: /dev/full: cannot write (No space left on device)\n"
+    )
+    import subprocess
+    import sys
+
+    from helpers import ENV
+
+    with open("/dev/full", "w") as full:  # stdout itself full: `llamactl generate ... > /dev/full`
+        proc = subprocess.run([sys.executable, "-m", "llamactl.cli", *_generate(world, "-")], stdout=full,
+                              stderr=subprocess.PIPE, text=True, env=ENV)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == "llamactl generate: error: <stdout>: cannot write (No space left on device)\n"
+
+
+def test_shards_get_the_permissions_of_any_new_file(world, tmp_path):
+    from llamactl.files import umask
+
+    out = tmp_path / "shards"
+    proc = run_cli("tokenize", "encode", world["text"], "-t", world["tok"], "--out", out, "--shard-tokens", "2000")
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "reference", "w"):  # what open() gives a new file under this umask
+        pass
+    want = stat.S_IMODE(os.stat(tmp_path / "reference").st_mode)
+    assert want == 0o666 & ~umask()
+    modes = {name: stat.S_IMODE(os.stat(out / name).st_mode) for name in os.listdir(out)}
+    assert len(modes) > 3 and set(modes.values()) == {want}, modes
+
+
+def test_resume_never_unpickles(world, tmp_path):
+    """A run directory from someone else runs no code: an old-style trainer.pt is refused, not loaded."""
+    import pickle
+
+    run = tmp_path / "run"
+    shutil.copytree(world["run_pickle"], run)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    (run / "step-0000002" / "trainer.pt").write_bytes(pickle.dumps(Payload()))
+    proc = run_cli("pretrain", world["shards"], "-o", run, "--resume", *PRETRAIN_FLAGS)
+    assert proc.returncode == 2 and "trainer.pt" in proc.stderr, proc.stderr
+    assert not marker.exists()
+    assert sorted(os.listdir(os.path.join(world["run"], "step-0000002"))) == [
+        "model.safetensors",
+        "trainer.json",
+        "trainer.safetensors",
+    ]
+
+
+def test_resuming_a_finished_run_says_it_is_complete(world):
+    before = snapshot(world["run"])
+    proc = run_cli("pretrain", world["shards"], "-o", world["run"], "--resume", *PRETRAIN_FLAGS)
+    assert proc.returncode == 0, proc.stderr
+    with open(os.path.join(world["run"], "metrics.jsonl")) as f:
+        last = json.loads(f.read().splitlines()[-1])
+    assert f"is complete at step 2 of 2 (last loss {last['loss']:.4f})" in proc.stderr
+    assert "nan" not in proc.stderr
+    assert snapshot(world["run"]) == before
+
+
+def test_set_types_values_by_field(world, tmp_path):
+    """--set tie_embeddings=false unties (it once stored the string "False", which tied them and broke config.json)."""
+    from llamactl.checkpoint import load_tensors, read_meta
+
+    run = tmp_path / "run"
+    proc = run_cli("pretrain", world["shards"], "-o", run, *PRETRAIN_FLAGS, "--set", "tie_embeddings=false")
+    assert proc.returncode == 0, proc.stderr
+    meta = read_meta(str(run / "model.safetensors"))
+    assert meta.args.tie_embeddings is False and "output.weight" in load_tensors(str(run / "model.safetensors"))
+    proc = run_cli("convert", run / "model.safetensors", "--to", "hf", "-o", tmp_path / "hf")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_config_sizes_match_what_the_model_allocates():
+    """The memory checks count what KVCache and the rotary tables really allocate."""
+    import torch
+
+    from llamactl.config import kv_cache_bytes, rope_bytes
+    from llamactl.model import KVCache, ModelArgs, Transformer
+
+    args = ModelArgs(dim=48, n_layers=3, n_heads=6, n_kv_heads=2, vocab_size=50, multiple_of=16, max_seq_len=40)
+    for dtype in (torch.float32, torch.bfloat16):
+        cache = KVCache(args, 3, 17, "cpu", dtype)
+        assert kv_cache_bytes(args, 3, 17, dtype) == sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+    model = Transformer(args)
+    assert rope_bytes(args) == model.rope_cos.nbytes + model.rope_sin.nbytes
+
+
+def test_progress_off_a_terminal_is_a_line_now_and_then(monkeypatch, capsys):
+    from llamactl import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    bar = progress.progress("pretrain", "step", total=3)
+    assert isinstance(bar, progress.LogProgress)  # pytest's stderr is not a terminal
+    for _ in range(3):
+        bar.update(1)
+        bar.set_postfix(loss="1.000")
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" (")[0] for line in lines] == ["pretrain: 1/3 step", "pretrain: 2/3 step", "pretrain: 3/3 step"]
+    assert lines[1].endswith(", loss 1.000") and "\r" not in "".join(lines)
