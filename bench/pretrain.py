@@ -24,7 +24,7 @@ import numpy as np
 HF_SCRIPT = r"""
 import json, sys, time, torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from llamactl.commands.pretrain import Windows
+from llamactl.data import Windows
 from llamactl.convert import hf_config
 from llamactl.model import preset
 from llamactl.shards import open_shards

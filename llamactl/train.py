@@ -411,3 +411,174 @@ class MetricsLog:
     def close(self) -> None:
         if self.enabled:
             self.f.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The training loop: one for every stage. A stage brings a Task (its step-pure batches and its loss); the loop owns
+# micro-steps and accumulation, the normalisation, clipping, the schedule, evaluation, metrics, signals and
+# checkpoints.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Task:
+    """What a training stage gives the loop. ``batch`` must be a pure function of (step, micro, rank): the data
+    position is then the step number alone, which is what makes a resumed run repeat the uninterrupted one."""
+
+    def batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        """This rank's micro-batch ``micro`` of optimizer step ``step`` (tensors on the CPU)."""
+        raise NotImplementedError
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many units (tokens, pairs) of ``batch`` the loss sums over."""
+        raise NotImplementedError
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of the per-unit losses, number of units) of ``batch`` on the model's device, through ``model``'s
+        forward (so DDP and FSDP hooks run)."""
+        raise NotImplementedError
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Held-out metrics (every rank calls it; reduce across ranks inside). Empty when the task has none."""
+        return {}
+
+
+@dataclass
+class LoopConfig:
+    steps: int
+    accum: int  # micro-steps per optimizer step on each rank
+    lr: float
+    warmup: int
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 0
+    save_every: int = 0
+    keep: int = 2
+    log_every: int = 1
+    bf16: bool = False  # autocast to bf16 over fp32 master weights
+    tokens_per_step: int | None = None  # for tokens/s; with flops_per_token also MFU
+    flops_per_token: float | None = None
+    name: str = "train"  # the command, for the progress bar and messages
+
+
+def fit(
+    task: Task,
+    model: Transformer,
+    wrapped: torch.nn.Module,
+    optim: torch.optim.Optimizer,
+    cfg: LoopConfig,
+    run_dir: str,
+    meta: CheckpointMeta,
+    trainer_state: dict,
+    d: Dist,
+    device: torch.device,
+    start_step: int = 0,
+    forward: torch.nn.Module | None = None,
+    metrics_resume: bool = False,
+) -> dict:
+    """Train from ``start_step`` to ``cfg.steps``; returns {"step", "loss", "val_*"..., "stopped"}.
+
+    The loss of a step is the sum of every counted unit's loss over all micro-steps and ranks divided once by their
+    total count (known before the first backward from ``task.count``): a mean of per-micro-batch means would weight
+    a micro-batch of 3 answer tokens like one of 300. DDP and FSDP average gradients over ranks, hence the factor
+    ``world`` in each micro-step's scale. SIGINT, SIGTERM and SIGHUP save a checkpoint at the end of the current
+    step on every rank and raise KeyboardInterrupt; a finite loss is checked every step.
+    """
+    from llamactl.progress import progress
+
+    forward = forward if forward is not None else wrapped
+    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), start_step if metrics_resume else None, d.main)
+    peak_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    peak_flops = matmul_peak_flops(peak_dtype, device) * d.world if cfg.flops_per_token else None
+    remeasured = False
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+
+    def save(step: int) -> None:
+        save_checkpoint(run_dir, step, wrapped, optim, meta, trainer_state, d, cfg.keep)
+
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        with torch.no_grad(), autocast():
+            out = task.evaluate(forward)
+        model.train()
+        return out
+
+    last: dict = {"loss": float("nan")}
+    bar = progress(cfg.name, "step", total=cfg.steps, initial=start_step, disable=not d.main)
+    step = start_step
+    try:
+        model.train()
+        t_last = time.perf_counter()
+        while step < cfg.steps:
+            cur_lr = cosine_lr(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+            for group in optim.param_groups:
+                group["lr"] = cur_lr
+            batches = [task.batch(step, m, d.rank, d.world) for m in range(cfg.accum)]
+            total = torch.tensor(float(sum(task.count(b) for b in batches)), device=device)
+            if d.world > 1:
+                dist.all_reduce(total)
+            if float(total) <= 0:
+                raise UserError(f"step {step + 1}: no unit of this step's batches counts toward the loss")
+            scale = d.world / total
+            loss_sum = torch.zeros((), device=device)
+            for m, b in enumerate(batches):
+                with grad_sync(wrapped, m == cfg.accum - 1), autocast():
+                    part, _ = task.loss(forward, b)
+                    (part * scale).backward()
+                loss_sum += part.detach().float()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            optim.step()
+            optim.zero_grad(set_to_none=True)
+            step += 1
+            if d.world > 1:
+                dist.all_reduce(loss_sum)
+            train_loss = float(loss_sum / total)
+            if not math.isfinite(train_loss):
+                raise UserError(f"step {step}: loss is {train_loss}; lower --lr (now {cfg.lr}) or check the data")
+            now = time.perf_counter()
+            last["loss"] = train_loss
+            row = {"step": step, "loss": round(train_loss, 6), "lr": cur_lr, "grad_norm": round(float(grad_norm), 6)}
+            if cfg.tokens_per_step:
+                tok_s = cfg.tokens_per_step / (now - t_last)
+                row["tokens_per_s"] = round(tok_s, 1)
+                if peak_flops:
+                    row["mfu"] = round(tok_s * cfg.flops_per_token / peak_flops, 4)
+                    if row["mfu"] > 1 and not remeasured:  # the start-up measurement was taken on a busy machine
+                        peak_flops = max(peak_flops, matmul_peak_flops(peak_dtype, device) * d.world)
+                        row["mfu"], remeasured = round(tok_s * cfg.flops_per_token / peak_flops, 4), True
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                val = evaluate()
+                last.update(val)
+                row.update({k: round(v, 6) for k, v in val.items()})
+            if step % cfg.log_every == 0 or any(k.startswith("val_") for k in row):
+                metrics.write(row)
+            fault_point("step-done", step)
+            bar.update(1)
+            postfix = {"loss": f"{train_loss:.3f}"}
+            if "tokens_per_s" in row:
+                postfix["tok_s"] = f"{row['tokens_per_s']:.0f}"
+            bar.set_postfix(**postfix)
+            wants_stop = torch.tensor(float(stop["signal"] is not None), device=device)  # NCCL reduces CUDA only
+            if float(all_reduce_mean(wants_stop, d)) > 0 or (cfg.save_every and step % cfg.save_every == 0):
+                save(step)
+            if stop["signal"] is not None:
+                break
+            t_last = time.perf_counter()  # exclude evaluation and checkpoint time from the next throughput
+        saved = cfg.save_every and step % cfg.save_every == 0
+        if step == cfg.steps and step > start_step and not saved and stop["signal"] is None:
+            save(step)
+    finally:
+        bar.close()
+        metrics.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    return {"step": step, "stopped": stop["signal"] is not None, **last}

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
-import time
 from dataclasses import dataclass, field
 
 from llamactl.errors import UserError
@@ -103,35 +101,6 @@ def run_settings(cfg: PretrainConfig, global_tokens: int) -> dict:
     return {**{k: getattr(cfg, k) for k in keys}, "global_batch_tokens": global_tokens}
 
 
-class Windows:
-    """Training sequences: windows of seq_len + 1 tokens at a stride of seq_len (a window's last token starts the
-    next one), in a seeded random order per epoch.
-
-    Sample g of the run is window perm_{g // n}[g % n]: a pure function of g, so the data position is one integer
-    that a checkpoint restores exactly, and ranks read disjoint samples of the same global order.
-    """
-
-    def __init__(self, split, seq_len: int, seed: int, shuffle: bool = True):
-        self.split, self.seq_len, self.seed, self.shuffle = split, seq_len, seed, shuffle
-        self.n = (len(split) - 1) // seq_len
-        self._epoch, self._perm = -1, None
-
-    def batch(self, first: int, count: int):
-        import numpy as np
-        import torch
-
-        rows = []
-        for g in range(first, first + count):
-            epoch, i = divmod(g, self.n)
-            if self.shuffle and epoch != self._epoch:
-                self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
-                self._epoch = epoch
-            w = int(self._perm[i]) if self.shuffle else i
-            rows.append(self.split.tokens(w * self.seq_len, w * self.seq_len + self.seq_len + 1))
-        t = torch.from_numpy(np.stack(rows))
-        return t[:, :-1], t[:, 1:]
-
-
 def unigram_loss(train_split, val_split, vocab_size: int, max_tokens: int = 50_000_000) -> float:
     """Cross-entropy (nats/token) of the val split under the train split's add-one smoothed unigram frequencies:
     the loss of a model that ignores context, which a trained model must beat."""
@@ -147,17 +116,16 @@ def unigram_loss(train_split, val_split, vocab_size: int, max_tokens: int = 50_0
 
 def run(cfg: PretrainConfig) -> dict:
     """Train; returns a summary (final step, last train and validation loss, checkpoint path)."""
-    import math
 
     import torch
 
     from llamactl import train as T
     from llamactl.checkpoint import CheckpointMeta, load_tensors, make_lineage
     from llamactl.config import check_memory, rope_bytes
+    from llamactl.data import Windows, WindowsTask
     from llamactl.device import bf16_supported, resolve_device, seed_everything
     from llamactl.files import link_or_copy
     from llamactl.model import Transformer
-    from llamactl.progress import progress
     from llamactl.shards import INDEX_NAME, open_shards
 
     cfg.validate()
@@ -181,7 +149,8 @@ def run(cfg: PretrainConfig) -> dict:
         )
     accum = global_tokens // micro_tokens
     windows = Windows(train_split, cfg.seq_len, cfg.seed)
-    if cfg.eval_every and Windows(val_split, cfg.seq_len, cfg.seed).n < cfg.batch_size * d.world:
+    val_windows = Windows(val_split, cfg.seq_len, cfg.seed, shuffle=False) if val_split is not None else None
+    if cfg.eval_every and val_windows.n < cfg.batch_size * d.world:
         raise UserError(f"{cfg.data}: the 'val' split is shorter than one batch of {cfg.batch_size} x {cfg.seq_len}")
     if windows.n < cfg.batch_size * accum * d.world:
         raise UserError(f"{cfg.data}: {len(train_split)} training tokens do not fill one global batch")
@@ -235,103 +204,21 @@ def run(cfg: PretrainConfig) -> dict:
     tok = data.load_tokenizer()
     lineage = make_lineage("pretrain", cfg.argv or sys.argv[1:], [os.path.join(cfg.data, INDEX_NAME)])
     meta = CheckpointMeta(args, tok.model_bytes, lineage)
-    metrics = T.MetricsLog(os.path.join(cfg.output, "metrics.jsonl"), start_step if ckpt else None, d.main)
-    peak_dtype = torch.bfloat16 if use_bf16 else torch.float32
-    peak_flops, remeasured = T.matmul_peak_flops(peak_dtype, device) * d.world, False
-    flops_tok = T.flops_per_token(args, cfg.seq_len)
     trainer_state = {"model_args": args.to_dict(), "settings": run_settings(cfg, global_tokens)}
 
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-    def evaluate() -> float:
-        model.eval()
-        vw = Windows(val_split, cfg.seq_len, cfg.seed, shuffle=False)
-        n = min(cfg.eval_batches, vw.n // cfg.batch_size // d.world)  # >= 1: checked before training
-        total = torch.zeros((), device=device)
-        with torch.no_grad(), autocast():
-            for b in range(n):
-                x, y = vw.batch((b * d.world + d.rank) * cfg.batch_size, cfg.batch_size)
-                total += forward(x.to(device), y.to(device)).float()
-        model.train()
-        return float(T.all_reduce_mean(total / n, d))
-
-    def save(step: int) -> None:
-        T.save_checkpoint(cfg.output, step, wrapped, optim, meta, trainer_state, d, cfg.keep)
-
-    last = {"loss": float("nan"), "val_loss": None}
-    bar = progress("pretrain", "step", total=cfg.steps, initial=start_step, disable=not d.main)
-    step = start_step
-    try:
-        model.train()
-        t_last = time.perf_counter()
-        while step < cfg.steps:
-            cur_lr = T.cosine_lr(step, lr, warmup, cfg.steps, cfg.min_lr_ratio)
-            for group in optim.param_groups:
-                group["lr"] = cur_lr
-            loss_sum = torch.zeros((), device=device)
-            for m in range(accum):
-                first = step * accum * d.world * cfg.batch_size + (m * d.world + d.rank) * cfg.batch_size
-                x, y = windows.batch(first, cfg.batch_size)
-                with T.grad_sync(wrapped, m == accum - 1), autocast():
-                    loss = forward(x.to(device), y.to(device))
-                    (loss / accum).backward()
-                loss_sum += loss.detach().float()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            optim.step()
-            optim.zero_grad(set_to_none=True)
-            step += 1
-            train_loss = float(T.all_reduce_mean(loss_sum / accum, d))
-            if not math.isfinite(train_loss):
-                raise UserError(f"step {step}: loss is {train_loss}; lower --lr (now {lr}) or check the data")
-            now = time.perf_counter()
-            tok_s = global_tokens / (now - t_last)
-            t_last = now
-            last["loss"] = train_loss
-            row = {
-                "step": step,
-                "loss": round(train_loss, 6),
-                "lr": cur_lr,
-                "grad_norm": round(float(grad_norm), 6),
-                "tokens_per_s": round(tok_s, 1),
-                "mfu": round(tok_s * flops_tok / peak_flops, 4),
-            }
-            if row["mfu"] > 1 and not remeasured:  # the start-up measurement was taken on a busy machine
-                peak_flops = max(peak_flops, T.matmul_peak_flops(peak_dtype, device) * d.world)
-                row["mfu"], remeasured = round(tok_s * flops_tok / peak_flops, 4), True
-            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                val = evaluate()
-                last["val_loss"] = val
-                row.update(val_loss=round(val, 6), val_ppl=round(math.exp(min(val, 50.0)), 3))
-            if step % cfg.log_every == 0 or "val_loss" in row:
-                metrics.write(row)
-            T.fault_point("step-done", step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:.0f}")
-            wants_stop = torch.tensor(float(stop["signal"] is not None), device=device)  # NCCL reduces CUDA only
-            if float(T.all_reduce_mean(wants_stop, d)) > 0 or (cfg.save_every and step % cfg.save_every == 0):
-                save(step)
-            if stop["signal"] is not None:
-                break
-            t_last = time.perf_counter()  # exclude evaluation and checkpoint time from the next throughput
-        saved = cfg.save_every and step % cfg.save_every == 0
-        if step == cfg.steps and step > start_step and not saved and stop["signal"] is None:
-            save(step)
-    finally:
-        bar.close()
-        metrics.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-    if stop["signal"] is not None:
+    task = WindowsTask(windows, cfg.batch_size, accum, device, val_windows, cfg.eval_batches if cfg.eval_every else 0)
+    loop = T.LoopConfig(
+        steps=cfg.steps, accum=accum, lr=lr, warmup=warmup, min_lr_ratio=cfg.min_lr_ratio, grad_clip=cfg.grad_clip,
+        eval_every=cfg.eval_every, save_every=cfg.save_every, keep=cfg.keep, log_every=cfg.log_every, bf16=use_bf16,
+        tokens_per_step=global_tokens, flops_per_token=T.flops_per_token(args, cfg.seq_len), name="pretrain",
+    )  # fmt: skip
+    result = T.fit(
+        task, model, wrapped, optim, loop, cfg.output, meta, trainer_state, d, device, start_step, forward,
+        metrics_resume=ckpt is not None,
+    )  # fmt: skip
+    step = result["step"]
+    last = {"loss": result["loss"], "val_loss": result.get("val_loss")}
+    if result["stopped"]:
         if d.main:
             print(
                 f"llamactl pretrain: stopped at step {step}; checkpoint saved, continue with --resume", file=sys.stderr
