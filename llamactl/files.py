@@ -205,16 +205,18 @@ def atomic_path(path: str) -> Iterator[str]:
             yield target
         return
     directory = os.path.dirname(target)
-    with named_errors(path, target, directory):
-        os.makedirs(directory, exist_ok=True)
-        tmp = new_temp(directory, os.path.basename(target))
+    tmp = None
     try:
+        with signals_held(), named_errors(path, target, directory):
+            os.makedirs(directory, exist_ok=True)
+            tmp = new_temp(directory, os.path.basename(target))
         with named_errors(path, target, tmp):
             yield tmp
             publish(tmp, target)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 def link_or_copy(src: str, path: str) -> None:
@@ -231,6 +233,20 @@ def link_or_copy(src: str, path: str) -> None:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
+
+
+INTERRUPTIONS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Delay SIGINT, SIGTERM and SIGHUP over a few statements that make a file and record its name, so that an
+    interruption never falls between the two (and leaves a file nobody will remove)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTIONS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _raise_interrupted(signum: int, frame) -> None:

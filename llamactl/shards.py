@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from llamactl.errors import UserError
-from llamactl.files import atomic_path, kind_of, new_temp, publish
+from llamactl.files import atomic_path, kind_of, new_temp, publish, signals_held
 from llamactl.tokenizer import Tokenizer
 
 INDEX_NAME = "index.json"
@@ -162,16 +162,17 @@ class ShardWriter:
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         entry = self._splits[split]
-        self._temp = new_temp(self.directory, split)
+        with signals_held():
+            self._temp = new_temp(self.directory, split)
         # One metadata entry: safetensors writes metadata in hash-map order, and the file should be the same bytes
         # for the same documents.
         save_file({"tokens": tokens, "offsets": offsets}, self._temp, metadata={"format": FORMAT})
         digest = hashlib.sha256(tokens.data)
         digest.update(offsets.data)
         name = f"{split}-{len(entry['shards']):05d}-{digest.hexdigest()[:16]}.safetensors"
+        self._written.append(name)  # before the rename: an interruption just after it must still remove the shard
         publish(self._temp, os.path.join(self.directory, name))
         self._temp = None
-        self._written.append(name)
         entry["shards"].append({"file": name, "num_tokens": int(tokens.size), "num_docs": len(lengths)})
         entry["num_tokens"] += int(tokens.size)
         entry["num_docs"] += len(lengths)

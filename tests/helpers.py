@@ -29,6 +29,19 @@ def tiny_hf_config(**overrides):
     return LlamaConfig(**cfg)
 
 
+def save_chatty_model(path: str, max_seq_len: int = 128):
+    """A random one-layer model with Llama 2's tokenizer embedded (prompts can be text); returns the model."""
+    from llamactl.checkpoint import save_model
+    from llamactl.model import ModelArgs, Transformer
+    from llamactl.tokenizer import Tokenizer
+
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=32000, multiple_of=16, max_seq_len=max_seq_len)
+    model = Transformer(args)
+    model.init_weights(0)
+    save_model(path, model, tokenizer=Tokenizer.from_file(os.path.join(FIXTURES, "llama2-tokenizer.model")).model_bytes)
+    return model
+
+
 class CliServer:
     """Runs ``llamactl ARGS`` as forked children of one process that has imported torch (tests/cli_server.py):
     each run is a process of its own with real descriptors, exit code and signals, ~2 s faster to start."""

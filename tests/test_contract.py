@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import FIXTURES, run_cli
+from helpers import FIXTURES, run_cli, save_chatty_model
 
 TOKENIZER = os.path.join(FIXTURES, "llama2-tokenizer.model")
 TINY = ["--set", "dim=32", "--set", "n_layers=1", "--set", "n_heads=4", "--set", "multiple_of=16"]
@@ -39,10 +39,9 @@ def world(tmp_path_factory) -> dict[str, str]:
     """Valid inputs of every kind, made once: the rows point their commands at these (and must leave them be)."""
     import torch
 
-    from llamactl.checkpoint import CheckpointMeta, plan_from_tensors, save_model, write_safetensors
+    from llamactl.checkpoint import CheckpointMeta, plan_from_tensors, write_safetensors
     from llamactl.commands.pretrain import PretrainConfig
     from llamactl.commands.pretrain import run as pretrain
-    from llamactl.model import ModelArgs, Transformer
     from llamactl.shards import ShardWriter
     from llamactl.tokenizer import Tokenizer
 
@@ -52,11 +51,9 @@ def world(tmp_path_factory) -> dict[str, str]:
     shutil.copyfile(TOKENIZER, w["tok"])
     tok = Tokenizer.from_file(w["tok"])
 
-    args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=32000, multiple_of=16, max_seq_len=64)
-    model = Transformer(args)
-    model.init_weights(0)
     w["model"] = str(root / "model.safetensors")
-    save_model(w["model"], model, tokenizer=tok.model_bytes)
+    model = save_chatty_model(w["model"], max_seq_len=64)
+    args = model.args
 
     # the same weights under headers that lie: absurd context, damaged lineage, a string where a bool belongs
     plans = plan_from_tensors(model.state_dict())

@@ -12,12 +12,9 @@ import sys
 import time
 
 import pytest
-from helpers import ENV, FIXTURES
+from helpers import ENV, FIXTURES, save_chatty_model
 
-from llamactl.checkpoint import save_model
-from llamactl.model import ModelArgs, Transformer
 from llamactl.shards import open_shards
-from llamactl.tokenizer import Tokenizer
 
 TOKENIZER = os.path.join(FIXTURES, "llama2-tokenizer.model")
 HANG_GUARD_S = 120  # only against a hang: every wait below ends on an event, not on time
@@ -25,11 +22,8 @@ HANG_GUARD_S = 120  # only against a hang: every wait below ends on an event, no
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> str:
-    args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=32000, multiple_of=16, max_seq_len=64)
-    m = Transformer(args)
-    m.init_weights(0)
     path = str(tmp_path_factory.mktemp("m") / "model.safetensors")
-    save_model(path, m, tokenizer=Tokenizer.from_file(TOKENIZER).model_bytes)
+    save_chatty_model(path)
     return path
 
 
