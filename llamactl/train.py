@@ -19,6 +19,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -582,3 +583,109 @@ def fit(
         for s, h in old_handlers.items():
             signal.signal(s, h)
     return {"step": step, "stopped": stop["signal"] is not None, **last}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Around the loop: what every training command does before and after ``fit``, once.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def open_run(run_dir: str, resume: bool, args: ModelArgs, settings: dict) -> tuple[str | None, dict | None]:
+    """The run's latest checkpoint and its trainer state (None, None for a new run), refusing a run directory that
+    holds a run without ``--resume``, and a resume whose model config or loss-curve settings differ."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt and not resume:
+        raise UserError(f"{run_dir}: holds a run (latest {os.path.basename(ckpt)}); pass --resume or another -o")
+    if not ckpt:
+        return None, None
+    state = load_trainer_state(ckpt)
+    if state["model_args"] != args.to_dict():
+        raise UserError(f"{ckpt}: was trained with another model config than this command asks for")
+    changed = [k for k, v in settings.items() if state["settings"].get(k) != v]
+    if changed:
+        was = ", ".join(f"--{k.replace('_', '-')} {state['settings'].get(k)}" for k in changed)
+        raise UserError(f"{ckpt}: resume with the flags the run started with ({was})")
+    return ckpt, state
+
+
+def prepare(
+    model: Transformer,
+    ckpt: str | None,
+    state: dict | None,
+    d: Dist,
+    device: torch.device,
+    distributed: str,
+    lr: float,
+    weight_decay: float,
+    compile: bool = False,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.nn.Module]:
+    """Move the model to its device, wrap it (DDP/FSDP2), make the optimizer and, resuming, load the checkpoint's
+    model and optimizer state and RNGs. Returns (wrapped, optimizer, forward: the wrapped model, compiled if asked)."""
+    from llamactl.checkpoint import load_tensors
+
+    model.to(device)
+    wrapped = wrap_model(model, distributed, d, device)
+    optim = make_optimizer(model, lr, weight_decay, fused=not (d.world > 1 and distributed == "fsdp"))
+    if state is not None:
+        model_sd = load_tensors(os.path.join(ckpt, "model.safetensors"))
+        problem = optimizer_state_problem(model, optim, state["optimizer"])
+        if problem:
+            raise UserError(f"{ckpt}: the trainer state does not fit this run ({problem})")
+        try:
+            load_full_state(wrapped, optim, model_sd, state["optimizer"], d)
+            set_rng_state(state["rng"], state["rng_tensors"])
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
+            raise UserError(f"{ckpt}: the trainer state does not fit this run ({reason})") from None
+    return wrapped, optim, torch.compile(wrapped) if compile else wrapped
+
+
+def start_run_dir(run_dir: str, d: Dist) -> None:
+    """Create the run directory (only once every check has passed: a refused command leaves nothing behind) and
+    remove what an interrupted save left."""
+    os.makedirs(run_dir, exist_ok=True)
+    if d.main:
+        clean_partial(run_dir)
+
+
+def conclude(run_dir: str, result: dict, d: Dist, name: str) -> str:
+    """After ``fit``: a stopped run says how to continue and raises KeyboardInterrupt; a finished one gets its final
+    model as ``RUN/model.safetensors`` (a hard link to the last checkpoint's, no second copy). Returns that
+    checkpoint."""
+    from llamactl.files import link_or_copy
+
+    if result["stopped"]:
+        if d.main:
+            print(
+                f"llamactl {name}: stopped at step {result['step']}; checkpoint saved, continue with --resume",
+                file=sys.stderr,
+            )
+        raise KeyboardInterrupt
+    final = latest_checkpoint(run_dir)
+    if d.main:
+        link_or_copy(os.path.join(final, "model.safetensors"), os.path.join(run_dir, "model.safetensors"))
+    return final
+
+
+def finished_run(run_dir: str, ckpt: str, step: int, steps: int, main: bool, name: str) -> dict:
+    """--resume of a run that has done its --steps: say so with its last losses, and make sure its model is out."""
+    from llamactl.files import link_or_copy
+
+    last: dict = {"loss": None, "val_loss": None}
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.isfile(metrics):
+        with open(metrics, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                with contextlib.suppress(ValueError, AttributeError):
+                    row = json.loads(line)
+                    last.update({k: row[k] for k in ("loss", "val_loss") if isinstance(row.get(k), (int, float))})
+    if main:
+        link_or_copy(os.path.join(ckpt, "model.safetensors"), os.path.join(run_dir, "model.safetensors"))
+        losses = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in last.items() if v is not None)
+        print(
+            f"llamactl {name}: {run_dir} is complete at step {step} of {steps}"
+            + (f" (last {losses})" if losses else "")
+            + "; nothing to do (a longer run needs a new -o)",
+            file=sys.stderr,
+        )
+    return {"step": step, "checkpoint": ckpt, **last}

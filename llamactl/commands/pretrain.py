@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from dataclasses import dataclass, field
@@ -117,14 +116,11 @@ def unigram_loss(train_split, val_split, vocab_size: int, max_tokens: int = 50_0
 def run(cfg: PretrainConfig) -> dict:
     """Train; returns a summary (final step, last train and validation loss, checkpoint path)."""
 
-    import torch
-
     from llamactl import train as T
-    from llamactl.checkpoint import CheckpointMeta, load_tensors, make_lineage
+    from llamactl.checkpoint import CheckpointMeta, make_lineage
     from llamactl.config import check_memory, rope_bytes
     from llamactl.data import Windows, WindowsTask
     from llamactl.device import bf16_supported, resolve_device, seed_everything
-    from llamactl.files import link_or_copy
     from llamactl.model import Transformer
     from llamactl.shards import INDEX_NAME, open_shards
 
@@ -157,22 +153,11 @@ def run(cfg: PretrainConfig) -> dict:
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.preset, 3e-4)
     warmup = cfg.warmup if cfg.warmup is not None else min(2000, cfg.steps // 10)
 
-    ckpt = T.latest_checkpoint(cfg.output)
-    if ckpt and not cfg.resume:
-        raise UserError(f"{cfg.output}: holds a run (latest {os.path.basename(ckpt)}); pass --resume or another -o")
-
-    start_step, state = 0, None
-    if ckpt:
-        state = T.load_trainer_state(ckpt)
-        if state["model_args"] != args.to_dict():
-            raise UserError(f"{ckpt}: was trained with another model config than this command asks for")
-        changed = [k for k, v in run_settings(cfg, global_tokens).items() if state["settings"].get(k) != v]
-        if changed:
-            was = ", ".join(f"--{k.replace('_', '-')} {state['settings'].get(k)}" for k in changed)
-            raise UserError(f"{ckpt}: resume with the flags the run started with ({was})")
-        start_step = state["step"]
-        if start_step >= cfg.steps:
-            return _finished(cfg, ckpt, start_step, d.main)
+    settings = run_settings(cfg, global_tokens)
+    ckpt, state = T.open_run(cfg.output, cfg.resume, args, settings)
+    start_step = state["step"] if state else 0
+    if ckpt and start_step >= cfg.steps:
+        return T.finished_run(cfg.output, ckpt, start_step, cfg.steps, d.main, "pretrain")
 
     # parameters, gradients and AdamW's two moments in fp32, and the rotary tables, before any is allocated
     need = 16 * args.num_params() // d.world + rope_bytes(args)
@@ -181,30 +166,15 @@ def run(cfg: PretrainConfig) -> dict:
     model = Transformer(args)
     model.init_weights(cfg.seed)
     model.grad_checkpointing = cfg.activation_checkpointing
-    model.to(device)
-    wrapped = T.wrap_model(model, cfg.distributed, d, device)
-    optim = T.make_optimizer(model, lr, cfg.weight_decay, fused=not (d.world > 1 and cfg.distributed == "fsdp"))
-    if state is not None:
-        model_sd = load_tensors(os.path.join(ckpt, "model.safetensors"))
-        problem = T.optimizer_state_problem(model, optim, state["optimizer"])
-        if problem:
-            raise UserError(f"{ckpt}: the trainer state does not fit this run ({problem})")
-        try:
-            T.load_full_state(wrapped, optim, model_sd, state["optimizer"], d)
-            T.set_rng_state(state["rng"], state["rng_tensors"])
-        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
-            reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
-            raise UserError(f"{ckpt}: the trainer state does not fit this run ({reason})") from None
-    forward = torch.compile(wrapped) if cfg.compile else wrapped
-    # The run directory appears only now that every check has passed (a refused command leaves nothing behind).
-    os.makedirs(cfg.output, exist_ok=True)
-    if d.main:
-        T.clean_partial(cfg.output)
+    wrapped, optim, forward = T.prepare(
+        model, ckpt, state, d, device, cfg.distributed, lr, cfg.weight_decay, cfg.compile
+    )
+    T.start_run_dir(cfg.output, d)
 
     tok = data.load_tokenizer()
     lineage = make_lineage("pretrain", cfg.argv or sys.argv[1:], [os.path.join(cfg.data, INDEX_NAME)])
     meta = CheckpointMeta(args, tok.model_bytes, lineage)
-    trainer_state = {"model_args": args.to_dict(), "settings": run_settings(cfg, global_tokens)}
+    trainer_state = {"model_args": args.to_dict(), "settings": settings}
 
     task = WindowsTask(windows, cfg.batch_size, accum, device, val_windows, cfg.eval_batches if cfg.eval_every else 0)
     loop = T.LoopConfig(
@@ -218,45 +188,11 @@ def run(cfg: PretrainConfig) -> dict:
     )  # fmt: skip
     step = result["step"]
     last = {"loss": result["loss"], "val_loss": result.get("val_loss")}
-    if result["stopped"]:
-        if d.main:
-            print(
-                f"llamactl pretrain: stopped at step {step}; checkpoint saved, continue with --resume", file=sys.stderr
-            )
-        raise KeyboardInterrupt
-    final = T.latest_checkpoint(cfg.output)
+    final = T.conclude(cfg.output, result, d, "pretrain")
     if d.main:
         baseline = unigram_loss(train_split, val_split, args.vocab_size) if val_split is not None else None
         last["unigram_val_loss"] = baseline
         val = f", val loss {last['val_loss']:.4f}" if last["val_loss"] is not None else ""
         base = f" (unigram baseline {baseline:.4f})" if baseline is not None else ""
         print(f"llamactl pretrain: step {step}, train loss {last['loss']:.4f}{val}{base}", file=sys.stderr)
-    if d.main:  # the final model beside the run's checkpoints: a hard link, no second copy
-        link_or_copy(os.path.join(final, "model.safetensors"), os.path.join(cfg.output, "model.safetensors"))
     return {"step": step, "checkpoint": final, **last}
-
-
-def _finished(cfg: PretrainConfig, ckpt: str, step: int, main: bool) -> dict:
-    """--resume of a run that has done its --steps: say so with its last losses, and make sure its model is out."""
-    import json
-
-    from llamactl.files import link_or_copy
-
-    last: dict = {"loss": None, "val_loss": None}
-    metrics = os.path.join(cfg.output, "metrics.jsonl")
-    if os.path.isfile(metrics):
-        with open(metrics, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                with contextlib.suppress(ValueError, AttributeError):
-                    row = json.loads(line)
-                    last.update({k: row[k] for k in ("loss", "val_loss") if isinstance(row.get(k), (int, float))})
-    if main:
-        link_or_copy(os.path.join(ckpt, "model.safetensors"), os.path.join(cfg.output, "model.safetensors"))
-        losses = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in last.items() if v is not None)
-        print(
-            f"llamactl pretrain: {cfg.output} is complete at step {step} of {cfg.steps}"
-            + (f" (last {losses})" if losses else "")
-            + "; nothing to do (a longer run needs a new -o)",
-            file=sys.stderr,
-        )
-    return {"step": step, "checkpoint": ckpt, **last}
