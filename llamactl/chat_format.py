@@ -49,6 +49,8 @@ def check_dialog(messages: object) -> list[dict]:
                 raise DialogError(f"messages[{i}].{key} must be a string, got {type(msg[key]).__name__}")
         if msg["role"] not in ROLES:
             raise DialogError(f"messages[{i}].role is {msg['role']!r}; allowed: {', '.join(ROLES)}")
+        if not isinstance(msg.get("loss", True), bool):
+            raise DialogError(f"messages[{i}].loss must be true or false, got {msg['loss']!r}")
         for tag in SPECIAL_TAGS:
             if tag in msg["content"]:
                 raise DialogError(f"messages[{i}] ({msg['role']}) contains the special tag {tag!r}: not allowed")
@@ -85,8 +87,8 @@ def encode_dialog(
 ) -> EncodedDialog:
     """Tokens of a whole dialog in Llama 2's chat format, with the loss mask on the assistant answers.
 
-    ``train_on="last"`` masks only the last assistant answer (Ghost Attention trains on the last turn only);
-    ``answers`` lists every answer either way.
+    ``train_on="last"`` masks only the last assistant answer (Ghost Attention trains on the last turn only), and an
+    assistant message carrying ``"loss": false`` is never trained on; ``answers`` lists every answer either way.
 
     Each pair is encoded in one piece, as Meta does, so the answer's first token is found by also encoding the
     prompt alone: with Llama 2's tokenizer (and any trained by ``train_bpe``) pieces never cross the space after
@@ -96,6 +98,7 @@ def encode_dialog(
     """
     assert train_on in ("all", "last"), f"train_on must be 'all' or 'last', got {train_on!r}"
     pairs, final = dialog_turns(messages)
+    answer_msgs = [m for m in messages if m["role"] == "assistant"]
     tokens: list[int] = []
     mask: list[int] = []
     answers: list[tuple[int, int]] = []
@@ -105,7 +108,7 @@ def encode_dialog(
         n = 0
         while n < len(head) and n < len(full) - 1 and full[n] == head[n]:
             n += 1
-        trained = train_on == "all" or k == len(pairs) - 1
+        trained = (train_on == "all" or k == len(pairs) - 1) and answer_msgs[k].get("loss", True)
         answers.append((len(tokens) + n, len(tokens) + len(full)))
         tokens += full
         mask += [0] * n + [int(trained)] * (len(full) - n)

@@ -375,6 +375,93 @@ def pretrain(
     )
 
 
+def config_command(
+    name: str,
+    module: str,
+    config_cls: str,
+    help: str,
+    flags: dict[str, str],
+    short: dict[str, str] | None = None,
+) -> None:
+    """Register ``llamactl NAME`` with one option per field of the command's config dataclass: the types and defaults
+    are the dataclass's (one copy of each default, in the command module), the help texts are ``flags``'s. Every
+    field but ``argv`` needs a help text here, so a new config field cannot go unexposed."""
+    import dataclasses
+    import importlib
+    import inspect
+    import typing
+
+    cls = getattr(importlib.import_module(f"llamactl.commands.{module}"), config_cls)
+    hints = typing.get_type_hints(cls)
+    fields = [f for f in dataclasses.fields(cls) if f.name != "argv"]
+    missing = {f.name for f in fields} ^ set(flags)
+    assert not missing, f"{config_cls}: fields and help texts differ on {sorted(missing)}"
+    params = []
+    for f in fields:
+        names = ["--" + f.name.replace("_", "-")] + ([short[f.name]] if short and f.name in short else [])
+        if hints[f.name] is bool:
+            names = [f"--{f.name.replace('_', '-')}/--no-{f.name.replace('_', '-')}"]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = inspect.Parameter.empty
+        option = typer.Option(*names, help=flags[f.name])
+        params.append(
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[hints[f.name], option]
+            )
+        )
+
+    def command(**kwargs) -> None:
+        run_command(module, config_cls, **kwargs, argv=sys.argv[1:])
+
+    params.sort(key=lambda p: p.default is not inspect.Parameter.empty)  # the required ones first in --help
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__name__ = name.replace("-", "_")
+    app.command(name=name, help=help)(command)
+
+
+config_command(
+    "sft",
+    "sft",
+    "SFTConfig",
+    "Supervised fine-tuning on dialogs (loss on the answers only, packed rows); resumable, and under torchrun.",
+    short={"model": "-m", "output": "-o"},
+    flags={
+        "model": "Base model checkpoint (a language model with its tokenizer).",
+        "data": 'Dialogs JSONL: {"messages": [...]}, {"prompt", "response"}, or HH text in --field.',
+        "output": "Run directory: checkpoints, metrics.jsonl, model.safetensors.",
+        "field": "Record field holding Anthropic HH text (or a message list), e.g. chosen.",
+        "seq_len": "Tokens per training row (capped by the model's context).",
+        "batch_size": "Rows per micro-batch per process.",
+        "global_batch_size": "Rows per optimizer step, reached by gradient accumulation (Llama 2: 64).",
+        "epochs": "Passes over the data (Llama 2: 2); --steps wins when given.",
+        "steps": "Optimizer steps in all (default: from --epochs).",
+        "lr": "Peak learning rate (default: Llama 2's 2e-5).",
+        "min_lr_ratio": "Cosine decay floor as a fraction of the peak.",
+        "warmup": "Warmup steps (default: 3% of the steps).",
+        "weight_decay": "AdamW weight decay on matrices.",
+        "grad_clip": "Clip the global gradient norm (0 = off).",
+        "val_fraction": "Share of the dialogs held out for validation loss.",
+        "eval_every": "Validation loss every N steps (0 = at the end only).",
+        "save_every": "Checkpoint every N steps (and at the end, and on Ctrl-C).",
+        "keep": "Checkpoints kept (0 = all).",
+        "log_every": "metrics.jsonl row every N steps.",
+        "pack": "Pack dialogs into rows (attention kept inside each); --no-pack pads one dialog a row.",
+        "resume": "Continue from the run's latest checkpoint.",
+        "distributed": "Under torchrun: ddp or fsdp (FSDP2 fully_shard).",
+        "activation_checkpointing": "Recompute blocks in backward to save memory.",
+        "compile": "torch.compile the model.",
+        "seed": "Random seed (data order, held-out split).",
+        "device": "auto (cuda if present, else cpu), cpu, cuda or cuda:N.",
+        "dtype": "auto (bf16 autocast where native, else fp32), fp32 or bf16.",
+    },
+)
+
+
 def main(argv: list[str] | None = None) -> None:
     """The entry point: usage errors are one line too (typer's Usage / Try / Error block is three)."""
     import errno

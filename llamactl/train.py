@@ -689,3 +689,12 @@ def finished_run(run_dir: str, ckpt: str, step: int, steps: int, main: bool, nam
             file=sys.stderr,
         )
     return {"step": step, "checkpoint": ckpt, **last}
+
+
+def autocast_bf16(dtype: str, device: torch.device) -> bool:
+    """Whether a training run autocasts to bf16: ``auto`` where the device runs bf16 natively."""
+    from llamactl.device import bf16_supported
+
+    if dtype == "bf16" and not bf16_supported(device):
+        raise UserError(f"--dtype bf16: {device.type} has no native bf16 here; use fp32")
+    return dtype == "bf16" or (dtype == "auto" and bf16_supported(device))

@@ -133,6 +133,21 @@ def test_train_on_last(llama):
     assert last.mask == [int(start <= i < end) for i in range(len(full.tokens))]
 
 
+def test_loss_false_answers_are_not_trained(llama):
+    """gatt-augment marks earlier answers "loss": false: their tokens stay in the dialog, outside the mask."""
+    tok, _ = llama
+    dialog = [dict(m) for m in DIALOGS["several turns with system"]]
+    answers = [i for i, m in enumerate(dialog) if m["role"] == "assistant"]
+    for i in answers[:-1]:
+        dialog[i]["loss"] = False
+    full, marked = encode_dialog(tok, DIALOGS["several turns with system"]), encode_dialog(tok, dialog)
+    assert marked.tokens == full.tokens
+    assert marked.mask == encode_dialog(tok, DIALOGS["several turns with system"], train_on="last").mask
+    dialog[answers[-1]]["loss"] = "no"
+    with pytest.raises(DialogError, match=r"messages\[\d+\]\.loss must be true or false"):
+        encode_dialog(tok, dialog)
+
+
 @pytest.mark.parametrize("tag", ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"])
 @pytest.mark.parametrize("where", [0, 1, 2])
 def test_special_tags_are_refused(llama, tag, where):

@@ -29,6 +29,7 @@ TOKENIZER = os.path.join(FIXTURES, "llama2-tokenizer.model")
 TINY = ["--set", "dim=32", "--set", "n_layers=1", "--set", "n_heads=4", "--set", "multiple_of=16"]
 PRETRAIN_FLAGS = ["--steps", "2", "--seq-len", "16", "--batch-size", "2", "--eval-every", "0", "--save-every", "1"]
 PRETRAIN_FLAGS += ["--dtype", "fp32", *TINY]
+SFT_FLAGS = ["--steps", "1", "--seq-len", "32", "--batch-size", "1", "--global-batch-size", "1", "--dtype", "fp32"]
 
 
 # ------------------------------------------------------------------------------------------------- the inputs
@@ -116,6 +117,27 @@ def world(tmp_path_factory) -> dict[str, str]:
     w["notjson"] = str(root / "notjson.safetensors.index.json")
     Path(w["notjson"]).write_text("{")
     w["base64tok"] = base64.b64encode(b"x").decode()
+
+    # dialogs for sft: one good file, and one file per way a dialog can be wrong (the bad record on line 2)
+    good = {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]}
+    bad = {
+        "dialogs_roles": {"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]},
+        "dialogs_tag": {"messages": [{"role": "user", "content": "a [INST] b"}, {"role": "assistant", "content": "c"}]},
+        "dialogs_empty": {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}]},
+        "dialogs_missing": {"prompt": "a question without its response"},
+        "dialogs_nothing": {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b",
+                                                                            "loss": False}]},
+    }  # fmt: skip
+    w["dialogs"] = str(root / "dialogs.jsonl")
+    Path(w["dialogs"]).write_text(json.dumps(good) + "\n" + json.dumps({"prompt": "2+2?", "response": "4"}) + "\n")
+    for name, rec in bad.items():
+        w[name] = str(root / f"{name}.jsonl")
+        Path(w[name]).write_text(json.dumps(good) + "\n" + json.dumps(rec) + "\n")
+    w["rm"] = str(root / "rm.safetensors")
+    rm_args = {**args.to_dict(), "head": "scalar", "tie_embeddings": False}
+    rm_state = {k: v for k, v in model.state_dict().items() if k != "output.weight"}
+    rm_state["score.weight"] = torch.zeros(1, args.dim)
+    write_safetensors(w["rm"], plan_from_tensors(rm_state), {**header, "config": json.dumps(rm_args)})
     return w
 
 
@@ -178,6 +200,12 @@ SPECS: dict[str, Spec] = {
         inputs=("{model}", "{prompts}"),
     ),
     "pretrain": Spec(["pretrain", "{shards}", "-o", "{out}", *PRETRAIN_FLAGS], out="run", out_dir=True),
+    "sft": Spec(
+        ["sft", "-m", "{model}", "--data", "{dialogs}", "-o", "{out}", *SFT_FLAGS],
+        out="run",
+        out_dir=True,
+        inputs=("{model}", "{dialogs}"),
+    ),  # fmt: skip
     "tokenize train": Spec(
         ["tokenize", "train", "{text}", "-o", "{out}", "--vocab-size", "350"], out="t.model", inputs=("{text}",)
     ),
@@ -271,6 +299,8 @@ GEN = f"generate -m {{model}} -o {OUT} --max-new-tokens 2"
 RUN = " ".join(PRETRAIN_FLAGS)
 NEW_RUN = "pretrain {shards} -o {scratch}/r"
 RESUME = f"--resume {RUN}"
+SFT_RUN = " ".join(SFT_FLAGS)
+SFT = f"sft -m {{model}} -o {{scratch}}/r {SFT_RUN}"
 
 # (id, command line split as a shell would, what the one line names, stdin)
 TABLE: list[tuple] = [
@@ -346,6 +376,16 @@ TABLE: list[tuple] = [
     ("pretrain:resume-wrong-state", f"pretrain {{shards}} -o {{run_wrong_state}} {RESUME}", ["does not fit"]),
     ("pretrain:resume-bad-latest", f"pretrain {{shards}} -o {{run_latest}} {RESUME}", ["latest"]),
     ("pretrain:resume-other-flags", f"pretrain {{shards}} -o {{run}} {RESUME} --lr 1e-3", ["--lr"]),
+    # sft
+    ("sft:roles-out-of-order", f"{SFT} --data {{dialogs_roles}}", ["{dialogs_roles}:2", "messages[0]"]),
+    ("sft:special-tag", f"{SFT} --data {{dialogs_tag}}", ["{dialogs_tag}:2", "[INST]"]),
+    ("sft:empty-answer", f"{SFT} --data {{dialogs_empty}}", ["{dialogs_empty}:2", "messages[1]", "empty answer"]),
+    ("sft:missing-response", f"{SFT} --data {{dialogs_missing}}", ["{dialogs_missing}:2", "'response'"]),
+    ("sft:nothing-to-train-on", f"{SFT} --data {{dialogs_nothing}}", ["{dialogs_nothing}:2", "nothing to train"]),
+    ("sft:reward-model", f"sft -m {{rm}} --data {{dialogs}} -o {{scratch}}/r {SFT_RUN}", ["{rm}", "reward model"]),
+    ("sft:field-missing", f"{SFT} --data {{dialogs}} --field chosen", ["{dialogs}:1", "'chosen'"]),
+    ("sft:batch-does-not-divide", f"{SFT} --data {{dialogs}} --global-batch-size 3 --batch-size 2",
+     ["--global-batch-size 3"]),
 ]  # fmt: skip
 CASES = [Case(row[0], shlex.split(row[1]), row[2], *row[3:]) for row in TABLE]
 
@@ -359,7 +399,7 @@ def test_bad_input_is_one_line_and_changes_nothing(case: Case, world, tmp_path):
     scratch.mkdir()
     make_special(scratch)
     values = {**world, "scratch": str(scratch)}
-    for name in ("model", "prompts", "text", "tok", "tokens"):  # symlinks to inputs, named like them
+    for name in ("model", "prompts", "text", "tok", "tokens", "dialogs"):  # symlinks to inputs, named like them
         values[f"to_{name}"] = str(scratch / f"link-{os.path.basename(world[name])}")
         os.symlink(world[name], values[f"to_{name}"])
     argv = [a.format(**values) for a in case.argv]

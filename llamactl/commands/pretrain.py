@@ -7,12 +7,13 @@ import sys
 from dataclasses import dataclass, field
 
 from llamactl.errors import UserError
+from llamactl.flags import TrainFlags
 
 DEFAULT_LR = {"llama2-70b": 1.5e-4}  # Llama 2 paper, Table 1: 3e-4 for 7B and 13B, 1.5e-4 for 70B
 
 
-@dataclass
-class PretrainConfig:
+@dataclass(kw_only=True)
+class PretrainConfig(TrainFlags):
     data: str
     output: str
     preset: str = "llama2-15m"
@@ -21,43 +22,18 @@ class PretrainConfig:
     batch_size: int = 8  # sequences per micro-batch per process
     global_batch_tokens: int | None = None  # None: one micro-batch per process and step
     steps: int = 1000
-    lr: float | None = None  # None: the preset's peak learning rate from the paper
-    min_lr_ratio: float = 0.1
-    warmup: int | None = None  # None: 2000 as in the paper, at most a tenth of the steps
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    eval_every: int = 100
     eval_batches: int = 8
-    save_every: int = 200
-    keep: int = 2
-    log_every: int = 1
-    resume: bool = False
-    distributed: str = "ddp"
-    activation_checkpointing: bool = False
-    compile: bool = False
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
-    argv: list[str] = field(default_factory=list)
+    warmup: int | None = None  # None: 2000 as in the paper, at most a tenth of the steps
 
     def validate(self) -> None:
-        problems = []
-        for name in ("seq_len", "batch_size", "steps", "eval_batches", "log_every"):
+        from llamactl.flags import flag_problems
+
+        problems = flag_problems(self)
+        for name in ("seq_len", "steps"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every", "keep", "weight_decay", "grad_clip"):
-            if getattr(self, name) < 0:
-                problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.lr is not None and self.lr <= 0:
-            problems.append(f"--lr must be positive, got {self.lr}")
         if self.warmup is not None and not 0 <= self.warmup < self.steps:
             problems.append(f"--warmup {self.warmup} must be in [0, --steps {self.steps})")
-        if not 0 <= self.min_lr_ratio <= 1:
-            problems.append(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.distributed not in ("ddp", "fsdp"):
-            problems.append(f"--distributed {self.distributed!r} is not one of ddp, fsdp")
-        if self.dtype not in ("auto", "fp32", "bf16"):
-            problems.append(f"--dtype {self.dtype!r}: training runs in fp32 or bf16 autocast (auto picks)")
         from llamactl.config import parse_override
         from llamactl.files import check_output, overlaps
         from llamactl.model import PRESETS
@@ -120,7 +96,7 @@ def run(cfg: PretrainConfig) -> dict:
     from llamactl.checkpoint import CheckpointMeta, make_lineage
     from llamactl.config import check_memory, rope_bytes
     from llamactl.data import Windows, WindowsTask
-    from llamactl.device import bf16_supported, resolve_device, seed_everything
+    from llamactl.device import resolve_device, seed_everything
     from llamactl.model import Transformer
     from llamactl.shards import INDEX_NAME, open_shards
 
@@ -132,9 +108,7 @@ def run(cfg: PretrainConfig) -> dict:
         raise UserError(f"{cfg.data}: no 'val' split to evaluate on; encode with --val-fraction, or --eval-every 0")
     device = resolve_device(cfg.device)
     d, device = T.init_distributed(device)
-    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and bf16_supported(device))
-    if cfg.dtype == "bf16" and not bf16_supported(device):
-        raise UserError(f"--dtype bf16: {device.type} has no native bf16 here; use fp32")
+    use_bf16 = T.autocast_bf16(cfg.dtype, device)
     args = model_args(cfg, data.vocab_size)
     micro_tokens = cfg.batch_size * cfg.seq_len * d.world
     global_tokens = cfg.global_batch_tokens or micro_tokens

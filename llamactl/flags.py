@@ -1,0 +1,50 @@
+"""The flags every training command shares: their defaults and checks, in one place that imports nothing heavy (the
+CLI builds its options from these dataclasses at start-up, and ``llamactl --help`` must stay instant)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(kw_only=True)
+class TrainFlags:
+    """The flags every training command shares, with their defaults (a command overrides a default by declaring the
+    field again). Keyword-only, so a command's own required fields (data, output ...) stay positional."""
+
+    lr: float | None = None  # None: the command's default (the paper's)
+    min_lr_ratio: float = 0.1
+    warmup: int | None = None
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    save_every: int = 200
+    keep: int = 2
+    log_every: int = 1
+    resume: bool = False
+    distributed: str = "ddp"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    argv: list[str] = field(default_factory=list)
+
+
+def flag_problems(cfg) -> list[str]:
+    """The checks of the flags every training command shares (by their config field names), one message each."""
+    problems = []
+    for name in ("batch_size", "eval_batches", "log_every"):
+        if hasattr(cfg, name) and getattr(cfg, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("eval_every", "save_every", "keep", "weight_decay", "grad_clip"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.lr is not None and cfg.lr <= 0:
+        problems.append(f"--lr must be positive, got {cfg.lr}")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        problems.append(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    if cfg.distributed not in ("ddp", "fsdp"):
+        problems.append(f"--distributed {cfg.distributed!r} is not one of ddp, fsdp")
+    if cfg.dtype not in ("auto", "fp32", "bf16"):
+        problems.append(f"--dtype {cfg.dtype!r}: training runs in fp32 or bf16 autocast (auto picks)")
+    return problems
