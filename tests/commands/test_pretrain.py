@@ -75,7 +75,8 @@ def test_trains_and_writes_a_self_describing_model(shards, tmp_path):
     assert meta.tokenizer is not None and model.args.vocab_size == 32000 and model.args.dim == 32
 
 
-@pytest.mark.parametrize("fault", ["checkpoint-written@6", "step-done@5"])
+# the kill between checkpoints (about 25 s) runs in `make test-all`; the kill mid-checkpoint-write runs always
+@pytest.mark.parametrize("fault", ["checkpoint-written@6", pytest.param("step-done@5", marks=pytest.mark.slow)])
 def test_kill_9_then_resume_gives_the_uninterrupted_curve(shards, tmp_path, fault):
     run(_cfg(shards, tmp_path / "straight"))
     cfg = _cfg(shards, tmp_path / "broken")
@@ -150,7 +151,8 @@ def test_existing_run_needs_resume(shards, tmp_path):
     assert_user_error(run_cli("pretrain", str(tmp_path / "none"), "-o", str(tmp_path / "x")), "none", "no such")
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+# FSDP2 (about 20 s) runs in `make test-all`; DDP, the default strategy, always
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_torchrun_two_processes_match_one(shards, tmp_path, strategy):
     # Same global batch: 1 process accumulating 2 micro-batches == 2 processes with 1 each (gloo on CPU).
     run(_cfg(shards, tmp_path / "one", steps=4, global_batch_tokens=2 * 4 * 32))
