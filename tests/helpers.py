@@ -59,7 +59,9 @@ class CliServer:
         request = {"argv": [str(a) for a in argv], "stdin": stdin, "cwd": str(cwd) if cwd else None}
         self.proc.stdin.write(json.dumps({**request, "timeout": timeout}) + "\n")
         self.proc.stdin.flush()
-        answer = json.loads(self.proc.stdout.readline())
+        line = self.proc.stdout.readline()
+        assert line, f"tests/cli_server.py ended (exit {self.proc.wait()}); its traceback is on stderr above"
+        answer = json.loads(line)
         return subprocess.CompletedProcess(
             ["llamactl", *argv], answer["returncode"], answer["stdout"], answer["stderr"]
         )
