@@ -462,6 +462,56 @@ config_command(
 )
 
 
+config_command(
+    "chat",
+    "chat",
+    "ChatConfig",
+    "Chat with a model on a terminal (streaming, /retry /undo /clear /system /save /help), or answer dialogs "
+    "JSONL from stdin (not a terminal, or --batch).",
+    short={"model": "-m", "input": "-i", "output": "-o"},
+    flags={
+        "model": "Chat model checkpoint (with its tokenizer).",
+        "system": "System prompt.",
+        "load": "Continue the (last) dialog of this JSONL file (what /save writes).",
+        "batch": 'JSONL mode even on a terminal: {"messages": [...]} in, the answer appended out.',
+        "input": "Dialogs JSONL to answer (batch mode; - = stdin).",
+        "output": "Where answered dialogs go (batch mode; - = stdout).",
+        "max_new_tokens": "Most tokens of one answer.",
+        "temperature": "Sampling temperature (0 = greedy; Meta's chat default 0.6).",
+        "top_p": "Nucleus sampling mass (Meta's chat default 0.9).",
+        "batch_size": "Dialogs answered at once (batch mode).",
+        "seed": "Random seed.",
+        "device": "auto (cuda if present, else cpu), cpu, cuda or cuda:N.",
+        "dtype": "auto (the checkpoint's own where native), fp32, bf16 or fp16.",
+    },
+)
+
+config_command(
+    "gatt-augment",
+    "gatt_augment",
+    "GattConfig",
+    "Ghost Attention dialogs: attach an instruction to every user turn; with -m answer each turn with the model and "
+    "write training examples (instruction only in the first turn, earlier turns loss-free); --finalize does that "
+    "last step for dialogs sampled elsewhere.",
+    short={"model": "-m", "input": "-i", "output": "-o"},
+    flags={
+        "input": "Dialogs JSONL (- = stdin).",
+        "output": "Where the dialogs go (- = stdout).",
+        "field": "Record field holding Anthropic HH text (or a message list), e.g. chosen.",
+        "instructions": 'Instructions, JSONL {"instruction": ...} or one a line (default: built-in, seeded).',
+        "finalize": "Turn sampled dialogs (with gatt_instruction) into training examples.",
+        "model": "Chat model that answers every turn (prepare, sample and finalize in one go).",
+        "max_new_tokens": "Most tokens of one sampled answer.",
+        "temperature": "Sampling temperature of the answers.",
+        "top_p": "Nucleus sampling mass of the answers.",
+        "batch_size": "Dialogs answered at once.",
+        "seed": "Random seed (instruction choice and sampling).",
+        "device": "auto (cuda if present, else cpu), cpu, cuda or cuda:N.",
+        "dtype": "auto (the checkpoint's own where native), fp32, bf16 or fp16.",
+    },
+)
+
+
 def main(argv: list[str] | None = None) -> None:
     """The entry point: usage errors are one line too (typer's Usage / Try / Error block is three)."""
     import errno

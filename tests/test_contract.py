@@ -133,6 +133,12 @@ def world(tmp_path_factory) -> dict[str, str]:
     for name, rec in bad.items():
         w[name] = str(root / f"{name}.jsonl")
         Path(w[name]).write_text(json.dumps(good) + "\n" + json.dumps(rec) + "\n")
+    w["questions"] = str(root / "questions.jsonl")
+    Path(w["questions"]).write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
+    w["no_instructions"] = str(root / "no_instructions.txt")
+    Path(w["no_instructions"]).write_text("\n  \n")
+    w["notok"] = str(root / "notok.safetensors")
+    write_safetensors(w["notok"], plans, {k: v for k, v in header.items() if k != "tokenizer"})
     w["rm"] = str(root / "rm.safetensors")
     rm_args = {**args.to_dict(), "head": "scalar", "tie_embeddings": False}
     rm_state = {k: v for k, v in model.state_dict().items() if k != "output.weight"}
@@ -206,6 +212,11 @@ SPECS: dict[str, Spec] = {
         out_dir=True,
         inputs=("{model}", "{dialogs}"),
     ),  # fmt: skip
+    "chat": Spec(
+        ["chat", "-m", "{model}", "-i", "{questions}", "-o", "{out}", "--max-new-tokens", "2"],
+        inputs=("{model}", "{questions}"),
+    ),
+    "gatt-augment": Spec(["gatt-augment", "-i", "{dialogs}", "-o", "{out}"], inputs=("{dialogs}",)),
     "tokenize train": Spec(
         ["tokenize", "train", "{text}", "-o", "{out}", "--vocab-size", "350"], out="t.model", inputs=("{text}",)
     ),
@@ -384,6 +395,17 @@ TABLE: list[tuple] = [
     ("sft:nothing-to-train-on", f"{SFT} --data {{dialogs_nothing}}", ["{dialogs_nothing}:2", "nothing to train"]),
     ("sft:reward-model", f"sft -m {{rm}} --data {{dialogs}} -o {{scratch}}/r {SFT_RUN}", ["{rm}", "reward model"]),
     ("sft:field-missing", f"{SFT} --data {{dialogs}} --field chosen", ["{dialogs}:1", "'chosen'"]),
+    # chat and gatt-augment
+    ("chat:reward-model", f"chat -m {{rm}} -i {{questions}} -o {OUT}", ["{rm}", "scalar"]),
+    ("chat:no-tokenizer", f"chat -m {{notok}} -i {{questions}} -o {OUT}", ["{notok}", "no tokenizer"]),
+    ("chat:ends-with-answer", f"chat -m {{model}} -i {{dialogs}} -o {OUT}", ["{dialogs}:1", "from the user"]),
+    ("chat:roles", f"chat -m {{model}} -o {OUT}", ["<stdin>:1", "messages[0]"],
+     '{"messages": [{"role": "assistant", "content": "x"}]}\n'),
+    ("gatt:empty-instructions", f"gatt-augment -i {{dialogs}} --instructions {{no_instructions}} -o {OUT}",
+     ["{no_instructions}", "no instructions"]),
+    ("gatt:finalize-with-model", f"gatt-augment -i {{dialogs}} --finalize -m {{model}} -o {OUT}", ["--finalize"]),
+    ("gatt:dialog-too-long", f"gatt-augment -i {{dialogs}} -m {{model}} -o {OUT} --max-new-tokens 60",
+     ["{dialogs}:1", "context of 64"]),
     ("sft:batch-does-not-divide", f"{SFT} --data {{dialogs}} --global-batch-size 3 --batch-size 2",
      ["--global-batch-size 3"]),
 ]  # fmt: skip
@@ -399,7 +421,15 @@ def test_bad_input_is_one_line_and_changes_nothing(case: Case, world, tmp_path):
     scratch.mkdir()
     make_special(scratch)
     values = {**world, "scratch": str(scratch)}
-    for name in ("model", "prompts", "text", "tok", "tokens", "dialogs"):  # symlinks to inputs, named like them
+    for name in (
+        "model",
+        "prompts",
+        "text",
+        "tok",
+        "tokens",
+        "dialogs",
+        "questions",
+    ):  # symlinks to inputs, named like them
         values[f"to_{name}"] = str(scratch / f"link-{os.path.basename(world[name])}")
         os.symlink(world[name], values[f"to_{name}"])
     argv = [a.format(**values) for a in case.argv]

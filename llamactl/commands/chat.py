@@ -1,0 +1,430 @@
+"""``llamactl chat``: talk to a chat model in a terminal, or answer dialogs from JSONL in a pipeline.
+
+On a terminal, answers stream as they are generated and each turn reuses the KV cache of the history (a new turn
+costs its own tokens, not the history's). In-session commands follow the Llama 2 demo's buttons: /retry, /undo,
+/clear, /system TEXT, /save FILE, /help. When stdin is not a terminal (or with ``--batch``), dialogs JSONL come in
+(``{"messages": [...]}`` ending with a user turn) and go out with the answer appended, batched through the same
+generation engine.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from llamactl.errors import UserError
+
+HELP = """commands:
+  /retry         a new answer to your last message
+  /undo          drop the last exchange
+  /clear         start over (the system prompt stays)
+  /system TEXT   set the system prompt (empty TEXT removes it); the conversation starts over
+  /save FILE     append the dialog to FILE as one JSONL record (what sft and chat --load read)
+  /help          this list
+Ctrl-C stops an answer; Ctrl-D (or /exit) ends the session."""
+
+
+@dataclass(kw_only=True)
+class ChatConfig:
+    model: str
+    system: str | None = None
+    load: str | None = None  # a dialog JSONL (the last record) to continue
+    batch: bool = False  # JSONL in, JSONL out, even on a terminal
+    input: str = "-"
+    output: str = "-"
+    max_new_tokens: int = 512
+    temperature: float = 0.6  # Meta's chat defaults (llama/generation.py): temperature 0.6, top-p 0.9
+    top_p: float = 0.9
+    batch_size: int = 8
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    argv: list[str] | None = None
+
+    def validate(self) -> None:
+        from llamactl.files import check_output, input_problem, overlaps
+
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            problems.append(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.batch_size < 1:
+            problems.append(f"--batch-size must be at least 1, got {self.batch_size}")
+        if problem := input_problem(self.model, "checkpoint"):
+            problems.append(problem)
+        if self.load is not None and (problem := input_problem(self.load, "dialog JSONL file")):
+            problems.append(problem)
+        if self.input != "-" and (problem := input_problem(self.input, "dialogs JSONL file", stream_ok=True)):
+            problems.append(problem)
+        if self.output != "-" and (problem := check_output(self.output, "-o/--output")):
+            problems.append(problem)
+        inputs = [("-m/--model", self.model), ("-i/--input", self.input), ("--load", self.load)]
+        problems += overlaps([("-o/--output", self.output)], [(f, p) for f, p in inputs if p and p != "-"])
+        if problems:
+            raise UserError("; ".join(problems))
+
+
+@dataclass
+class Chatter:
+    """A loaded chat model with its tokenizer and sampling settings: what both modes (and gatt-augment) use."""
+
+    model: object
+    tokenizer: object
+    params: object
+    generator: object
+    source: str
+
+    @classmethod
+    def load(cls, path: str, device: str, dtype: str, max_new_tokens: int, temperature: float, top_p: float, seed):
+        import torch
+
+        from llamactl.checkpoint import build_model, load_tensors, read_meta, stored_dtype
+        from llamactl.device import resolve_device, resolve_dtype
+        from llamactl.generate import SamplingParams, pack_for_cpu_decode
+        from llamactl.tokenizer import Tokenizer
+
+        dev = resolve_device(device)
+        meta = read_meta(path)
+        if meta.args.head != "lm":
+            raise UserError(f"{path}: has a scalar (reward/value) head, not a language-model head to chat with")
+        if meta.tokenizer is None:
+            raise UserError(f"{path}: has no tokenizer to read and write text with (convert it with --tokenizer)")
+        tensors = load_tensors(path)
+        model = build_model(meta.args, tensors, path, dev, resolve_dtype(dtype, dev, stored_dtype(tensors))).eval()
+        pack_for_cpu_decode(model)
+        params = SamplingParams(max_new_tokens, temperature, top_p)
+        return cls(model, Tokenizer(meta.tokenizer, path), params, torch.Generator(device=dev).manual_seed(seed), path)
+
+    @property
+    def context(self) -> int:
+        return self.model.args.max_seq_len
+
+    def text(self, prompt: list[int], new: list[int]) -> str:
+        """The answer's text: the new tokens without their EOS, as the chat format strips it."""
+        new = new[:-1] if new and new[-1] == self.tokenizer.eos_id else new
+        return self.tokenizer.decode(new).strip()
+
+    def answer_all(self, prompts: list[list[int]]) -> list[str]:
+        """Answers to a batch of prompt token lists, through the engine."""
+        from llamactl.generate import completions
+
+        return [
+            self.text(p, c.tokens)
+            for p, c in zip(prompts, completions(self.model, prompts, self.params, self.tokenizer.eos_id,
+                                                  self.generator), strict=True)
+        ]  # fmt: skip
+
+    def prompt_tokens(self, messages: list[dict], where: str) -> list[int]:
+        from llamactl.chat_format import DialogError, encode_prompt
+
+        try:
+            ids = encode_prompt(self.tokenizer, messages)
+        except DialogError as e:
+            raise UserError(f"{where}: {e}") from None
+        if len(ids) + 1 > self.context:
+            raise UserError(f"{where}: the dialog's {len(ids)} tokens leave no room in the context of {self.context}")
+        return ids
+
+
+def answer_turns(cfg, records: list[tuple[str, dict]]) -> Chatter:
+    """Answer every user turn of each record's dialog in turn order, batched across dialogs, each answer seeing the
+    answers sampled before it (gatt-augment's sampler). The records' messages are replaced in place."""
+    chat = Chatter.load(cfg.model, cfg.device, cfg.dtype, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
+    from llamactl.chat_format import encode_dialog
+
+    dialogs = []
+    for where, rec in records:
+        msgs = rec["messages"]
+        first = 1 if msgs[0]["role"] == "system" else 0
+        users = [m for m in msgs[first:] if m["role"] == "user"]
+        # the prompt of its last turn (its own earlier answers standing in for the new ones) and a full answer
+        last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
+        need = len(encode_dialog(chat.tokenizer, msgs[: last_user + 1]).tokens) + cfg.max_new_tokens
+        if need > chat.context:
+            raise UserError(
+                f"{where}: with the instruction on each of its {len(users)} user turns and --max-new-tokens "
+                f"{cfg.max_new_tokens}, the dialog needs {need} tokens, more than the context of {chat.context}"
+            )
+        dialogs.append((where, rec, msgs[:first], users, []))
+    turns = max((len(u) for *_, u, _ in dialogs), default=0)
+    for k in range(turns):
+        live = [d for d in dialogs if len(d[3]) > k]
+        for s in range(0, len(live), cfg.batch_size):
+            chunk = live[s : s + cfg.batch_size]
+            prompts = [chat.prompt_tokens(sys_ + _interleave(users[: k + 1], answers), w)
+                       for w, _, sys_, users, answers in chunk]  # fmt: skip
+            for (*_, answers), text in zip(chunk, chat.answer_all(prompts), strict=True):
+                answers.append(text)
+    for _, rec, sys_, users, answers in dialogs:
+        rec["messages"] = sys_ + _interleave(users, answers)
+    return chat
+
+
+def _interleave(users: list[dict], answers: list[str]) -> list[dict]:
+    out = []
+    for i, u in enumerate(users):
+        out.append(u)
+        if i < len(answers):
+            out.append({"role": "assistant", "content": answers[i]})
+    return out
+
+
+def run(cfg: ChatConfig) -> int:
+    cfg.validate()
+    interactive = not cfg.batch and cfg.input == "-" and sys.stdin.isatty()
+    if not interactive:
+        return run_batch(cfg)
+    return Session(cfg).loop()
+
+
+def run_batch(cfg: ChatConfig) -> int:
+    """Dialogs JSONL in, each out with the answer appended to ``messages``, in order, flushed batch by batch."""
+    from llamactl.chat_format import DialogError, check_dialog
+    from llamactl.commands.generate import BATCH_WAIT_S
+    from llamactl.jsonl import batches, display_name, dumps, open_output, read_jsonl, streams
+
+    chat = Chatter.load(cfg.model, cfg.device, cfg.dtype, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
+    name = display_name(cfg.input)
+
+    def parse(item):
+        if item is None:
+            return None
+        lineno, rec = item
+        where = f"{name}:{lineno}"
+        try:
+            messages = check_dialog(rec.get("messages"))
+        except DialogError as e:
+            raise UserError(f"{where}: {e}") from None
+        if cfg.system is not None and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": cfg.system}, *messages]
+        return rec, messages, chat.prompt_tokens(messages, where)
+
+    items = (parse(item) for item in read_jsonl(cfg.input, wait=BATCH_WAIT_S))
+    if not streams(cfg.input):
+        items = iter(list(items))  # a file is checked whole before anything is written
+    n = 0
+    with open_output(cfg.output) as out:
+        for chunk in batches(items, cfg.batch_size):
+            for (rec, messages, _), text in zip(chunk, chat.answer_all([p for *_, p in chunk]), strict=True):
+                out.write(dumps({**rec, "messages": [*messages, {"role": "assistant", "content": text}]}) + "\n")
+                out.flush()
+                n += 1
+    return n
+
+
+class Session:
+    """The interactive chat: a history of messages and one KV cache that holds exactly the tokens fed so far."""
+
+    def __init__(self, cfg: ChatConfig):
+        from llamactl.model import KVCache
+
+        self.cfg = cfg
+        self.chat = Chatter.load(cfg.model, cfg.device, cfg.dtype, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                 cfg.seed)  # fmt: skip
+        weight = self.chat.model.tok_embeddings.weight
+        self.cache = KVCache(self.chat.model.args, 1, self.chat.context, weight.device, weight.dtype)
+        self.system = cfg.system
+        self.turns: list[tuple[str, str]] = []  # (user, answer)
+        self.fed: list[int] = []  # the tokens in the cache, in order
+        self.marks: list[int] = []  # len(self.fed) before each turn's prompt
+        self.told_overflow = False
+        if cfg.load:
+            self._load(cfg.load)
+
+    # -- the dialog as messages, and the cache ------------------------------------------------------------------
+
+    def messages(self, extra_user: str | None = None) -> list[dict]:
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        for u, a in self.turns:
+            msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+        if extra_user is not None:
+            msgs.append({"role": "user", "content": extra_user})
+        return msgs
+
+    def _reset(self) -> None:
+        self.cache.truncate(0)
+        self.fed, self.marks = [], []
+
+    def _rebuild(self) -> None:
+        """Re-encode the history into the cache (after /system, /load, or an overflow)."""
+        from llamactl.chat_format import encode_dialog
+        from llamactl.generate import prefill
+
+        self._reset()
+        for k in range(len(self.turns)):
+            msgs = self.messages()[: (1 if self.system else 0) + 2 * (k + 1)]
+            tokens = encode_dialog(self.chat.tokenizer, msgs).tokens
+            self.marks.append(len(self.fed))
+            new = tokens[len(self.fed) :]
+            prefill(self.chat.model, self.cache, [new])
+            self.fed += new
+
+    def _load(self, path: str) -> None:
+        from llamactl.chat_format import DialogError, check_dialog
+        from llamactl.jsonl import display_name, read_jsonl
+
+        last = None
+        for item in read_jsonl(path):
+            last = item
+        if last is None:
+            raise UserError(f"{display_name(path)}: no dialog in it")
+        where = f"{display_name(path)}:{last[0]}"
+        try:
+            msgs = check_dialog(last[1].get("messages"))
+        except DialogError as e:
+            raise UserError(f"{where}: {e}") from None
+        if msgs[-1]["role"] != "assistant":
+            msgs = msgs[:-1]  # a trailing question is asked again by the user, not answered on load
+        if msgs and msgs[0]["role"] == "system":
+            self.system, msgs = msgs[0]["content"], msgs[1:]
+        self.turns = [(u["content"], a["content"]) for u, a in zip(msgs[::2], msgs[1::2], strict=False)]
+        self._rebuild()
+
+    def _fit(self, user: str) -> list[int]:
+        """The tokens of the new turn's prompt (BOS [INST] user [/INST], the system prompt merged into the first), after
+        dropping the oldest exchanges if the history has outgrown the context (the system prompt stays; the user is
+        told once). Pairs are encoded independently in Llama 2's format, so the cache's tokens stay a prefix."""
+        from llamactl.chat_format import DialogError, dialog_turns
+
+        while True:
+            try:
+                _, final = dialog_turns(self.messages(user))
+            except DialogError as e:
+                raise UserError(str(e)) from None
+            new = self.chat.tokenizer.encode(final, bos=True)
+            if len(self.fed) + len(new) + self.cfg.max_new_tokens <= self.chat.context or not self.turns:
+                break
+            self.turns.pop(0)
+            if not self.told_overflow:
+                self.say("(the conversation outgrew the model's context: its oldest exchanges are dropped from now on)")
+                self.told_overflow = True
+            self._rebuild()
+        if len(self.fed) + len(new) >= self.chat.context:
+            raise UserError(f"that message takes {len(new)} tokens; the context holds {self.chat.context}")
+        return new
+
+    # -- one answer ---------------------------------------------------------------------------------------------
+
+    def answer(self, user: str) -> str | None:
+        """Stream the answer to ``user``; the turn is kept (a Ctrl-C keeps what was said so far)."""
+        from llamactl.generate import prefill, stream
+
+        new = self._fit(user)
+        self.marks.append(len(self.fed))
+        logits = prefill(self.chat.model, self.cache, [new])
+        self.fed += new
+        tokens: list[int] = []
+        shown = ""
+        out = sys.stdout
+        steps = stream(self.chat.model, self.cache, logits, self.chat.params, self.chat.tokenizer.eos_id,
+                       self.chat.generator, shrink=False)  # fmt: skip
+        try:
+            for step in steps:
+                tokens.append(int(step.tokens[0]))
+                text = self.chat.text([], tokens)
+                if not text.endswith("\ufffd") and len(text) > len(shown):  # not mid-way through a UTF-8 character
+                    out.write(text[len(shown) :])
+                    out.flush()
+                    shown = text
+        except KeyboardInterrupt:
+            out.write(" [stopped]")
+        finally:
+            steps.close()
+        out.write("\n")
+        out.flush()
+        # The cache holds every sampled token but the last (the stream does not feed it); close the answer with EOS
+        # as the chat format does, so the next turn's BOS follows it.
+        fed_answer = tokens[:-1]
+        self.cache.lengths = [len(self.fed) + len(fed_answer)]
+        self.fed += fed_answer
+        tail = [t for t in tokens[len(fed_answer) :] if t != self.chat.tokenizer.eos_id] + [self.chat.tokenizer.eos_id]
+        prefill(self.chat.model, self.cache, [tail])
+        self.fed += tail
+        answer = self.chat.text([], tokens)
+        self.turns.append((user, answer))
+        return answer
+
+    # -- the session --------------------------------------------------------------------------------------------
+
+    def say(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def loop(self) -> int:
+        try:
+            import readline  # noqa: F401 - line editing and history for input()
+        except ImportError:
+            pass
+        self.say(f"llamactl chat with {self.chat.source} ({self.chat.context} tokens of context); /help for commands")
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                print(file=sys.stderr)
+                return len(self.turns)
+            except KeyboardInterrupt:
+                print(file=sys.stderr)
+                continue
+            if not line.strip():
+                continue
+            try:
+                self.handle(line)
+            except UserError as e:
+                self.say(f"error: {e}")
+            if line.strip() in ("/exit", "/quit"):
+                return len(self.turns)
+
+    def handle(self, line: str) -> None:
+        cmd, _, arg = line.strip().partition(" ")
+        if not cmd.startswith("/"):
+            self.answer(line)
+        elif cmd in ("/exit", "/quit"):
+            return
+        elif cmd == "/help":
+            self.say(HELP)
+        elif cmd == "/retry":
+            if not self.turns:
+                raise UserError("nothing to retry yet")
+            user, _ = self.turns.pop()
+            self._truncate(self.marks.pop())
+            self.answer(user)
+        elif cmd == "/undo":
+            if not self.turns:
+                raise UserError("nothing to undo")
+            self.turns.pop()
+            self._truncate(self.marks.pop())
+            self.say("(last exchange removed)")
+        elif cmd == "/clear":
+            self.turns = []
+            self._reset()
+            self.say("(conversation cleared" + (", system prompt kept)" if self.system else ")"))
+        elif cmd == "/system":
+            self.system = arg.strip() or None
+            self.turns = []
+            self._reset()
+            self.say("(system prompt " + ("set" if self.system else "removed") + "; conversation started over)")
+        elif cmd == "/save":
+            self.save(arg.strip())
+        else:
+            raise UserError(f"unknown command {cmd}; /help lists them")
+
+    def _truncate(self, n: int) -> None:
+        self.cache.truncate(n)
+        self.fed = self.fed[:n]
+
+    def save(self, path: str) -> None:
+        from llamactl.files import os_reason
+        from llamactl.jsonl import dumps
+
+        if not path:
+            raise UserError("/save needs a file name")
+        if not self.turns:
+            raise UserError("nothing to save yet")
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(dumps({"messages": self.messages()}) + "\n")
+        except OSError as e:
+            raise UserError(f"{path}: {os_reason(e)}") from None
+        self.say(f"(saved to {path})")
