@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from llamactl.checkpoint import CheckpointMeta, plan_from_tensors, read_safetensors, save_plans, write_safetensors
-from llamactl.errors import UserError
+from llamactl.errors import Interrupted, UserError
 from llamactl.files import atomic_path, fsync_dir
 from llamactl.jsonl import dumps, parse_record
 from llamactl.model import ModelArgs, Transformer
@@ -476,7 +476,7 @@ def fit(
     forward: torch.nn.Module | None = None,
     metrics_resume: bool = False,
 ) -> dict:
-    """Train from ``start_step`` to ``cfg.steps``; returns {"step", "loss", "val_*"..., "stopped"}.
+    """Train from ``start_step`` to ``cfg.steps``; returns {"step", "loss", "val_*"..., "stopped" (a signal or None)}.
 
     The loss of a step is the sum of every counted unit's loss over all micro-steps and ranks divided once by their
     total count (known before the first backward from ``task.count``): a mean of per-micro-batch means would weight
@@ -582,7 +582,7 @@ def fit(
         metrics.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
-    return {"step": step, "stopped": stop["signal"] is not None, **last}
+    return {"step": step, "stopped": stop["signal"], **last}  # stopped: the signal that stopped it, or None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -649,9 +649,9 @@ def start_run_dir(run_dir: str, d: Dist) -> None:
 
 
 def conclude(run_dir: str, result: dict, d: Dist, name: str) -> str:
-    """After ``fit``: a stopped run says how to continue and raises KeyboardInterrupt; a finished one gets its final
-    model as ``RUN/model.safetensors`` (a hard link to the last checkpoint's, no second copy). Returns that
-    checkpoint."""
+    """After ``fit``: a stopped run says how to continue and raises Interrupted (exit 128 + the signal, as any command
+    stopped by one); a finished one gets its final model as ``RUN/model.safetensors`` (a hard link to the last
+    checkpoint's, no second copy). Returns that checkpoint."""
     from llamactl.files import link_or_copy
 
     if result["stopped"]:
@@ -660,7 +660,7 @@ def conclude(run_dir: str, result: dict, d: Dist, name: str) -> str:
                 f"llamactl {name}: stopped at step {result['step']}; checkpoint saved, continue with --resume",
                 file=sys.stderr,
             )
-        raise KeyboardInterrupt
+        raise Interrupted(result["stopped"])
     final = latest_checkpoint(run_dir)
     if d.main:
         link_or_copy(os.path.join(final, "model.safetensors"), os.path.join(run_dir, "model.safetensors"))

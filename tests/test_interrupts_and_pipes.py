@@ -125,3 +125,25 @@ def test_records_are_answered_as_they_arrive(model, argv, record, check):
     assert proc.stdout.read() == b""
     proc.wait(timeout=HANG_GUARD_S)
     assert proc.returncode == 0 and b"\r" not in proc.stderr.read()
+
+
+def test_sigterm_during_pretrain_saves_and_exits_143(tmp_path):
+    from llamactl.shards import ShardWriter
+    from llamactl.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(TOKENIZER)
+    with ShardWriter(str(tmp_path / "shards"), tok) as writer:
+        for i in range(300):
+            writer.add(tok.encode(f"line {i} of a text to pretrain on", bos=True, eos=True))
+    run = tmp_path / "run"
+    tiny = ["--set", "dim=32", "--set", "n_layers=1", "--set", "n_heads=4", "--set", "multiple_of=16"]
+    proc = start("pretrain", tmp_path / "shards", "-o", run, "--steps", "100000", "--seq-len", "16", "--batch-size",
+                 "2", "--eval-every", "0", "--save-every", "0", "--dtype", "fp32", *tiny)  # fmt: skip
+    wait_for(lambda: (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=HANG_GUARD_S)
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()[-2000:]
+    lines = err.decode().splitlines()
+    assert "checkpoint saved, continue with --resume" in lines[-2] and lines[-1].endswith("error: stopped by SIGTERM")
+    step = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert (run / "latest").read_text().strip() == f"step-{step:07d}"
