@@ -462,6 +462,16 @@ config_command(
 )
 
 
+SAMPLING_HELP = {
+    "max_new_tokens": "Most new tokens.",
+    "temperature": "Sampling temperature (0 = greedy; Meta's chat default 0.6).",
+    "top_p": "Nucleus sampling mass (Meta's chat default 0.9).",
+    "batch_size": "Dialogs answered at once.",
+    "seed": "Random seed.",
+    "device": "auto (cuda if present, else cpu), cpu, cuda or cuda:N.",
+    "dtype": "auto (the checkpoint's own where native), fp32, bf16 or fp16.",
+}
+
 config_command(
     "chat",
     "chat",
@@ -476,13 +486,8 @@ config_command(
         "batch": 'JSONL mode even on a terminal: {"messages": [...]} in, the answer appended out.',
         "input": "Dialogs JSONL to answer (batch mode; - = stdin).",
         "output": "Where answered dialogs go (batch mode; - = stdout).",
+        **SAMPLING_HELP,
         "max_new_tokens": "Most tokens of one answer.",
-        "temperature": "Sampling temperature (0 = greedy; Meta's chat default 0.6).",
-        "top_p": "Nucleus sampling mass (Meta's chat default 0.9).",
-        "batch_size": "Dialogs answered at once (batch mode).",
-        "seed": "Random seed.",
-        "device": "auto (cuda if present, else cpu), cpu, cuda or cuda:N.",
-        "dtype": "auto (the checkpoint's own where native), fp32, bf16 or fp16.",
     },
 )
 
@@ -501,13 +506,9 @@ config_command(
         "instructions": 'Instructions, JSONL {"instruction": ...} or one a line (default: built-in, seeded).',
         "finalize": "Turn sampled dialogs (with gatt_instruction) into training examples.",
         "model": "Chat model that answers every turn (prepare, sample and finalize in one go).",
+        **SAMPLING_HELP,
         "max_new_tokens": "Most tokens of one sampled answer.",
-        "temperature": "Sampling temperature of the answers.",
-        "top_p": "Nucleus sampling mass of the answers.",
-        "batch_size": "Dialogs answered at once.",
         "seed": "Random seed (instruction choice and sampling).",
-        "device": "auto (cuda if present, else cpu), cpu, cuda or cuda:N.",
-        "dtype": "auto (the checkpoint's own where native), fp32, bf16 or fp16.",
     },
 )
 

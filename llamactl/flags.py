@@ -48,3 +48,33 @@ def flag_problems(cfg) -> list[str]:
     if cfg.dtype not in ("auto", "fp32", "bf16"):
         problems.append(f"--dtype {cfg.dtype!r}: training runs in fp32 or bf16 autocast (auto picks)")
     return problems
+
+
+@dataclass(kw_only=True)
+class SamplingFlags:
+    """The flags of every command that samples from a model (chat, gatt-augment; Meta's chat defaults)."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.6  # llama/generation.py's chat_completion: temperature 0.6, top-p 0.9
+    top_p: float = 0.9
+    batch_size: int = 8
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    argv: list[str] | None = None
+
+
+def sampling_problems(cfg) -> list[str]:
+    """The checks of the sampling flags (by their config field names, ``top_k`` where a command has it)."""
+    problems = []
+    if cfg.max_new_tokens < 1:
+        problems.append(f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}")
+    if cfg.temperature < 0:
+        problems.append(f"--temperature must be >= 0, got {cfg.temperature}")
+    if not 0 < cfg.top_p <= 1:
+        problems.append(f"--top-p must be in (0, 1], got {cfg.top_p}")
+    if getattr(cfg, "top_k", 0) < 0:
+        problems.append(f"--top-k must be >= 0, got {cfg.top_k}")
+    if cfg.batch_size < 1:
+        problems.append(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    return problems

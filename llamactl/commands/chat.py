@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 
 from llamactl.errors import UserError
+from llamactl.flags import SamplingFlags
 
 HELP = """commands:
   /retry         a new answer to your last message
@@ -25,34 +26,19 @@ Ctrl-C stops an answer; Ctrl-D (or /exit) ends the session."""
 
 
 @dataclass(kw_only=True)
-class ChatConfig:
+class ChatConfig(SamplingFlags):
     model: str
     system: str | None = None
     load: str | None = None  # a dialog JSONL (the last record) to continue
     batch: bool = False  # JSONL in, JSONL out, even on a terminal
     input: str = "-"
     output: str = "-"
-    max_new_tokens: int = 512
-    temperature: float = 0.6  # Meta's chat defaults (llama/generation.py): temperature 0.6, top-p 0.9
-    top_p: float = 0.9
-    batch_size: int = 8
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
-    argv: list[str] | None = None
 
     def validate(self) -> None:
         from llamactl.files import check_output, input_problem, overlaps
+        from llamactl.flags import sampling_problems
 
-        problems = []
-        if self.max_new_tokens < 1:
-            problems.append(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            problems.append(f"--temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.batch_size < 1:
-            problems.append(f"--batch-size must be at least 1, got {self.batch_size}")
+        problems = sampling_problems(self)
         if problem := input_problem(self.model, "checkpoint"):
             problems.append(problem)
         if self.load is not None and (problem := input_problem(self.load, "dialog JSONL file")):

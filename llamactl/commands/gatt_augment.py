@@ -12,12 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llamactl.errors import UserError
+from llamactl.flags import SamplingFlags
 
 INSTRUCTION_FIELD = "gatt_instruction"
 
 
 @dataclass(kw_only=True)
-class GattConfig:
+class GattConfig(SamplingFlags):
     input: str = "-"
     output: str = "-"
     field: str | None = None  # a record field holding HH text (or a message list)
@@ -25,28 +26,14 @@ class GattConfig:
     finalize: bool = False
     model: str | None = None
     max_new_tokens: int = 128
-    temperature: float = 0.6  # Meta's chat defaults
-    top_p: float = 0.9
-    batch_size: int = 8
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
-    argv: list[str] | None = None
 
     def validate(self) -> None:
         from llamactl.files import check_output, input_problem, overlaps
+        from llamactl.flags import sampling_problems
 
-        problems = []
+        problems = sampling_problems(self)
         if self.finalize and (self.model or self.instructions):
             problems.append("--finalize takes sampled dialogs that name their instruction: no -m, no --instructions")
-        if self.max_new_tokens < 1:
-            problems.append(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            problems.append(f"--temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.batch_size < 1:
-            problems.append(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.input != "-" and (problem := input_problem(self.input, "dialogs JSONL file", stream_ok=True)):
             problems.append(problem)
         for path, what in ((self.instructions, "instructions file"), (self.model, "checkpoint")):

@@ -1,6 +1,7 @@
 """chat: batch answers equal an independent greedy loop; the interactive session's KV cache holds exactly the
 history; driven through a pseudo-terminal as a person uses it (streaming, /retry, /undo, overflow, Ctrl-C)."""
 
+import contextlib
 import json
 import os
 import pty
@@ -103,19 +104,34 @@ def _expect(fd: int, pattern: str, buf: list[str], timeout: float = 60.0) -> str
     return text
 
 
-def _spawn(args: list[str]) -> tuple[int, int]:
+@contextlib.contextmanager
+def _terminal(args: list[str]):
+    """``llamactl chat ARGS`` on a pseudo-terminal: yields (pid, fd, screen); never leaves the child behind."""
     pid, fd = pty.fork()
     if pid == 0:  # the child: the CLI on the terminal's end of the pty
         os.execve(sys.executable, [sys.executable, "-m", "llamactl.cli", "chat", *args], ENV)
-    return pid, fd
+    screen: list[str] = []
+    try:
+        yield pid, fd, screen
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.close(fd)
+    assert "Traceback" not in "".join(screen)
+
+
+def _exit_code(pid: int) -> int:
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 def test_a_person_at_the_terminal(tmp_path):
     path = str(tmp_path / "m.safetensors")
     save_chatty_model(path, max_seq_len=64)
-    pid, fd = _spawn(["-m", path, "--max-new-tokens", "12", "--temperature", "0", "--dtype", "fp32"])
-    screen: list[str] = []
-    try:
+    with _terminal(["-m", path, "--max-new-tokens", "12", "--temperature", "0", "--dtype", "fp32"]) as (
+        pid,
+        fd,
+        screen,
+    ):
         _expect(fd, "> ", screen)
         os.write(fd, b"Hello\n")
         answer = _expect(fd, "> ", screen)
@@ -134,15 +150,7 @@ def test_a_person_at_the_terminal(tmp_path):
         os.write(fd, b"/save " + str(tmp_path / "d.jsonl").encode() + b"\n")
         _expect(fd, "> ", screen)
         os.write(fd, b"\x04")  # Ctrl-D ends the session
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-    finally:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        os.close(fd)
-    assert "Traceback" not in "".join(screen)
+        assert _exit_code(pid) == 0
     saved = json.loads(open(tmp_path / "d.jsonl").read())
     assert saved["messages"][-1]["role"] == "assistant"
 
@@ -150,9 +158,11 @@ def test_a_person_at_the_terminal(tmp_path):
 def test_ctrl_c_stops_the_answer_not_the_session(tmp_path):
     path = str(tmp_path / "m.safetensors")
     save_chatty_model(path, max_seq_len=4096)
-    pid, fd = _spawn(["-m", path, "--max-new-tokens", "4000", "--temperature", "1", "--dtype", "fp32"])
-    screen: list[str] = []
-    try:
+    with _terminal(["-m", path, "--max-new-tokens", "4000", "--temperature", "1", "--dtype", "fp32"]) as (
+        pid,
+        fd,
+        screen,
+    ):
         _expect(fd, "> ", screen)
         os.write(fd, b"Write a long story\n")
         _expect(fd, "story", screen)  # the echo
@@ -160,12 +170,4 @@ def test_ctrl_c_stops_the_answer_not_the_session(tmp_path):
         os.write(fd, b"\x03")
         assert "[stopped]" in _expect(fd, "> ", screen)
         os.write(fd, b"/exit\n")
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-    finally:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        os.close(fd)
-    assert "Traceback" not in "".join(screen)
+        assert _exit_code(pid) == 0
