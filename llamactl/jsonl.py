@@ -43,8 +43,8 @@ def _ready(fd: int, wait: float) -> bool:
         return True
 
 
-def read_chunks(path: str, size: int = READ_BYTES, wait: float | None = None) -> Iterator[bytes | None]:
-    """The bytes of a file (``-``: stdin) as they arrive, in reads of at most ``size`` bytes.
+def read_chunks(path: str, size: int | None = None, wait: float | None = None) -> Iterator[bytes | None]:
+    """The bytes of a file (``-``: stdin) as they arrive, in reads of at most ``size`` bytes (READ_BYTES).
 
     With ``wait`` set, None is yielded whenever the input has had nothing new for ``wait`` seconds, before the read
     that blocks; a regular file never waits, so its reads (and what callers make of them) do not depend on timing.
@@ -59,7 +59,7 @@ def read_chunks(path: str, size: int = READ_BYTES, wait: float | None = None) ->
         while True:
             if waits and not _ready(fd, wait):
                 yield None
-            data = os.read(fd, size)
+            data = os.read(fd, size or READ_BYTES)
             if not data:
                 return
             yield data
@@ -98,19 +98,25 @@ def read_jsonl(path: str, wait: float | None = None) -> Iterator[tuple[int, dict
     """
     name = display_name(path)
     lineno = 0
-    buf = b""
+    pending: list[bytes] = []  # the pieces of a line not yet ended (a long line spans many reads)
     for data in read_chunks(path, wait=wait):
         if data is None:
             yield None
             continue
-        *lines, buf = (buf + data).split(b"\n")
+        if b"\n" not in data:
+            pending.append(data)
+            continue
+        lines = data.split(b"\n")
+        lines[0] = b"".join([*pending, lines[0]])
+        pending = [lines.pop()]
         for raw in lines:
             lineno += 1
             rec = _parse_line(raw, name, lineno)
             if rec is not None:
                 yield lineno, rec
-    if buf:
-        rec = _parse_line(buf, name, lineno + 1)
+    last = b"".join(pending)
+    if last:
+        rec = _parse_line(last, name, lineno + 1)
         if rec is not None:
             yield lineno + 1, rec
 
