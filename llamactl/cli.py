@@ -110,6 +110,11 @@ def run_command(module: str, config_cls: str, entry: str = "run", **kwargs):
         paths = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
         _error(f"{paths}: {os_reason(e)}" if paths else os_reason(e))
         raise typer.Exit(2) from None
+    except EOFError as e:  # a reader that met the end of a truncated file (click would print a bare "Aborted!")
+        if _state["debug"]:
+            raise
+        _error(f"unexpected end of input{f' ({e})' if str(e) else ''}; a file is truncated")
+        raise typer.Exit(2) from None
     except KeyboardInterrupt as e:
         import signal
 
@@ -530,6 +535,7 @@ def main(argv: list[str] | None = None) -> None:
         _error(e.format_message(), e.ctx.command_path if e.ctx is not None else "llamactl")
         code = 2
     except typer.Abort:  # end of input while parsing
+        _error("unexpected end of input", "llamactl")
         code = 2
     try:
         sys.stdout.flush()
