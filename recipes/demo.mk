@@ -4,10 +4,20 @@
 PY ?= python3
 LLAMACTL := $(PY) -m llamactl.cli
 OUT := runs/demo
+START := $(shell date +%s)
 
 .PHONY: all convert-demo generate-demo pretrain-demo
 
 all: convert-demo generate-demo pretrain-demo
+	@echo
+	@echo "llamactl demo: done in $$(( $$(date +%s) - $(START) )) s; what it made is in $(OUT)/ (run again: only what changed):"
+	@echo "  stories260K.safetensors      llama2.c's TinyStories 260K model as a llamactl checkpoint (convert)"
+	@echo "  stories260K-hf/              the same model as a Hugging Face directory (convert --to hf)"
+	@echo "  stories-completions.jsonl    its greedy completions, as token ids (generate)"
+	@echo "  shakespeare/tokenizer.model  a 2048-piece BPE tokenizer trained on tiny Shakespeare (tokenize train)"
+	@echo "  shakespeare/shards/          the play as token shards, 5% held out (tokenize encode --out)"
+	@echo "  shakespeare/run/             a 300-step pretraining run: metrics.jsonl, checkpoints, model.safetensors"
+	@echo "  shakespeare/samples.jsonl    text sampled from that model (generate), printed above"
 
 # A real pretrained llama2.c model (TinyStories, 260K parameters) into a self-describing llamactl checkpoint,
 # and from there into a Hugging Face directory that transformers loads.
@@ -21,10 +31,10 @@ $(OUT)/stories260K-hf/config.json: $(OUT)/stories260K.safetensors
 
 convert-demo: $(OUT)/stories260K-hf/config.json
 
-# Greedy and sampled completions of token prompts (this model ships without its 512-piece tokenizer).
+# Greedy completions of token prompts (this model ships without its 512-piece tokenizer, so they stay ids).
 $(OUT)/stories-completions.jsonl: $(OUT)/stories260K.safetensors examples/stories-prompts.jsonl
 	$(LLAMACTL) generate -m $< -i examples/stories-prompts.jsonl -o $@ --max-new-tokens 40 --temperature 0 --dtype fp32
-	@head -c 600 $@; echo
+	@$(PY) -c "import sys; n = sum(1 for _ in open(sys.argv[1])); print(f'{sys.argv[1]}: {n} completions (ids)')" $@
 
 generate-demo: $(OUT)/stories-completions.jsonl
 
