@@ -1,9 +1,12 @@
 """Batch-1 decode and prefill speed of llamactl's generation engine against transformers, same weights, same run.
 
     python bench/generate.py [--preset llama2-60m] [--dtypes fp32,bf16] [--new-tokens 64] [--prompt-len 256]
+                             [--baseline REV]
 
 Prints a markdown table and writes CSV rows (one per measurement) to --csv. Decode is also reported as a fraction
 of the memory-bandwidth limit: weight bytes read per token x tokens/s over the measured copy bandwidth.
+``--baseline REV`` adds the engine as it was at git revision REV (its ``llamactl/generate.py``, run on today's
+model), measured in the same rounds: before and after a change to the engine, in one run.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ import argparse
 import csv
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
+import types
 
 import torch
 
@@ -45,6 +50,17 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
+def engine_at(rev: str) -> types.ModuleType:
+    """``llamactl/generate.py`` as it was at git revision ``rev``, as a module of its own (its imports are today's)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    show = ["git", "show", f"{rev}:llamactl/generate.py"]
+    src = subprocess.run(show, cwd=root, capture_output=True, text=True, check=True).stdout
+    module = types.ModuleType(f"llamactl_generate_{rev}")
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    exec(compile(src, f"{rev}:llamactl/generate.py", "exec"), module.__dict__)
+    return module
+
+
 def best_of(fn, repeats: int) -> float:
     fn()  # warm-up
     best = float("inf")
@@ -63,7 +79,9 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--csv", default="bench/results/generate.csv")
+    ap.add_argument("--baseline", help="a git revision whose engine to measure alongside (before/after)")
     args = ap.parse_args()
+    before = engine_at(args.baseline) if args.baseline else None
 
     from transformers import LlamaForCausalLM
 
@@ -96,8 +114,14 @@ def main() -> None:
                 ids = torch.tensor([p])
                 return lambda: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
+            def before_gen(p, n, ours=ours):
+                params = before.SamplingParams(max_new_tokens=n, temperature=0)
+                return lambda: before.generate(ours, [p], params, eos_id=None)
+
             weight_bytes = hf.num_parameters() * torch.empty((), dtype=dtype).element_size()  # read once per token
             impls = {"llamactl": ours_gen, "transformers": hf_gen}
+            if before is not None:
+                impls[f"llamactl@{args.baseline}"] = before_gen
             best = {(name, what): float("inf") for name in impls for what in ("prefill", "one", "many")}
             with torch.inference_mode():
                 # Rounds alternate the two sides so that a slow spell of this shared machine hits both alike.
@@ -135,6 +159,9 @@ def main() -> None:
             f"{dname}: decode {o['decode_tok_s'] / h['decode_tok_s']:.2f}x transformers, "
             f"prefill {o['prefill_tok_s'] / h['prefill_tok_s']:.2f}x"
         )
+        if before is not None:
+            b = next(r for r in rows if r["impl"] == f"llamactl@{args.baseline}" and r["dtype"] == dname)
+            print(f"{dname}: decode {o['decode_tok_s'] / b['decode_tok_s']:.2f}x llamactl@{args.baseline}")
     os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
     with open(args.csv, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

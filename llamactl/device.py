@@ -31,9 +31,16 @@ def bf16_supported(device: torch.device) -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, stored: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype to run a model in: ``auto`` keeps its checkpoint's ``stored`` dtype where the device runs it
+    natively (so an fp32 checkpoint decodes as transformers and llama.cpp decode it); fp16 on a CPU becomes bf16
+    where that is native, and anything else fp32."""
     if name == "auto":
-        return torch.bfloat16 if bf16_supported(device) else torch.float32
+        if stored == torch.float16 and device.type == "cpu":
+            stored = torch.bfloat16
+        if stored == torch.bfloat16 and not bf16_supported(device):
+            return torch.float32
+        return stored if stored in DTYPE_NAMES else torch.float32
     if name not in DTYPES:
         raise UserError(f"--dtype: unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
     return DTYPES[name]

@@ -125,13 +125,56 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: each (B, n_kv_heads, max_len, head_dim)."""
+    """Preallocated keys and values for every layer, each (B, n_kv_heads, max_len, head_dim), owned by the caller.
+
+    ``lengths`` (a host list, one int per row) says how many positions of each row hold keys and values; slots past
+    it may hold anything finite and are never attended. Truncating is setting ``lengths``; the generation engine
+    (``llamactl.generate``) extends rows at their lengths and keeps ``lengths`` up to date.
+    """
 
     def __init__(self, args: ModelArgs, batch: int, max_len: int, device, dtype):
+        assert max_len <= args.max_seq_len, f"a cache of {max_len} positions exceeds the context {args.max_seq_len}"
         shape = (batch, args.n_kv_heads, max_len, args.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.max_len = max_len
+        self.lengths = [0] * batch
+
+    @property
+    def batch(self) -> int:
+        return len(self.lengths)
+
+    def truncate(self, lengths: int | list[int]) -> None:
+        """Forget every position at or past ``lengths`` (one int for all rows, or one per row): undo, retry."""
+        lengths = [lengths] * self.batch if isinstance(lengths, int) else list(lengths)
+        assert len(lengths) == self.batch, f"{len(lengths)} lengths for {self.batch} rows"
+        bad = [(n, have) for n, have in zip(lengths, self.lengths, strict=True) if not 0 <= n <= have]
+        assert not bad, f"cannot truncate a row of {bad[0][1]} positions to {bad[0][0]}"
+        self.lengths = lengths
+
+    def _take(self, rows: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        assert all(0 <= r < self.batch for r in rows), f"rows {rows} outside a batch of {self.batch}"
+        idx = torch.tensor(rows, device=self.k[0].device)
+        return [t.index_select(0, idx) for t in self.k], [t.index_select(0, idx) for t in self.v]
+
+    def fork(self, rows: list[int]) -> KVCache:
+        """A new cache whose row i is a copy of this cache's row ``rows[i]``: ``fork([0] * n)`` gives n copies of
+        one prefilled prompt to sample n answers from."""
+        return self._of(*self._take(rows), [self.lengths[r] for r in rows])
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows``, in this order, in place (the batch shrinks when rows have finished)."""
+        self.k, self.v = self._take(rows)
+        self.lengths = [self.lengths[r] for r in rows]
+
+    def row(self, b: int) -> KVCache:
+        """Row ``b`` as a cache of one row sharing this one's storage (its ``lengths`` is a copy)."""
+        return self._of([t[b : b + 1] for t in self.k], [t[b : b + 1] for t in self.v], [self.lengths[b]])
+
+    def _of(self, k: list[torch.Tensor], v: list[torch.Tensor], lengths: list[int]) -> KVCache:
+        new = object.__new__(KVCache)
+        new.k, new.v, new.max_len, new.lengths = k, v, self.max_len, lengths
+        return new
 
 
 class Attention(nn.Module):

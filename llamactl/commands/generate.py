@@ -91,18 +91,20 @@ def run(cfg: GenerateConfig) -> int:
 
     import torch
 
-    from llamactl.checkpoint import load_model
+    from llamactl.checkpoint import build_model, load_tensors, read_meta, stored_dtype
     from llamactl.config import check_memory, kv_cache_bytes
     from llamactl.device import resolve_device, resolve_dtype
-    from llamactl.generate import SamplingParams, generate, pack_for_cpu_decode
+    from llamactl.generate import SamplingParams, completions, pack_for_cpu_decode
     from llamactl.jsonl import batches, display_name, dumps, open_output, read_jsonl, streams
     from llamactl.progress import progress
     from llamactl.tokenizer import Tokenizer
 
     cfg.validate()
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    model, meta = load_model(cfg.model, device, dtype)  # memory-mapped: cheap even when refused just below
+    meta = read_meta(cfg.model)
+    tensors = load_tensors(cfg.model)  # memory-mapped: cheap even when refused just below
+    dtype = resolve_dtype(cfg.dtype, device, stored_dtype(tensors))  # auto: the checkpoint's own where native
+    model = build_model(meta.args, tensors, cfg.model, device, dtype).eval()
     if meta.args.head != "lm":
         raise UserError(f"{cfg.model}: has a scalar (reward/value) head, not a language-model head to generate with")
     pack_for_cpu_decode(model)
@@ -127,7 +129,7 @@ def run(cfg: GenerateConfig) -> int:
             longest = min(max(len(ids) for _, ids in chunk) + cfg.max_new_tokens, max_len)
             cache = kv_cache_bytes(model.args, len(chunk), longest, dtype)
             check_memory(cache, f"the KV cache of {len(chunk)} x {longest} tokens", cfg.model, device)
-            results = generate(model, [ids for _, ids in chunk], params, eos, gen)
+            results = completions(model, [ids for _, ids in chunk], params, eos, gen)  # in order, as they finish
             for (rec, ids), res in zip(chunk, results, strict=True):
                 new = res.tokens[:-1] if res.finish_reason == "eos" else res.tokens
                 result = dict(rec)
@@ -138,8 +140,8 @@ def run(cfg: GenerateConfig) -> int:
                 if cfg.logprobs:
                     result["logprobs"] = res.logprobs
                 out.write(dumps(result) + "\n")
+                out.flush()
                 n_tokens += len(res.tokens)
-            out.flush()
             n_records += len(chunk)
             bar.update(len(chunk))
             bar.set_postfix(tok_s=f"{n_tokens / (time.perf_counter() - t0):.1f}")

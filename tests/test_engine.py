@@ -1,0 +1,229 @@
+"""The generation engine (llamactl.generate) against independent computations: full forwards without a cache,
+separate runs of each prompt alone, and the llama2.c reference on a real checkpoint."""
+
+import os
+
+import pytest
+import torch
+from helpers import FIXTURES
+from llama2c_ref import Llama2cRef
+
+from llamactl.checkpoint import load_model
+from llamactl.commands.convert import ConvertConfig, run
+from llamactl.device import resolve_dtype
+from llamactl.generate import SamplingParams, finished_rows, generate, prefill, stream
+from llamactl.model import KVCache, ModelArgs, Transformer
+
+GREEDY = SamplingParams(max_new_tokens=8, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny GQA model with weights large enough that its logits have clear maxima (no near-ties for argmax to
+    break differently between batch shapes)."""
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=48)
+    m = Transformer(args).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.copy_(torch.ones_like(p) if name.endswith("norm.weight") else torch.randn(p.shape, generator=g) * 0.3)
+    return m
+
+
+def _cache(model, batch, max_len=40):
+    return KVCache(model.args, batch, max_len, "cpu", torch.float32)
+
+
+def _last_logits(model, seq):
+    """The next-token logits of a whole sequence by one forward pass without a cache."""
+    with torch.no_grad():
+        return model(torch.tensor([seq]))[0, -1]
+
+
+def _greedy_alone(model, prompt, n):
+    """Greedy continuation by full forwards over the growing sequence: no cache, no batch."""
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(_last_logits(model, seq).argmax()))
+    return seq[len(prompt) :]
+
+
+def _collect(steps):
+    """Per row (numbered as the batch started), the live tokens of a stream, read step by step."""
+    out = {}
+    for s in steps:
+        for row, tok, live in zip(s.rows, s.tokens.tolist(), s.live.tolist(), strict=True):
+            if live:
+                out.setdefault(row, []).append(tok)
+    return [out[r] for r in sorted(out)]
+
+
+def test_forked_rows_equal_separate_prefills(model):
+    prompt, conts = [1, 17, 33, 4, 60, 8, 9], [[5, 6], [7], [8, 9, 10, 11]]
+    cache = _cache(model, 1)
+    prefill(model, cache, [prompt])
+    forked = cache.fork([0, 0, 0])
+    assert cache.lengths == [7] and forked.lengths == [7, 7, 7]
+    got = prefill(model, forked, conts)  # rows of different lengths from a shared prefix: right-padded
+    assert forked.lengths == [9, 8, 11] and cache.lengths == [7]  # the parent is untouched
+    for i, c in enumerate(conts):
+        alone = _cache(model, 1)
+        torch.testing.assert_close(got[i], prefill(model, alone, [prompt + c])[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[i], _last_logits(model, prompt + c), rtol=1e-5, atol=1e-5)
+    tokens = _collect(stream(model, forked, got, GREEDY, None))
+    assert tokens == [_greedy_alone(model, prompt + c, 8) for c in conts]
+
+
+def test_fork_for_n_samples_from_one_prefill(model):
+    """One prompt prefilled once, forked to 4 rows: each row's greedy answer is the prompt's own."""
+    prompt = [1, 50, 51, 52]
+    cache = _cache(model, 1)
+    logits = prefill(model, cache, [prompt])
+    many = cache.fork([0] * 4)
+    tokens = _collect(stream(model, many, logits.expand(4, -1), GREEDY, None))
+    assert tokens == [_greedy_alone(model, prompt, 8)] * 4
+
+
+def test_truncate_then_extend_equals_a_fresh_run(model):
+    prompt, first, second = [1, 20, 21, 22, 23], [30, 31, 32, 33, 34], [40, 41]
+    cache = _cache(model, 1)
+    logits = prefill(model, cache, [prompt + first])
+    _collect(stream(model, cache, logits, GREEDY, None))  # an answer, then undone
+    assert cache.lengths == [len(prompt + first) + 7]
+    cache.truncate(len(prompt))
+    logits = prefill(model, cache, [second])
+    torch.testing.assert_close(logits[0], _last_logits(model, prompt + second), rtol=1e-5, atol=1e-5)
+    assert _collect(stream(model, cache, logits, GREEDY, None)) == [_greedy_alone(model, prompt + second, 8)]
+
+
+def test_retry_refeeds_the_last_prompt_token(model):
+    """Retry: truncate to just before the prompt's last token and feed it again; the logits are the prompt's."""
+    prompt = [1, 2, 3, 4, 5, 6]
+    cache = _cache(model, 1)
+    first = prefill(model, cache, [prompt])
+    _collect(stream(model, cache, first, GREEDY, None))
+    cache.truncate(len(prompt) - 1)
+    again = prefill(model, cache, [prompt[-1:]])
+    torch.testing.assert_close(again, first, rtol=1e-5, atol=1e-5)
+
+
+def test_streamed_tokens_equal_the_batch_result(model):
+    prompts = [[1, 2, 3], [1, 9, 8, 7, 6, 5, 4], [1]]
+    params = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=20, logprobs=True)
+    cache = _cache(model, 3, 20)
+    steps = list(stream(model, cache, prefill(model, cache, prompts), params, 5, torch.Generator().manual_seed(7)))
+    batch = generate(model, prompts, params, 5, torch.Generator().manual_seed(7))
+    assert _collect(steps) == [c.tokens for c in batch]
+    assert sorted(r for s in steps for r in s.finished) == [0, 1, 2]  # each row reported once
+    for p, c in zip(prompts, batch, strict=True):
+        assert c.finish_reason == ("eos" if c.tokens[-1] == 5 else "length")
+        assert c.finish_reason == "eos" or len(c.tokens) == 10
+        # the log-probabilities are the full forward's, at each sampled token
+        with torch.no_grad():
+            full = torch.log_softmax(model(torch.tensor([p + c.tokens[:-1]]))[0, len(p) - 1 :], -1)
+        want = full.gather(1, torch.tensor(c.tokens)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(c.logprobs), want, rtol=1e-5, atol=1e-5)
+
+    greedy = SamplingParams(max_new_tokens=10, temperature=0)
+    assert [c.tokens for c in generate(model, prompts, greedy, None)] == [_greedy_alone(model, p, 10) for p in prompts]
+
+
+def test_batch_shrinks_without_changing_any_row(model):
+    """Rows fill a small cache at different steps, and some stop at EOS: the batch shrinks as they finish, and
+    every row's greedy output is what the prompt gives alone."""
+    prompts = [[1, 2, 3], [1, 5, 6, 7, 8, 9, 10, 11], [1, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22], [1, 40]]
+    free = [_greedy_alone(model, p, 20 - len(p)) for p in prompts]  # what each row gives until it fills 20 slots
+    eos = free[3][4]
+    want = [f[: f.index(eos) + 1] if eos in f else f for f in free]
+    cache = _cache(model, 4, 20)
+    steps = list(stream(model, cache, prefill(model, cache, prompts), SamplingParams(30, temperature=0), eos))
+    assert _collect(steps) == want
+    sizes = [len(s.rows) for s in steps]
+    assert sizes[0] == 4 and sizes[-1] < 4 and sizes == sorted(sizes, reverse=True)  # it did shrink
+    assert {r for r, c in finished_rows(iter(steps), eos)} == {0, 1, 2, 3}
+    kept = steps[-1].rows
+    assert cache.batch == len(kept) and cache.lengths == [len(prompts[r]) + len(want[r]) - 1 for r in kept]
+
+
+def test_reading_the_done_mask_less_often_changes_nothing(model):
+    """Between reads of the done mask, finished rows keep decoding in place: their output and the cache's lengths
+    must not show it. Rows 0 and 1 share a prompt's continuation, so both stop at its third token and the batch
+    of four can shrink."""
+    head = [1, 2, 3]
+    free0 = _greedy_alone(model, head, 12)
+    prompts = [head, head + free0[:2], [1, 60, 61], [1, 7, 7, 7, 7]]
+    free = [_greedy_alone(model, p, 12) for p in prompts]
+    eos = free0[2]
+    want = [f[: f.index(eos) + 1] if eos in f else f for f in free]
+    assert len(want[0]) == 3 and len(want[1]) == 1 and len(want[2]) == len(want[3]) == 12
+    for sync_every, shrink in ((1, True), (5, False), (5, True), (100, False)):
+        cache = _cache(model, 4, 30)
+        logits = prefill(model, cache, prompts)
+        steps = list(stream(model, cache, logits, SamplingParams(12, 0), eos, shrink=shrink, sync_every=sync_every))
+        got = dict(finished_rows(iter(steps), eos))
+        assert [got[r].tokens for r in range(4)] == want, sync_every
+        assert len(steps[-1].rows) == (2 if shrink else 4)
+        kept = steps[-1].rows
+        assert cache.lengths == [len(prompts[r]) + len(want[r]) - 1 for r in kept]
+
+
+def test_continuing_from_the_cache_equals_one_longer_run(model):
+    """What chat does between turns: the stream leaves each row's last token unfed; feeding it continues."""
+    prompts = [[1, 2, 3, 4], [1, 30]]
+    cache = _cache(model, 2)
+    first = _collect(stream(model, cache, prefill(model, cache, prompts), SamplingParams(5, 0), None, shrink=False))
+    assert cache.lengths == [4 + 4, 2 + 4]
+    more = _collect(stream(model, cache, prefill(model, cache, [[t[-1]] for t in first]), SamplingParams(6, 0), None))
+    assert [a + b for a, b in zip(first, more, strict=True)] == [_greedy_alone(model, p, 11) for p in prompts]
+
+
+def test_stopping_the_stream_early_leaves_exact_lengths(model):
+    cache = _cache(model, 2)
+    steps = stream(model, cache, prefill(model, cache, [[1, 2], [1, 2, 3, 4, 5]]), GREEDY, None)
+    for i, _ in enumerate(steps):
+        if i == 2:
+            break
+    steps.close()  # what leaving a for loop does once the generator is dropped (Ctrl-C in chat)
+    assert cache.lengths == [2 + 2, 5 + 2]
+
+
+def test_rows_fed_one_at_a_time_when_padding_would_pass_the_cache_end(model):
+    cache = _cache(model, 2, 12)
+    prefill(model, cache, [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [1, 2]])
+    got = prefill(model, cache, [[11], [3, 4, 5, 6, 7]])  # row 0 padded to 5 tokens would reach position 15
+    assert cache.lengths == [11, 7]
+    torch.testing.assert_close(got[0], _last_logits(model, list(range(1, 12))), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], _last_logits(model, [1, 2, 3, 4, 5, 6, 7]), rtol=1e-5, atol=1e-5)
+
+
+def test_stories260k_batched_greedy_equals_llama2c_reference(tmp_path):
+    """A real checkpoint, three prompts in one batch over a cache they fill at different steps (so the batch
+    shrinks twice), against llama2.c's run.c transcribed in numpy, one prompt at a time."""
+    stories = os.path.join(FIXTURES, "stories260K.bin")
+    out = str(tmp_path / "s.safetensors")
+    run(ConvertConfig(src=stories, output=out))
+    model, _ = load_model(out)
+    prompts, length = [[1], [1, 400, 300], [1, 5, 6, 7, 8]], 30
+    cache = KVCache(model.args, 3, length, "cpu", torch.float32)
+    steps = list(stream(model, cache, prefill(model, cache, prompts), SamplingParams(length, temperature=0), None))
+    assert [len(s.rows) for s in steps][-1] == 1
+    ref = Llama2cRef(stories)
+    assert [p + t for p, t in zip(prompts, _collect(steps), strict=True)] == [
+        ref.greedy(p, length - len(p)) for p in prompts
+    ]
+
+
+@pytest.mark.parametrize(
+    "stored, native_bf16, want",
+    [
+        (torch.float32, True, torch.float32),  # an fp32 checkpoint decodes in fp32, as transformers and run.c do
+        (torch.bfloat16, True, torch.bfloat16),
+        (torch.bfloat16, False, torch.float32),
+        (torch.float16, True, torch.bfloat16),  # a CPU has no fast fp16: bf16 keeps its range where it is native
+        (torch.float16, False, torch.float32),
+    ],
+)
+def test_dtype_auto_keeps_the_checkpoints_dtype_on_a_cpu(monkeypatch, stored, native_bf16, want):
+    monkeypatch.setattr("llamactl.device.bf16_supported", lambda device: native_bf16)
+    assert resolve_dtype("auto", torch.device("cpu"), stored) == want
+    assert resolve_dtype("bf16", torch.device("cpu"), stored) == torch.bfloat16  # one flag away
