@@ -99,7 +99,7 @@ def test_one_step_of_sgd_is_the_gradient_of_the_token_mean(tmp_path):
         torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("optimizer", [pytest.param("sgd", marks=pytest.mark.slow), "adamw"])
 def test_one_process_four_micro_steps_equals_two_processes_two(tmp_path, optimizer):
     _fit(str(tmp_path / "one"), accum=4, optimizer=optimizer, steps=2)
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two"), 2, optimizer, 2), nprocs=2, join=True)

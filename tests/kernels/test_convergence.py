@@ -1,5 +1,6 @@
 """A tiny model trained with the kernels follows, step for step, the same model trained with the references."""
 
+import pytest
 import torch
 
 from llamactl.model import ModelArgs, Transformer
@@ -29,6 +30,7 @@ def _train(steps: int, device: torch.device) -> list[float]:
     return losses
 
 
+@pytest.mark.slow  # ~60 s in Triton's interpreter on 2 cores; make test-all and make gpu-check run it
 def test_losses_match_references(kernels, device):
     kernels("ref")
     ref = _train(30, device)
