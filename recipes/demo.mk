@@ -6,9 +6,9 @@ LLAMACTL := $(PY) -m llamactl.cli
 OUT := runs/demo
 START := $(shell date +%s)
 
-.PHONY: all convert-demo generate-demo pretrain-demo
+.PHONY: all convert-demo generate-demo pretrain-demo chat-demo
 
-all: convert-demo generate-demo pretrain-demo
+all: convert-demo generate-demo pretrain-demo chat-demo
 	@echo
 	@echo "llamactl demo: done in $$(( $$(date +%s) - $(START) )) s; what it made is in $(OUT)/ (run again: only what changed):"
 	@echo "  stories260K.safetensors      llama2.c's TinyStories 260K model as a llamactl checkpoint (convert)"
@@ -18,6 +18,9 @@ all: convert-demo generate-demo pretrain-demo
 	@echo "  shakespeare/shards/          the play as token shards, 5% held out (tokenize encode --out)"
 	@echo "  shakespeare/run/             a 300-step pretraining run: metrics.jsonl, checkpoints, model.safetensors"
 	@echo "  shakespeare/samples.jsonl    text sampled from that model (generate), printed above"
+	@echo "  shakespeare/sft/             that model fine-tuned on Anthropic HH dialogs, answers only (sft)"
+	@echo "  shakespeare/chat.jsonl       seed prompts answered by the fine-tuned model (chat, batch mode), printed above"
+	@echo "  shakespeare/gatt.jsonl       Ghost Attention training dialogs it sampled (gatt-augment -m)"
 
 # A real pretrained llama2.c model (TinyStories, 260K parameters) into a self-describing llamactl checkpoint,
 # and from there into a Hugging Face directory that transformers loads.
@@ -58,3 +61,21 @@ $(SHK)/samples.jsonl: $(SHK)/run/model.safetensors examples/shakespeare-prompts.
 	@$(PY) -c "import json,sys; [print(r['prompt'] + r['completion'], end='\n---\n') for r in map(json.loads, open(sys.argv[1]))]" $@
 
 pretrain-demo: $(SHK)/samples.jsonl
+
+# The base model -> supervised fine-tuning on real dialogs (the chosen answers of Anthropic's HH preference data,
+# loss on the answers only) -> a few of the seed prompts answered through a pipe -> Ghost Attention training
+# dialogs: an instruction on every user turn, each turn answered by the fine-tuned model, then written with the
+# instruction once and only the last turn trained on. (A 2048-piece Shakespeare tokenizer and a few minutes of CPU
+# make a model that babbles: the demo shows the flow, not a good assistant.)
+$(SHK)/sft/model.safetensors: $(SHK)/run/model.safetensors examples/hh-harmless-chosen.jsonl
+	$(LLAMACTL) sft -m $< --data examples/hh-harmless-chosen.jsonl --field chosen -o $(SHK)/sft --resume \
+		--seq-len 256 --batch-size 8 --global-batch-size 16 --epochs 1 --lr 5e-4 --val-fraction 0.05
+
+$(SHK)/chat.jsonl: $(SHK)/sft/model.safetensors examples/seed-prompts.jsonl
+	sed -n '3p;5,7p' examples/seed-prompts.jsonl | $(LLAMACTL) chat -m $< --max-new-tokens 48 --seed 1 -o $@
+	@$(PY) -c "import json,sys; [print(r['messages'][-2]['content'], '->', r['messages'][-1]['content'], end='\n---\n') for r in map(json.loads, open(sys.argv[1]))]" $@
+
+$(SHK)/gatt.jsonl: $(SHK)/sft/model.safetensors examples/gatt-dialogs.jsonl
+	$(LLAMACTL) gatt-augment -i examples/gatt-dialogs.jsonl -m $< --max-new-tokens 32 --seed 1 -o $@
+
+chat-demo: $(SHK)/chat.jsonl $(SHK)/gatt.jsonl
