@@ -32,12 +32,18 @@ demo: $(STAMP)
 
 # Benchmarks print markdown tables and write CSV rows to bench/results/; docs/benchmarks.md keeps the figures.
 # `python -P` keeps bench/ off sys.path, so a script there never shadows a module of the standard library.
-bench: $(STAMP)
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(PY) -P bench/generate.py
 	$(PY) -P bench/pretrain.py
 	$(PY) -P bench/convert_memory.py
 	$(PY) -P bench/tokenizer.py
 	$(PY) -P bench/kernels.py
+	$(PY) -P bench/sft.py
 
 # The GPU check: kernel tests in bf16 on CUDA, kernel benchmarks at Llama-2-7B shapes, training steps of the 1.1B
 # preset, 7B-shaped decode; tables into docs/benchmarks.md (bench/gpu_check.py says what each section does). It runs
