@@ -168,8 +168,8 @@ def stream(
     """
     device = logits.device
     assert logits.shape[0] == cache.batch and min(cache.lengths) >= 1, "logits for every row of a filled cache"
-    # NOTE: not measured yet on a GPU: reading the mask every step would make the host wait for each step before it
-    # queues the next, so on a GPU it is read every 8 steps (up to 7 steps computed past the last row's end).
+    # On a GPU, reading the mask every step would make the host wait for each step before it queues the next, so it
+    # is read every 8 steps there (up to 7 steps computed past the last row's end). Not measured on a GPU yet.
     sync_every = sync_every or (1 if device.type == "cpu" else 8)
     rows, start, pos = list(range(cache.batch)), list(cache.lengths), list(cache.lengths)  # host
     reported = [False] * len(rows)
