@@ -197,8 +197,10 @@ def matmul_peak_flops(dtype: torch.dtype, device: torch.device, min_seconds: flo
 
 
 def flops_per_token(a: ModelArgs, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x parameters (embeddings excluded) + 12 x layers x dim x seq (attention)."""
-    n = a.num_params() - (0 if a.tie_embeddings else a.vocab_size * a.dim)  # a lookup table does no FLOPs
+    """Training FLOPs per token: 6 x the matrix parameters (forward 2, backward 4 per weight) + 12 x layers x dim x
+    seq (the attention scores and their use, forward and backward, counted without the causal half, as PaLM's
+    appendix B does). The embedding lookup and the norms' gains do no matrix products."""
+    n = a.num_params() - (0 if a.tie_embeddings else a.vocab_size * a.dim) - (2 * a.n_layers + 1) * a.dim
     return 6 * n + 12 * a.n_layers * a.dim * seq_len
 
 

@@ -63,9 +63,14 @@ def test_training_loss_equals_transformers(hf_model_dir, tmp_path):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     loss.backward()
     ref_loss.backward()
-    torch.testing.assert_close(
-        model.layers[0].feed_forward.w2.weight.grad, hf.model.layers[0].mlp.down_proj.weight.grad, rtol=1e-4, atol=1e-6
-    )
+    from llamactl.convert import llamactl_to_hf_name, permute_to_hf
+
+    theirs = dict(hf.named_parameters())
+    args = model.args
+    for name, p in model.named_parameters():  # every parameter's gradient, in transformers' layout
+        heads = args.n_heads if name.endswith("wq.weight") else args.n_kv_heads if name.endswith("wk.weight") else 0
+        ours = permute_to_hf(p.grad, heads) if heads else p.grad
+        torch.testing.assert_close(ours, theirs[llamactl_to_hf_name(name)].grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_kv_cache_decode_equals_full_forward():

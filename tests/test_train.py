@@ -134,3 +134,20 @@ def test_weight_decay_only_on_matrices():
     assert plain == {n for n in names.values() if n.endswith("norm.weight")}
     assert decayed == set(names.values()) - plain
     assert "tok_embeddings.weight" in decayed and "layers.0.attention.wq.weight" in decayed
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_flops_per_token_counts_the_matrix_products(tie):
+    """torch's FLOP counter over a forward and backward with full logits counts every matrix product (aten.mm);
+    SDPA's CPU kernel is not counted by it, so its 12 x layers x dim x seq is added by hand."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    a = ModelArgs(**{**ARGS.to_dict(), "tie_embeddings": tie})
+    model = Transformer(a)
+    model.init_weights(0)
+    tokens = torch.randint(0, a.vocab_size, (2, SEQ + 1))
+    with FlopCounterMode(display=False) as counter:
+        logits = model(tokens[:, :-1], output="logits")
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    counted = counter.get_total_flops() / tokens[:, 1:].numel()
+    assert counted + 12 * a.n_layers * a.dim * SEQ == T.flops_per_token(a, SEQ)
