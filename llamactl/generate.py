@@ -72,6 +72,7 @@ class SamplingParams:
     top_p: float = 1.0  # 1 = off
     top_k: int = 0  # 0 = off
     logprobs: bool = False
+    min_new_tokens: int = 0  # EOS cannot be sampled before this many new tokens (a chat answer is never empty)
 
 
 @dataclass
@@ -178,6 +179,9 @@ def stream(
     count = torch.zeros(len(rows), dtype=torch.long, device=device)  # tokens each row has produced
     try:
         for step in range(params.max_new_tokens):
+            if step < params.min_new_tokens and eos_id is not None:
+                logits = logits.clone()
+                logits[:, eos_id] = float("-inf")
             tok = sample(logits, params.temperature, params.top_p, params.top_k, generator)
             lp = torch.log_softmax(logits, -1).gather(1, tok[:, None]).squeeze(1) if params.logprobs else None
             live = ~done

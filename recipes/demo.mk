@@ -21,6 +21,7 @@ all: convert-demo generate-demo pretrain-demo chat-demo
 	@echo "  shakespeare/sft/             that model fine-tuned on Anthropic HH dialogs, answers only (sft)"
 	@echo "  shakespeare/chat.jsonl       seed prompts answered by the fine-tuned model (chat, batch mode), printed above"
 	@echo "  shakespeare/gatt.jsonl       Ghost Attention training dialogs it sampled (gatt-augment -m)"
+	@echo "  shakespeare/gatt-sft/        the chat model fine-tuned on them (sft, loss on each dialog's last turn)"
 
 # A real pretrained llama2.c model (TinyStories, 260K parameters) into a self-describing llamactl checkpoint,
 # and from there into a Hugging Face directory that transformers loads.
@@ -78,4 +79,9 @@ $(SHK)/chat.jsonl: $(SHK)/sft/model.safetensors examples/seed-prompts.jsonl
 $(SHK)/gatt.jsonl: $(SHK)/sft/model.safetensors examples/gatt-dialogs.jsonl
 	$(LLAMACTL) gatt-augment -i examples/gatt-dialogs.jsonl -m $< --max-new-tokens 32 --seed 1 -o $@
 
-chat-demo: $(SHK)/chat.jsonl $(SHK)/gatt.jsonl
+# ... and the GAtt dialogs train the chat model further (only their last turns count toward the loss).
+$(SHK)/gatt-sft/model.safetensors: $(SHK)/sft/model.safetensors $(SHK)/gatt.jsonl
+	$(LLAMACTL) sft -m $< --data $(SHK)/gatt.jsonl -o $(SHK)/gatt-sft --resume --seq-len 256 --batch-size 8 \
+		--global-batch-size 8 --epochs 2 --lr 2e-4
+
+chat-demo: $(SHK)/chat.jsonl $(SHK)/gatt-sft/model.safetensors

@@ -227,3 +227,17 @@ def test_dtype_auto_keeps_the_checkpoints_dtype_on_a_cpu(monkeypatch, stored, na
     monkeypatch.setattr("llamactl.device.bf16_supported", lambda device: native_bf16)
     assert resolve_dtype("auto", torch.device("cpu"), stored) == want
     assert resolve_dtype("bf16", torch.device("cpu"), stored) == torch.bfloat16  # one flag away
+
+
+def test_min_new_tokens_keeps_eos_out_of_the_first_steps(model):
+    """Greedy with EOS set to the token the model picks first: it ends at once, unless min_new_tokens forbids EOS
+    for that many steps, after which it is the second-best token of the unconstrained logits that comes first."""
+    prompt = [3, 14, 15]
+    logits = _last_logits(model, prompt)
+    eos = int(logits.argmax())
+    plain = generate(model, [prompt], GREEDY, eos_id=eos)[0]
+    assert plain.tokens == [eos] and plain.finish_reason == "eos"
+    params = SamplingParams(max_new_tokens=4, temperature=0, min_new_tokens=2)
+    held = generate(model, [prompt], params, eos_id=eos)[0]
+    assert held.tokens[0] == int(logits.topk(2).indices[1])
+    assert eos not in held.tokens[:2]

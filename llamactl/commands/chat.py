@@ -81,7 +81,7 @@ class Chatter:
         tensors = load_tensors(path)
         model = build_model(meta.args, tensors, path, dev, resolve_dtype(dtype, dev, stored_dtype(tensors))).eval()
         pack_for_cpu_decode(model)
-        params = SamplingParams(max_new_tokens, temperature, top_p)
+        params = SamplingParams(max_new_tokens, temperature, top_p, min_new_tokens=1)
         return cls(model, Tokenizer(meta.tokenizer, path), params, torch.Generator(device=dev).manual_seed(seed), path)
 
     @property
@@ -142,7 +142,16 @@ def answer_turns(cfg, records: list[tuple[str, dict]]) -> Chatter:
             chunk = live[s : s + cfg.batch_size]
             prompts = [chat.prompt_tokens(sys_ + _interleave(users[: k + 1], answers), w)
                        for w, _, sys_, users, answers in chunk]  # fmt: skip
-            for (*_, answers), text in zip(chunk, chat.answer_all(prompts), strict=True):
+            texts = chat.answer_all(prompts)
+            for _ in range(3):  # an answer of only whitespace is no answer: sample those again
+                empty = [i for i, t in enumerate(texts) if not t]
+                if not empty:
+                    break
+                for i, t in zip(empty, chat.answer_all([prompts[i] for i in empty]), strict=True):
+                    texts[i] = t
+            for (where, *_, answers), text in zip(chunk, texts, strict=True):
+                if not text:
+                    raise UserError(f"{where}: the model answered turn {k + 1} with nothing, four times")
                 answers.append(text)
     for _, rec, sys_, users, answers in dialogs:
         rec["messages"] = sys_ + _interleave(users, answers)
