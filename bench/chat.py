@@ -62,7 +62,7 @@ def main() -> None:
         results = {}
         for mode in ("reused", "recomputed"):
             s = Session(cfg)
-            s.chat.tokenizer.eos_id = -1  # fixed-length answers: the same work every turn, whatever is sampled
+            s.chat.params.min_new_tokens = args.answer_tokens  # fixed-length answers: the same work every turn
             times = []
             for turn in range(args.turns):
                 if mode == "recomputed":
@@ -82,23 +82,20 @@ def main() -> None:
                     s.answer(QUESTIONS[turn])
             results[mode] = times
         # decode speed: chat's stream against generate's engine call, same prompt, same answer length
-        s = Session(cfg)
-        s.chat.tokenizer.eos_id = -1
-        with redirect_stdout(io.StringIO()):
-            s.answer(QUESTIONS[0])
         n = 128
         cfg_long = ChatConfig(model=path, temperature=0, max_new_tokens=n + 1, dtype=args.dtype)
         chat_rates, gen_rates = [], []
         for _ in range(3):
             c = Session(cfg_long)
-            c.chat.tokenizer.eos_id = -1
+            c.chat.params.min_new_tokens = n + 1
             t = time.perf_counter()
             with redirect_stdout(io.StringIO()):
                 c.answer(QUESTIONS[1])
             chat_rates.append(n / (time.perf_counter() - t))
             prompt = encode_prompt(c.chat.tokenizer, [{"role": "user", "content": QUESTIONS[1]}])
             t = time.perf_counter()
-            generate(c.chat.model, [prompt], SamplingParams(max_new_tokens=n + 1, temperature=0), eos_id=None)
+            params = SamplingParams(max_new_tokens=n + 1, temperature=0, min_new_tokens=n + 1)
+            generate(c.chat.model, [prompt], params, eos_id=c.chat.tokenizer.eos_id)
             gen_rates.append(n / (time.perf_counter() - t))
     print(f"# {args.preset}, {args.dtype}, answers of {args.answer_tokens} tokens, {torch.get_num_threads()} threads")
     print(f"| history | turn 1 TTFT ms | turn {args.turns} TTFT ms |")

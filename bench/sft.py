@@ -121,7 +121,7 @@ def main() -> None:
         cfg = dict(hf=os.path.join(tmp, "hf"), data=data, out=os.path.join(tmp, "trl"), seq_len=args.seq_len,
                    rows=args.rows, steps=args.steps, dtype=args.dtype)  # fmt: skip
         out, _, trl_rss = measure([sys.executable, "-c", TRL_SCRIPT, json.dumps(cfg)])
-        steps = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+        steps = [json.loads(x) for x in out.splitlines() if x.startswith('{"step"')]
         trl_tok_s = statistics.median(s["tokens"] / s["seconds"] for s in steps[2:])
         trl_padding = 1 - statistics.mean(s["tokens"] for s in steps) / (args.rows * args.seq_len)
 
