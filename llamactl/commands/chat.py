@@ -290,14 +290,15 @@ class Session:
             except DialogError as e:
                 raise UserError(str(e)) from None
             new = self.chat.tokenizer.encode(final, bos=True)
-            if len(self.fed) + len(new) + self.cfg.max_new_tokens <= self.chat.context or not self.turns:
+            # room for the prompt, a whole answer and the EOS that closes it in the cache
+            if len(self.fed) + len(new) + self.cfg.max_new_tokens + 1 <= self.chat.context or not self.turns:
                 break
             self.turns.pop(0)
             if not self.told_overflow:
                 self.say("(the conversation outgrew the model's context: its oldest exchanges are dropped from now on)")
                 self.told_overflow = True
             self._rebuild()
-        if len(self.fed) + len(new) >= self.chat.context:
+        if len(self.fed) + len(new) + 2 > self.chat.context:  # not even a one-token answer and its EOS fit
             raise UserError(f"that message takes {len(new)} tokens; the context holds {self.chat.context}")
         return new
 
@@ -336,8 +337,10 @@ class Session:
         self.cache.lengths = [len(self.fed) + len(fed_answer)]
         self.fed += fed_answer
         tail = [t for t in tokens[len(fed_answer) :] if t != self.chat.tokenizer.eos_id] + [self.chat.tokenizer.eos_id]
-        prefill(self.chat.model, self.cache, [tail])
-        self.fed += tail
+        tail = tail[: self.chat.context - len(self.fed)]  # an answer that filled the context: the next turn drops it
+        if tail:
+            prefill(self.chat.model, self.cache, [tail])
+            self.fed += tail
         answer = self.chat.text([], tokens)
         self.turns.append((user, answer))
         return answer

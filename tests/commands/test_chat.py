@@ -171,3 +171,16 @@ def test_ctrl_c_stops_the_answer_not_the_session(tmp_path):
         assert "[stopped]" in _expect(fd, "> ", screen)
         os.write(fd, b"/exit\n")
         assert _exit_code(pid) == 0
+
+
+def test_answers_that_fill_the_context(tmp_path, capsys):
+    """--max-new-tokens past the context: an answer stops at the context's end, and the next turn drops it."""
+    path = str(tmp_path / "m.safetensors")
+    save_chatty_model(path, max_seq_len=48)
+    s = Session(ChatConfig(model=path, temperature=0, max_new_tokens=100, dtype="fp32"))
+    s.chat.params.min_new_tokens = 100  # no EOS: every answer runs to the end of the context
+    for question in ("Hi", "Again", "Once more"):
+        s.answer(question)
+        assert s.cache.lengths == [len(s.fed)] and len(s.fed) <= 48
+    assert [u for u, _ in s.turns] == ["Once more"]
+    assert "outgrew" in capsys.readouterr().err
