@@ -161,39 +161,6 @@ def convert(
     )
 
 
-@app.command(help='Complete prompts from JSONL ({"prompt": ...} or {"tokens": [...]}) to JSONL, batched.')
-def generate(
-    model: Annotated[str, typer.Option("-m", "--model", help="llamactl checkpoint (.safetensors or index).")],
-    input: Annotated[str, typer.Option("-i", "--input", help="JSONL prompts; - for stdin.")] = "-",
-    output: Annotated[str, typer.Option("-o", "--output", help="JSONL results; - for stdout.")] = "-",
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 256,
-    temperature: Annotated[float, typer.Option(help="0 means greedy.")] = 0.8,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 0.95,
-    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0 = off).")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 8,
-    logprobs: Annotated[bool, typer.Option("--logprobs", help="Add the log-probability of each new token.")] = False,
-    seed: Seed = 0,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-) -> None:
-    run_command(
-        "generate",
-        "GenerateConfig",
-        model=model,
-        input=input,
-        output=output,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        batch_size=batch_size,
-        logprobs=logprobs,
-        seed=seed,
-        device=device,
-        dtype=dtype,
-    )
-
-
 tokenize_app = typer.Typer(
     help="SentencePiece BPE with Llama 2's settings: train a tokenizer, encode text or chat dialogs, decode ids.",
     no_args_is_help=True,
@@ -476,6 +443,26 @@ SAMPLING_HELP = {
     "device": "auto (cuda if present, else cpu), cpu, cuda or cuda:N.",
     "dtype": "auto (the checkpoint's own where native), fp32, bf16 or fp16.",
 }
+
+config_command(
+    "generate",
+    "generate",
+    "GenerateConfig",
+    'Complete prompts from JSONL ({"prompt": ...} or {"tokens": [...]}) to JSONL, batched.',
+    short={"model": "-m", "input": "-i", "output": "-o"},
+    flags={
+        **SAMPLING_HELP,
+        "model": "llamactl checkpoint (.safetensors or index).",
+        "input": "JSONL prompts; - for stdin.",
+        "output": "JSONL results; - for stdout.",
+        "max_new_tokens": "Tokens to generate at most.",
+        "temperature": "0 means greedy.",
+        "top_p": "Nucleus sampling mass (1 = off).",
+        "top_k": "Keep the k most likely tokens (0 = off).",
+        "batch_size": "Prompts decoded together.",
+        "logprobs": "Add the log-probability of each new token.",
+    },
+)
 
 config_command(
     "chat",

@@ -5,39 +5,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llamactl.errors import UserError
+from llamactl.flags import SamplingFlags
 
 BATCH_WAIT_S = 0.05  # how long a batch waits for more records from input that arrives over time (a pipe)
 
 
-@dataclass
-class GenerateConfig:
+@dataclass(kw_only=True)
+class GenerateConfig(SamplingFlags):
     model: str
     input: str = "-"
     output: str = "-"
     max_new_tokens: int = 256
-    temperature: float = 0.8
+    temperature: float = 0.8  # completion, not chat: llama's text_completion example samples at 0.8 / 0.95
     top_p: float = 0.95
     top_k: int = 0
-    batch_size: int = 8
     logprobs: bool = False
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
 
     def validate(self) -> None:
         from llamactl.files import check_output, input_problem, overlaps
+        from llamactl.flags import sampling_problems
 
-        problems = []
-        if self.max_new_tokens < 1:
-            problems.append(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            problems.append(f"--temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            problems.append(f"--top-k must be >= 0, got {self.top_k}")
-        if self.batch_size < 1:
-            problems.append(f"--batch-size must be at least 1, got {self.batch_size}")
+        problems = sampling_problems(self)
         if problem := check_output(self.output, "-o/--output"):
             problems.append(problem)
         if self.input != "-" and (problem := input_problem(self.input, "file", stream_ok=True)):
