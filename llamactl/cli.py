@@ -23,10 +23,6 @@ app = typer.Typer(
 
 _state = {"debug": bool(os.environ.get("LLAMACTL_DEBUG"))}
 
-Seed = Annotated[int, typer.Option(help="Random seed.")]
-Device = Annotated[str, typer.Option(help="auto (cuda if present, else cpu), cpu, cuda or cuda:N.")]
-Dtype = Annotated[str, typer.Option(help="auto (bf16 where supported, else fp32), fp32, bf16 or fp16.")]
-
 
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
@@ -279,74 +275,6 @@ def tokenize_decode(
 app.add_typer(tokenize_app, name="tokenize")
 
 
-@app.command(help="Pretrain a base model on token shards; resumable, and data-parallel under torchrun.")
-def pretrain(
-    data: Annotated[str, typer.Argument(help="Token shards directory (tokenize encode --out).")],
-    output: Annotated[str, typer.Option("-o", "--output", help="Run directory: checkpoints, metrics.jsonl.")],
-    preset: Annotated[str, typer.Option(help="Model preset (llama2-15m, llama2-60m, llama2-110m, llama2-7b...).")] = (
-        "llama2-15m"
-    ),
-    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a model field: key=value.")] = None,
-    seq_len: Annotated[int, typer.Option(help="Tokens per training sequence.")] = 256,
-    batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch per process.")] = 8,
-    global_batch_tokens: Annotated[
-        int | None, typer.Option(help="Tokens per optimizer step, reached by gradient accumulation.")
-    ] = None,
-    steps: Annotated[int, typer.Option(help="Optimizer steps in all.")] = 1000,
-    lr: Annotated[
-        float | None, typer.Option(help="Peak learning rate (default: the paper's, 3e-4; 1.5e-4 for 70B).")
-    ] = (None),
-    min_lr_ratio: Annotated[float, typer.Option(help="Cosine decay floor as a fraction of the peak.")] = 0.1,
-    warmup: Annotated[int | None, typer.Option(help="Warmup steps (default 2000, at most a tenth of --steps).")] = None,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay on matrices.")] = 0.1,
-    grad_clip: Annotated[float, typer.Option(help="Clip the global gradient norm (0 = off).")] = 1.0,
-    eval_every: Annotated[int, typer.Option(help="Validation loss every N steps (0 = never).")] = 100,
-    eval_batches: Annotated[int, typer.Option(help="Micro-batches of the val split per evaluation.")] = 8,
-    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (and at the end, and on Ctrl-C).")] = 200,
-    keep: Annotated[int, typer.Option(help="Checkpoints kept (0 = all).")] = 2,
-    log_every: Annotated[int, typer.Option(help="metrics.jsonl row every N steps.")] = 1,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's latest checkpoint.")] = False,
-    distributed: Annotated[str, typer.Option(help="Under torchrun: ddp or fsdp (FSDP2 fully_shard).")] = "ddp",
-    activation_checkpointing: Annotated[
-        bool, typer.Option("--activation-checkpointing", help="Recompute blocks in backward to save memory.")
-    ] = False,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
-    seed: Seed = 0,
-    device: Device = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bf16 autocast where native, else fp32), fp32 or bf16.")] = "auto",
-) -> None:
-    run_command(
-        "pretrain",
-        "PretrainConfig",
-        data=data,
-        output=output,
-        preset=preset,
-        overrides=overrides or [],
-        seq_len=seq_len,
-        batch_size=batch_size,
-        global_batch_tokens=global_batch_tokens,
-        steps=steps,
-        lr=lr,
-        min_lr_ratio=min_lr_ratio,
-        warmup=warmup,
-        weight_decay=weight_decay,
-        grad_clip=grad_clip,
-        eval_every=eval_every,
-        eval_batches=eval_batches,
-        save_every=save_every,
-        keep=keep,
-        log_every=log_every,
-        resume=resume,
-        distributed=distributed,
-        activation_checkpointing=activation_checkpointing,
-        compile=compile,
-        seed=seed,
-        device=device,
-        dtype=dtype,
-        argv=sys.argv[1:],
-    )
-
-
 def config_command(
     name: str,
     module: str,
@@ -354,10 +282,13 @@ def config_command(
     help: str,
     flags: dict[str, str],
     short: dict[str, str] | None = None,
+    arguments: tuple[str, ...] = (),
+    names: dict[str, str] | None = None,
 ) -> None:
     """Register ``llamactl NAME`` with one option per field of the command's config dataclass: the types and defaults
     are the dataclass's (one copy of each default, in the command module), the help texts are ``flags``'s. Every
-    field but ``argv`` needs a help text here, so a new config field cannot go unexposed."""
+    field but ``argv`` needs a help text here, so a new config field cannot go unexposed. ``arguments`` are
+    positional; ``names`` gives an option another name than its field's (``overrides`` -> ``--set``)."""
     import dataclasses
     import importlib
     import inspect
@@ -370,16 +301,17 @@ def config_command(
     assert not missing, f"{config_cls}: fields and help texts differ on {sorted(missing)}"
     params = []
     for f in fields:
-        names = ["--" + f.name.replace("_", "-")] + ([short[f.name]] if short and f.name in short else [])
+        flag = (names or {}).get(f.name, "--" + f.name.replace("_", "-"))
+        opts = [flag] + ([short[f.name]] if short and f.name in short else [])
         if hints[f.name] is bool:
-            names = [f"--{f.name.replace('_', '-')}/--no-{f.name.replace('_', '-')}"]
+            opts = [f"{flag}/--no-{flag[2:]}"]
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         else:
             default = inspect.Parameter.empty
-        option = typer.Option(*names, help=flags[f.name])
+        option = typer.Argument(help=flags[f.name]) if f.name in arguments else typer.Option(*opts, help=flags[f.name])
         params.append(
             inspect.Parameter(
                 f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[hints[f.name], option]
@@ -396,6 +328,48 @@ def config_command(
     app.command(name=name, help=help)(command)
 
 
+TRAIN_HELP = {
+    "lr": "Peak learning rate (default: the paper's for this stage).",
+    "min_lr_ratio": "Cosine decay floor as a fraction of the peak.",
+    "weight_decay": "AdamW weight decay on matrices.",
+    "grad_clip": "Clip the global gradient norm (0 = off).",
+    "save_every": "Checkpoint every N steps (and at the end, and on Ctrl-C).",
+    "keep": "Checkpoints kept (0 = all).",
+    "log_every": "metrics.jsonl row every N steps.",
+    "resume": "Continue from the run's latest checkpoint.",
+    "distributed": "Under torchrun: ddp or fsdp (FSDP2 fully_shard).",
+    "activation_checkpointing": "Recompute blocks in backward to save memory.",
+    "compile": "torch.compile the model.",
+    "seed": "Random seed.",
+    "device": "auto (cuda if present, else cpu), cpu, cuda or cuda:N.",
+    "dtype": "auto (bf16 autocast where native, else fp32), fp32 or bf16.",
+}
+
+config_command(
+    "pretrain",
+    "pretrain",
+    "PretrainConfig",
+    "Pretrain a base model on token shards; resumable, and data-parallel under torchrun.",
+    short={"output": "-o"},
+    arguments=("data",),
+    names={"overrides": "--set"},
+    flags={
+        **TRAIN_HELP,
+        "data": "Token shards directory (tokenize encode --out).",
+        "output": "Run directory: checkpoints, metrics.jsonl.",
+        "preset": "Model preset (llama2-15m, llama2-60m, llama2-110m, llama2-1b, llama2-7b...).",
+        "overrides": "Override a model field: key=value.",
+        "seq_len": "Tokens per training sequence.",
+        "batch_size": "Sequences per micro-batch per process.",
+        "global_batch_tokens": "Tokens per optimizer step, reached by gradient accumulation.",
+        "steps": "Optimizer steps in all.",
+        "lr": "Peak learning rate (default: the paper's, 3e-4; 1.5e-4 for 70B).",
+        "warmup": "Warmup steps (default 2000, at most a tenth of --steps).",
+        "eval_every": "Validation loss every N steps (0 = never).",
+        "eval_batches": "Micro-batches of the val split per evaluation.",
+    },
+)
+
 config_command(
     "sft",
     "sft",
@@ -403,6 +377,7 @@ config_command(
     "Supervised fine-tuning on dialogs (loss on the answers only, packed rows); resumable, and under torchrun.",
     short={"model": "-m", "output": "-o"},
     flags={
+        **TRAIN_HELP,
         "model": "Base model checkpoint (a language model with its tokenizer).",
         "data": 'Dialogs JSONL: {"messages": [...]}, {"prompt", "response"}, or HH text in --field.',
         "output": "Run directory: checkpoints, metrics.jsonl, model.safetensors.",
@@ -413,23 +388,11 @@ config_command(
         "epochs": "Passes over the data (Llama 2: 2); --steps wins when given.",
         "steps": "Optimizer steps in all (default: from --epochs).",
         "lr": "Peak learning rate (default: Llama 2's 2e-5).",
-        "min_lr_ratio": "Cosine decay floor as a fraction of the peak.",
         "warmup": "Warmup steps (default: 3% of the steps).",
-        "weight_decay": "AdamW weight decay on matrices.",
-        "grad_clip": "Clip the global gradient norm (0 = off).",
         "val_fraction": "Share of the dialogs held out for validation loss.",
         "eval_every": "Validation loss every N steps (0 = at the end only).",
-        "save_every": "Checkpoint every N steps (and at the end, and on Ctrl-C).",
-        "keep": "Checkpoints kept (0 = all).",
-        "log_every": "metrics.jsonl row every N steps.",
         "pack": "Pack dialogs into rows (attention kept inside each); --no-pack pads one dialog a row.",
-        "resume": "Continue from the run's latest checkpoint.",
-        "distributed": "Under torchrun: ddp or fsdp (FSDP2 fully_shard).",
-        "activation_checkpointing": "Recompute blocks in backward to save memory.",
-        "compile": "torch.compile the model.",
         "seed": "Random seed (data order, held-out split).",
-        "device": "auto (cuda if present, else cpu), cpu, cuda or cuda:N.",
-        "dtype": "auto (bf16 autocast where native, else fp32), fp32 or bf16.",
     },
 )
 
