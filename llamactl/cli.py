@@ -127,151 +127,11 @@ def _quiet_stdout() -> None:
     os.close(devnull)
 
 
-@app.command(
-    help="Convert checkpoints: Meta, Hugging Face or llama2.c in; llamactl or Hugging Face out. --info describes."
-)
-def convert(
-    src: Annotated[str, typer.Argument(help="Checkpoint file or directory.")],
-    output: Annotated[
-        str | None, typer.Option("-o", "--output", help="Destination file (or directory for hf).")
-    ] = None,
-    info: Annotated[bool, typer.Option("--info", help="Print what SRC is (config, size, dtype, lineage).")] = False,
-    src_format: Annotated[str, typer.Option("--from", help="auto, llamactl, meta, hf or llama2c.")] = "auto",
-    to: Annotated[str, typer.Option("--to", help="llamactl or hf.")] = "llamactl",
-    tokenizer: Annotated[str | None, typer.Option("--tokenizer", "-t", help="SentencePiece model to attach.")] = None,
-    dtype: Annotated[str, typer.Option(help="keep (as stored), fp32, bf16 or fp16.")] = "keep",
-    shard_size: Annotated[str, typer.Option(help="Split llamactl output into shards above this size.")] = "5GB",
-) -> None:
-    run_command(
-        "convert",
-        "ConvertConfig",
-        src=src,
-        output=output,
-        info=info,
-        src_format=src_format,
-        to=to,
-        tokenizer=tokenizer,
-        dtype=dtype,
-        shard_size=shard_size,
-        argv=sys.argv[1:],
-    )
-
-
 tokenize_app = typer.Typer(
     help="SentencePiece BPE with Llama 2's settings: train a tokenizer, encode text or chat dialogs, decode ids.",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
-Inputs = Annotated[
-    list[str] | None, typer.Argument(help="Text or JSONL files (.jsonl is JSONL unless --format says); - is stdin.")
-]
-Format = Annotated[str, typer.Option(help="auto (.jsonl files and stdin are JSONL, other files text), text or jsonl.")]
-
-
-@tokenize_app.command("train", help="Train a BPE tokenizer.model with Llama 2's settings on text and JSONL fields.")
-def tokenize_train(
-    inputs: Inputs = None,
-    output: Annotated[str, typer.Option("-o", "--output", help="The SentencePiece model file to write.")] = (
-        "tokenizer.model"
-    ),
-    vocab_size: Annotated[int, typer.Option(help="Pieces in the vocabulary (Llama 2: 32000).")] = 32000,
-    format: Format = "auto",
-    field: Annotated[str | None, typer.Option(help="Text field of JSONL input [default: text].")] = None,
-    character_coverage: Annotated[
-        float, typer.Option(help="Share of characters covered by pieces; the rarest fall back to bytes.")
-    ] = 0.99995,
-    max_sentence_length: Annotated[
-        int, typer.Option(help="Lines longer than this many bytes are left out of training.")
-    ] = 4192,
-    threads: Annotated[int, typer.Option(help="Trainer threads (0: all cores).")] = 0,
-) -> None:
-    run_command(
-        "tokenize",
-        "TrainConfig",
-        entry="run_train",
-        inputs=inputs or ["-"],
-        output=output,
-        vocab_size=vocab_size,
-        format=format,
-        field=field,
-        character_coverage=character_coverage,
-        max_sentence_length=max_sentence_length,
-        threads=threads,
-    )
-
-
-@tokenize_app.command(
-    "encode",
-    help='Text or JSONL to {"tokens": [...]} JSONL (other fields passed through), to token shards for pretrain '
-    '(--out), or chat dialogs {"messages": [...]} to {"tokens", "mask"} in Llama 2\'s chat format (--chat).',
-)
-def tokenize_encode(
-    tokenizer: Annotated[str, typer.Option("-t", "--tokenizer", help="SentencePiece model file.")],
-    inputs: Inputs = None,
-    output: Annotated[str, typer.Option("-o", "--output", help="JSONL output; - for stdout.")] = "-",
-    out: Annotated[
-        str | None, typer.Option("--out", help="Write safetensors token shards and index.json to this directory.")
-    ] = None,
-    format: Format = "auto",
-    field: Annotated[
-        str | None, typer.Option(help="JSONL field to encode [default: text; messages with --chat].")
-    ] = None,
-    doc_split: Annotated[
-        str | None, typer.Option(help="Documents of text input: paragraph (default), line or file.")
-    ] = None,
-    chat: Annotated[bool, typer.Option("--chat", help="Encode dialogs in Llama 2's chat format with a loss mask.")] = (
-        False
-    ),
-    bos: Annotated[bool | None, typer.Option("--bos/--no-bos", help="BOS before each document [default: on].")] = None,
-    eos: Annotated[
-        bool | None, typer.Option("--eos/--no-eos", help="EOS after each document [default: on with --out].")
-    ] = None,
-    workers: Annotated[int, typer.Option(help="Encoding processes.")] = 1,
-    shard_tokens: Annotated[
-        int | None, typer.Option(help="Tokens a shard holds at least before the next starts [default: 100M].")
-    ] = None,
-    val_fraction: Annotated[
-        float | None, typer.Option(help="Put this share of the documents (evenly spread) in a val split.")
-    ] = None,
-) -> None:
-    run_command(
-        "tokenize",
-        "EncodeConfig",
-        entry="run_encode",
-        tokenizer=tokenizer,
-        inputs=inputs or ["-"],
-        output=output,
-        out=out,
-        format=format,
-        field=field,
-        doc_split=doc_split,
-        chat=chat,
-        bos=bos,
-        eos=eos,
-        workers=workers,
-        shard_tokens=shard_tokens,
-        val_fraction=val_fraction,
-    )
-
-
-@tokenize_app.command("decode", help='{"tokens": [...]} JSONL back to text, other fields passed through.')
-def tokenize_decode(
-    tokenizer: Annotated[str, typer.Option("-t", "--tokenizer", help="SentencePiece model file.")],
-    inputs: Annotated[list[str] | None, typer.Argument(help="JSONL files; - is stdin.")] = None,
-    output: Annotated[str, typer.Option("-o", "--output", help="JSONL output; - for stdout.")] = "-",
-    field: Annotated[str, typer.Option(help="Field to write the text to.")] = "text",
-) -> None:
-    run_command(
-        "tokenize",
-        "DecodeConfig",
-        entry="run_decode",
-        tokenizer=tokenizer,
-        inputs=inputs or ["-"],
-        output=output,
-        field=field,
-    )
-
-
 app.add_typer(tokenize_app, name="tokenize")
 
 
@@ -284,11 +144,14 @@ def config_command(
     short: dict[str, str] | None = None,
     arguments: tuple[str, ...] = (),
     names: dict[str, str] | None = None,
+    entry: str = "run",
+    group: typer.Typer | None = None,
 ) -> None:
     """Register ``llamactl NAME`` with one option per field of the command's config dataclass: the types and defaults
     are the dataclass's (one copy of each default, in the command module), the help texts are ``flags``'s. Every
     field but ``argv`` needs a help text here, so a new config field cannot go unexposed. ``arguments`` are
-    positional; ``names`` gives an option another name than its field's (``overrides`` -> ``--set``)."""
+    positional; ``names`` gives an option another name than its field's (``overrides`` -> ``--set``); ``entry`` is
+    the function of the command module to call, ``group`` the sub-app to register in (``tokenize``)."""
     import dataclasses
     import importlib
     import inspect
@@ -303,7 +166,7 @@ def config_command(
     for f in fields:
         flag = (names or {}).get(f.name, "--" + f.name.replace("_", "-"))
         opts = [flag] + ([short[f.name]] if short and f.name in short else [])
-        if hints[f.name] is bool:
+        if hints[f.name] in (bool, bool | None):  # a switch; None (tri-state) leaves the choice to the command
             opts = [f"{flag}/--no-{flag[2:]}"]
         if f.default is not dataclasses.MISSING:
             default = f.default
@@ -318,15 +181,106 @@ def config_command(
             )
         )
 
+    takes_argv = "argv" in {f.name for f in dataclasses.fields(cls)}
+
     def command(**kwargs) -> None:
-        run_command(module, config_cls, **kwargs, argv=sys.argv[1:])
+        kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}
+        run_command(module, config_cls, entry, **kwargs, **({"argv": sys.argv[1:]} if takes_argv else {}))
 
     params.sort(key=lambda p: p.default is not inspect.Parameter.empty)  # the required ones first in --help
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
     command.__name__ = name.replace("-", "_")
-    app.command(name=name, help=help)(command)
+    (group or app).command(name=name, help=help)(command)
 
+
+INPUTS_HELP = "Text or JSONL files (.jsonl is JSONL unless --format says); - is stdin."
+FORMAT_HELP = "auto (.jsonl files and stdin are JSONL, other files text), text or jsonl."
+
+config_command(
+    "convert",
+    "convert",
+    "ConvertConfig",
+    "Convert checkpoints: Meta, Hugging Face or llama2.c in; llamactl or Hugging Face out. --info describes.",
+    short={"output": "-o", "tokenizer": "-t"},
+    arguments=("src",),
+    names={"src_format": "--from"},
+    flags={
+        "src": "Checkpoint file or directory.",
+        "output": "Destination file (or directory for hf).",
+        "info": "Print what SRC is (config, size, dtype, lineage).",
+        "src_format": "auto, llamactl, meta, hf or llama2c.",
+        "to": "llamactl or hf.",
+        "tokenizer": "SentencePiece model to attach.",
+        "dtype": "keep (as stored), fp32, bf16 or fp16.",
+        "shard_size": "Split llamactl output into shards above this size.",
+    },
+)
+
+config_command(
+    "train",
+    "tokenize",
+    "TrainConfig",
+    "Train a BPE tokenizer.model with Llama 2's settings on text and JSONL fields.",
+    short={"output": "-o"},
+    arguments=("inputs",),
+    entry="run_train",
+    group=tokenize_app,
+    flags={
+        "inputs": INPUTS_HELP,
+        "output": "The SentencePiece model file to write.",
+        "vocab_size": "Pieces in the vocabulary (Llama 2: 32000).",
+        "format": FORMAT_HELP,
+        "field": "Text field of JSONL input [default: text].",
+        "character_coverage": "Share of characters covered by pieces; the rarest fall back to bytes.",
+        "max_sentence_length": "Lines longer than this many bytes are left out of training.",
+        "threads": "Trainer threads (0: all cores).",
+    },
+)
+
+config_command(
+    "encode",
+    "tokenize",
+    "EncodeConfig",
+    'Text or JSONL to {"tokens": [...]} JSONL (other fields passed through), to token shards for pretrain '
+    '(--out), or chat dialogs {"messages": [...]} to {"tokens", "mask"} in Llama 2\'s chat format (--chat).',
+    short={"output": "-o", "tokenizer": "-t"},
+    arguments=("inputs",),
+    entry="run_encode",
+    group=tokenize_app,
+    flags={
+        "tokenizer": "SentencePiece model file.",
+        "inputs": INPUTS_HELP,
+        "output": "JSONL output; - for stdout.",
+        "out": "Write safetensors token shards and index.json to this directory.",
+        "format": FORMAT_HELP,
+        "field": "JSONL field to encode [default: text; messages with --chat].",
+        "doc_split": "Documents of text input: paragraph (default), line or file.",
+        "chat": "Encode dialogs in Llama 2's chat format with a loss mask.",
+        "bos": "BOS before each document [default: on].",
+        "eos": "EOS after each document [default: on with --out].",
+        "workers": "Encoding processes.",
+        "shard_tokens": "Tokens a shard holds at least before the next starts [default: 100M].",
+        "val_fraction": "Put this share of the documents (evenly spread) in a val split.",
+    },
+)
+
+config_command(
+    "decode",
+    "tokenize",
+    "DecodeConfig",
+    '{"tokens": [...]} JSONL back to text, other fields passed through.',
+    short={"output": "-o", "tokenizer": "-t"},
+    arguments=("inputs",),
+    entry="run_decode",
+    group=tokenize_app,
+    flags={
+        "tokenizer": "SentencePiece model file.",
+        "inputs": "JSONL files; - is stdin.",
+        "output": "JSONL output; - for stdout.",
+        "field": "Field to write the text to.",
+    },
+)
 
 TRAIN_HELP = {
     "lr": "Peak learning rate (default: the paper's for this stage).",

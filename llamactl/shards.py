@@ -119,6 +119,7 @@ class ShardWriter:
         self._written: list[str] = []
         self._temp: str | None = None
         self._replaced_tokenizer: bytes | None = None  # the old tokenizer.model, put back if the commit fails
+        self._new_tokenizer = False  # the commit wrote a tokenizer.model where there was none: removed if it fails
         self._splits = {name: {"shards": [], "num_tokens": 0, "num_docs": 0} for name in splits}
         self._parts: dict[str, list[np.ndarray]] = {name: [] for name in splits}
         self._lengths: dict[str, list[np.ndarray]] = {name: [] for name in splits}
@@ -194,6 +195,8 @@ class ShardWriter:
             with open(tok_path, "rb") as f:
                 old = f.read()
             self._replaced_tokenizer = old if old != self.tokenizer.model_bytes else None
+        else:
+            self._new_tokenizer = True  # set first: an interruption inside the write must still remove it
         _write_atomic(tok_path, self.tokenizer.model_bytes)
         index = {
             "format": FORMAT,
@@ -222,6 +225,9 @@ class ShardWriter:
         assert self.index is None, "already committed"
         if self._replaced_tokenizer is not None:
             _write_atomic(os.path.join(self.directory, TOKENIZER_NAME), self._replaced_tokenizer)
+        elif self._new_tokenizer:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.directory, TOKENIZER_NAME))
         if self._temp is not None and os.path.exists(self._temp):
             os.unlink(self._temp)
         for name in self._written:
