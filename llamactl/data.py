@@ -78,8 +78,6 @@ class WindowsTask(Task):
         return model(batch["tokens"].to(self.device), batch["targets"].to(self.device), output="loss_sum")
 
     def evaluate(self, model) -> dict[str, float]:
-        import math
-
         import torch.distributed as dist
 
         if self.val is None or not self.eval_batches:
