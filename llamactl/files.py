@@ -114,6 +114,20 @@ def same_file(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
+def io_problems(
+    inputs: list[tuple[str, str | None, str, bool]], output: str | None = None, output_flag: str = "-o/--output"
+) -> list[str]:
+    """The path checks of a command that reads files (or ``-``) and writes one file (or ``-``): every given input
+    that cannot be read, as (flag, path, what, a FIFO will do), the output that cannot be written, and an output that
+    is also an input. A None path (an option not given) and ``-`` (a stream) are not checked as files."""
+    given = [(flag, path, what, stream_ok) for flag, path, what, stream_ok in inputs if path and path != "-"]
+    problems = [p for _, path, what, stream_ok in given if (p := input_problem(path, what, stream_ok))]
+    if output is not None:
+        problems += [p for p in [check_output(output, output_flag)] if p]
+        problems += overlaps([(output_flag, output)], [(flag, path) for flag, path, *_ in given])
+    return problems
+
+
 def overlaps(outputs: list[tuple[str, str]], inputs: list[tuple[str, str]]) -> list[str]:
     """Outputs that are also inputs, each as (flag, path): a problem line for each, to refuse before any work."""
     return [

@@ -11,6 +11,7 @@ checkpoint as the one ``--resume`` picks up.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import math
@@ -423,22 +424,22 @@ class MetricsLog:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class Task:
+class Task(abc.ABC):
     """What a training stage gives the loop. ``batch`` must be a pure function of (step, micro, rank): the data
     position is then the step number alone, which is what makes a resumed run repeat the uninterrupted one."""
 
+    @abc.abstractmethod
     def batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
         """This rank's micro-batch ``micro`` of optimizer step ``step`` (tensors on the CPU)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         """How many units (tokens, pairs) of ``batch`` the loss sums over."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of the per-unit losses, number of units) of ``batch`` on the model's device, through ``model``'s
         forward (so DDP and FSDP hooks run)."""
-        raise NotImplementedError
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Held-out metrics (every rank calls it; reduce across ranks inside). Empty when the task has none."""
@@ -461,6 +462,13 @@ class LoopConfig:
     tokens_per_step: int | None = None  # for tokens/s; with flops_per_token also MFU
     flops_per_token: float | None = None
     name: str = "train"  # the command, for the progress bar and messages
+
+    @classmethod
+    def from_flags(cls, flags, **resolved) -> LoopConfig:
+        """The loop's settings from a command's ``TrainFlags`` (``llamactl.flags``), with the values the command
+        resolved itself (steps, accumulation, learning rate, warmup ...) given by name."""
+        shared = ("min_lr_ratio", "grad_clip", "eval_every", "save_every", "keep", "log_every")
+        return cls(**{**{k: getattr(flags, k) for k in shared}, **resolved})
 
 
 def fit(

@@ -35,20 +35,18 @@ class ChatConfig(SamplingFlags):
     output: str = "-"
 
     def validate(self) -> None:
-        from llamactl.files import check_output, input_problem, overlaps
+        from llamactl.files import io_problems
         from llamactl.flags import sampling_problems
 
         problems = sampling_problems(self)
-        if problem := input_problem(self.model, "checkpoint"):
-            problems.append(problem)
-        if self.load is not None and (problem := input_problem(self.load, "dialog JSONL file")):
-            problems.append(problem)
-        if self.input != "-" and (problem := input_problem(self.input, "dialogs JSONL file", stream_ok=True)):
-            problems.append(problem)
-        if self.output != "-" and (problem := check_output(self.output, "-o/--output")):
-            problems.append(problem)
-        inputs = [("-m/--model", self.model), ("-i/--input", self.input), ("--load", self.load)]
-        problems += overlaps([("-o/--output", self.output)], [(f, p) for f, p in inputs if p and p != "-"])
+        problems += io_problems(
+            [
+                ("-m/--model", self.model, "checkpoint", False),
+                ("--load", self.load, "dialog JSONL file", False),
+                ("-i/--input", self.input, "dialogs JSONL file", True),
+            ],
+            self.output,
+        )
         if problems:
             raise UserError("; ".join(problems))
 

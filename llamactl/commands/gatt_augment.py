@@ -28,21 +28,20 @@ class GattConfig(SamplingFlags):
     max_new_tokens: int = 128
 
     def validate(self) -> None:
-        from llamactl.files import check_output, input_problem, overlaps
+        from llamactl.files import io_problems
         from llamactl.flags import sampling_problems
 
         problems = sampling_problems(self)
         if self.finalize and (self.model or self.instructions):
             problems.append("--finalize takes sampled dialogs that name their instruction: no -m, no --instructions")
-        if self.input != "-" and (problem := input_problem(self.input, "dialogs JSONL file", stream_ok=True)):
-            problems.append(problem)
-        for path, what in ((self.instructions, "instructions file"), (self.model, "checkpoint")):
-            if path is not None and (problem := input_problem(path, what)):
-                problems.append(problem)
-        if self.output != "-" and (problem := check_output(self.output, "-o/--output")):
-            problems.append(problem)
-        inputs = [("-i/--input", self.input), ("--instructions", self.instructions), ("-m/--model", self.model)]
-        problems += overlaps([("-o/--output", self.output)], [(f, p) for f, p in inputs if p and p != "-"])
+        problems += io_problems(
+            [
+                ("-i/--input", self.input, "dialogs JSONL file", True),
+                ("--instructions", self.instructions, "instructions file", False),
+                ("-m/--model", self.model, "checkpoint", False),
+            ],
+            self.output,
+        )
         if problems:
             raise UserError("; ".join(problems))
 

@@ -22,16 +22,13 @@ class GenerateConfig(SamplingFlags):
     logprobs: bool = False
 
     def validate(self) -> None:
-        from llamactl.files import check_output, input_problem, overlaps
+        from llamactl.files import io_problems, overlaps
         from llamactl.flags import sampling_problems
 
         problems = sampling_problems(self)
-        if problem := check_output(self.output, "-o/--output"):
-            problems.append(problem)
-        if self.input != "-" and (problem := input_problem(self.input, "file", stream_ok=True)):
-            problems.append(problem)
-        inputs = [("-i/--input", self.input), ("-m/--model", self.model), ("-m/--model", self.model + ".index.json")]
-        problems += overlaps([("-o/--output", self.output)], inputs)
+        problems += io_problems([("-i/--input", self.input, "file", True)], self.output)
+        model = [("-m/--model", self.model), ("-m/--model", self.model + ".index.json")]  # checked when loaded
+        problems += overlaps([("-o/--output", self.output)], model)
         if problems:
             raise UserError("; ".join(problems))
 

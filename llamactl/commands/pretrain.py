@@ -151,10 +151,9 @@ def run(cfg: PretrainConfig) -> dict:
     trainer_state = {"model_args": args.to_dict(), "settings": settings}
 
     task = WindowsTask(windows, cfg.batch_size, accum, device, val_windows, cfg.eval_batches if cfg.eval_every else 0)
-    loop = T.LoopConfig(
-        steps=cfg.steps, accum=accum, lr=lr, warmup=warmup, min_lr_ratio=cfg.min_lr_ratio, grad_clip=cfg.grad_clip,
-        eval_every=cfg.eval_every, save_every=cfg.save_every, keep=cfg.keep, log_every=cfg.log_every, bf16=use_bf16,
-        tokens_per_step=global_tokens, flops_per_token=T.flops_per_token(args, cfg.seq_len), name="pretrain",
+    loop = T.LoopConfig.from_flags(
+        cfg, steps=cfg.steps, accum=accum, lr=lr, warmup=warmup, bf16=use_bf16, tokens_per_step=global_tokens,
+        flops_per_token=T.flops_per_token(args, cfg.seq_len), name="pretrain",
     )  # fmt: skip
     result = T.fit(
         task, model, wrapped, optim, loop, cfg.output, meta, trainer_state, d, device, start_step, forward,

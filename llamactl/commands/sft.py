@@ -188,9 +188,8 @@ def run(cfg: SFTConfig) -> dict:
     trainer_state = {"model_args": base.args.to_dict(), "settings": settings}
     task = RowsTask(rows, cfg.batch_size, accum, device, cfg.seed, val_rows)
     eval_every = cfg.eval_every or (steps if val_rows is not None else 0)
-    loop = T.LoopConfig(
-        steps=steps, accum=accum, lr=lr, warmup=warmup, min_lr_ratio=cfg.min_lr_ratio, grad_clip=cfg.grad_clip,
-        eval_every=eval_every, save_every=cfg.save_every, keep=cfg.keep, log_every=cfg.log_every, bf16=use_bf16,
+    loop = T.LoopConfig.from_flags(
+        cfg, steps=steps, accum=accum, lr=lr, warmup=warmup, eval_every=eval_every, bf16=use_bf16,
         tokens_per_step=global_batch * seq_len, flops_per_token=T.flops_per_token(base.args, seq_len), name="sft",
     )  # fmt: skip
     result = T.fit(

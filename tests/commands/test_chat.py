@@ -127,11 +127,8 @@ def _exit_code(pid: int) -> int:
 def test_a_person_at_the_terminal(tmp_path):
     path = str(tmp_path / "m.safetensors")
     save_chatty_model(path, max_seq_len=64)
-    with _terminal(["-m", path, "--max-new-tokens", "12", "--temperature", "0", "--dtype", "fp32"]) as (
-        pid,
-        fd,
-        screen,
-    ):
+    args = ["-m", path, "--max-new-tokens", "12", "--temperature", "0", "--dtype", "fp32"]
+    with _terminal(args) as (pid, fd, screen):
         _expect(fd, "> ", screen)
         os.write(fd, b"Hello\n")
         answer = _expect(fd, "> ", screen)
@@ -158,11 +155,8 @@ def test_a_person_at_the_terminal(tmp_path):
 def test_ctrl_c_stops_the_answer_not_the_session(tmp_path):
     path = str(tmp_path / "m.safetensors")
     save_chatty_model(path, max_seq_len=4096)
-    with _terminal(["-m", path, "--max-new-tokens", "4000", "--temperature", "1", "--dtype", "fp32"]) as (
-        pid,
-        fd,
-        screen,
-    ):
+    args = ["-m", path, "--max-new-tokens", "4000", "--temperature", "1", "--dtype", "fp32"]
+    with _terminal(args) as (pid, fd, screen):
         _expect(fd, "> ", screen)
         os.write(fd, b"Write a long story\n")
         _expect(fd, "story", screen)  # the echo
