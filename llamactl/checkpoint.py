@@ -27,6 +27,7 @@ from llamactl.files import atomic_path, kind_of, require_input
 from llamactl.model import ModelArgs, Transformer
 
 FORMAT = "llamactl/1"
+ROLES = ("helpfulness", "safety", "value")  # what a scalar-head checkpoint is for (its header's "role")
 ST_DTYPES = {
     torch.float32: "F32",
     torch.bfloat16: "BF16",
@@ -118,11 +119,14 @@ class CheckpointMeta:
     args: ModelArgs
     tokenizer: bytes | None = None
     lineage: dict = field(default_factory=dict)
+    role: str | None = None  # a scalar-head model's job: "helpfulness" or "safety" (reward models), "value" (ppo)
 
     def to_header(self) -> dict[str, str]:
         meta = {"format": FORMAT, "config": json.dumps(self.args.to_dict()), "lineage": json.dumps(self.lineage)}
         if self.tokenizer is not None:
             meta["tokenizer"] = base64.b64encode(self.tokenizer).decode()
+        if self.role is not None:
+            meta["role"] = self.role
         return meta
 
     @classmethod
@@ -140,7 +144,11 @@ class CheckpointMeta:
         problem = lineage_problem(lineage)
         if problem:
             raise UserError(f"{source}: damaged lineage in the checkpoint header ({problem})")
-        return cls(model_args(config, f"{source}: header"), tok, lineage)
+        args = model_args(config, f"{source}: header")
+        role = meta.get("role")
+        if role is not None and (role not in ROLES or args.head != "scalar"):
+            raise UserError(f"{source}: damaged checkpoint header (role {role!r} for a {args.head!r} head)")
+        return cls(args, tok, lineage, role)
 
 
 def lineage_problem(lineage: object) -> str | None:
@@ -384,3 +392,37 @@ def load_model(
 def stored_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
     floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
     return max(set(floats), key=floats.count) if floats else torch.float32
+
+
+def read_checked_meta(path: str, head: str | None, purpose: str, need_tokenizer: bool = True) -> CheckpointMeta:
+    """A checkpoint's header, refusing with one line a model of the other ``head`` (None: either) or, when
+    ``need_tokenizer``, one without a tokenizer (or with more pieces than embeddings); ``purpose`` completes the
+    refusal ("to chat with", "to fine-tune" ...)."""
+    meta = read_meta(path)
+    if head is not None and meta.args.head != head:
+        kind = "a scalar (reward/value) head" if meta.args.head == "scalar" else "a language-model head"
+        want = "a reward model (scalar head)" if head == "scalar" else "a language model"
+        raise UserError(f"{path}: has {kind}; {want} is needed {purpose}")
+    if need_tokenizer:
+        if meta.tokenizer is None:
+            raise UserError(f"{path}: has no tokenizer to read and write text with (convert it with --tokenizer)")
+        from llamactl.tokenizer import Tokenizer
+
+        n = Tokenizer(meta.tokenizer, path).vocab_size
+        if n > meta.args.vocab_size:
+            raise UserError(f"{path}: its tokenizer has {n} pieces for {meta.args.vocab_size} embeddings")
+    return meta
+
+
+def load_for_inference(
+    path: str, device: torch.device, dtype: str, head: str, purpose: str, need_tokenizer: bool = True
+) -> tuple[Transformer, CheckpointMeta]:
+    """A checkpoint's model in eval mode on ``device`` (``dtype`` resolved as ``--dtype``: auto keeps the stored one
+    where native), refusing with one line a model of the other ``head`` or, when ``need_tokenizer``, one without a
+    tokenizer. ``purpose`` completes the refusal: "to chat with", "to score with" ..."""
+    from llamactl.device import resolve_dtype
+
+    meta = read_checked_meta(path, head, purpose, need_tokenizer)
+    tensors = load_tensors(path)  # memory-mapped
+    model = build_model(meta.args, tensors, path, device, resolve_dtype(dtype, device, stored_dtype(tensors)))
+    return model.eval(), meta

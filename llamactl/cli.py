@@ -140,7 +140,7 @@ def config_command(
     module: str,
     config_cls: str,
     help: str,
-    flags: dict[str, str],
+    flags: dict[str, str | None],
     short: dict[str, str] | None = None,
     arguments: tuple[str, ...] = (),
     names: dict[str, str] | None = None,
@@ -162,6 +162,7 @@ def config_command(
     fields = [f for f in dataclasses.fields(cls) if f.name != "argv"]
     missing = {f.name for f in fields} ^ set(flags)
     assert not missing, f"{config_cls}: fields and help texts differ on {sorted(missing)}"
+    fields = [f for f in fields if flags[f.name] is not None]  # None: a shared field this command does not take
     params = []
     for f in fields:
         flag = (names or {}).get(f.name, "--" + f.name.replace("_", "-"))
@@ -347,6 +348,87 @@ config_command(
         "eval_every": "Validation loss every N steps (0 = at the end only).",
         "pack": "Pack dialogs into rows (attention kept inside each); --no-pack pads one dialog a row.",
         "seed": "Random seed (data order, held-out split).",
+    },
+)
+
+
+config_command(
+    "train-rm",
+    "train_rm",
+    "TrainRMConfig",
+    "Train a helpfulness or safety reward model on preference pairs (margin ranking loss); resumable, torchrun.",
+    short={"model": "-m", "output": "-o"},
+    flags={
+        **TRAIN_HELP,
+        "model": "Initial checkpoint: a chat or base model (its head becomes a scalar one), or a reward model.",
+        "data": 'Pairs JSONL: {"messages"|"prompt", "chosen", "rejected", "rating"?} or Anthropic HH pairs.',
+        "output": "Run directory: checkpoints, metrics.jsonl (held-out accuracy), model.safetensors.",
+        "kind": "helpfulness or safety: the reward model's kind, written in its header.",
+        "margin": "Rating margin in the loss: small, large (Llama 2, Table 27) or none; unrated pairs get none.",
+        "seq_len": "Most tokens of a dialog (capped by the model's context); longer ones lose their oldest turns.",
+        "batch_size": "Pairs per micro-batch per process (both answers in one forward).",
+        "global_batch_size": "Pairs per optimizer step, reached by gradient accumulation (Llama 2: 512).",
+        "epochs": "Passes over the pairs (Llama 2: 1); --steps wins when given.",
+        "steps": "Optimizer steps in all (default: from --epochs).",
+        "lr": "Peak learning rate (default: Llama 2's 1e-5; 5e-6 for the 70B shape).",
+        "warmup": "Warmup steps (default: 3% of the steps, at least 5).",
+        "val_fraction": "Share of the pairs held out for accuracy (overall and per rating).",
+        "eval_every": "Held-out accuracy every N steps (0 = at the end only).",
+        "pack": "Pack a micro-batch's sequences into rows (attention kept inside each); --no-pack pads.",
+        "seed": "Random seed (data order, held-out split).",
+    },
+)
+
+config_command(
+    "score",
+    "score",
+    "ScoreConfig",
+    "Score answers with a reward model: dialogs JSONL in, each out with score and score_prob added.",
+    short={"model": "-m", "input": "-i", "output": "-o"},
+    flags={
+        "model": "Reward model checkpoint (train-rm).",
+        "input": 'Dialogs ending with an answer: {"messages": [...]}, {"prompt", "response"}, or HH text in --field.',
+        "output": "Where the scored records go (- = stdout).",
+        "field": "Record field holding Anthropic HH text (or a message list), e.g. chosen.",
+        "batch_size": "Dialogs scored at once.",
+        "device": "auto (cuda if present, else cpu), cpu, cuda or cuda:N.",
+        "dtype": "auto (the checkpoint's own where native), fp32, bf16 or fp16.",
+    },
+)
+
+
+config_command(
+    "ppo",
+    "ppo",
+    "PPOConfig",
+    "RLHF by PPO against the hybrid safety/helpfulness reward with a KL penalty; resumable, and under torchrun.",
+    short={"model": "-m", "output": "-o"},
+    flags={
+        **TRAIN_HELP,
+        "model": "Policy to start from (a chat model: sft or rejection-sampling output).",
+        "rm": "Helpfulness reward model (train-rm); the value model starts from it.",
+        "safety_rm": "Safety reward model: its score decides on safety prompts and where sigmoid(score) < 0.15.",
+        "prompts": 'Prompts JSONL: {"messages": [... ending with the user]} or {"prompt": text}; "is_safety" optional.',
+        "output": "Run directory: checkpoints, metrics.jsonl (a row per step, the iteration's figures on its last).",
+        "iterations": "PPO iterations (each: sample, score, one gradient step per minibatch).",
+        "prompts_per_iteration": "Samples per iteration, one per prompt (Llama 2: 512).",
+        "minibatch_size": "Samples per gradient step (Llama 2: 64).",
+        "batch_size": "Samples per micro-batch per process (a minibatch is reached by accumulation).",
+        "max_new_tokens": "Most tokens of an answer.",
+        "temperature": "Sampling temperature (1 = the policy's own distribution, what the PPO ratio assumes).",
+        "top_p": "Nucleus sampling mass (1 = off, on-policy).",
+        "lr": "Learning rate, constant (default: Llama 2's 1e-6).",
+        "kl_beta": "KL penalty per token (default: Llama 2's 0.01; 0.005 above 30B parameters).",
+        "clip": "PPO clip range of the probability ratio (and of the value change).",
+        "gamma": "Discount of GAE.",
+        "lam": "Lambda of GAE.",
+        "value_coef": "Weight of the value loss.",
+        "gen_batch_size": "Prompts generated and scored at once.",
+        "save_every": "Checkpoint every N iterations (and at the end, and on Ctrl-C after the iteration).",
+        "eval_every": None,  # ppo's figures are logged every iteration
+        "warmup": None,  # a constant learning rate, as Llama 2's PPO
+        "min_lr_ratio": None,
+        "seed": "Random seed (prompt order, sampling).",
     },
 )
 

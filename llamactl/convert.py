@@ -42,6 +42,7 @@ class Source:
     tokenizer: bytes | None
     lineage: dict
     dtype: torch.dtype  # the dtype the weights are stored in
+    role: str | None = None  # a llamactl scalar-head checkpoint's role (helpfulness, safety, value)
 
 
 def detect_format(path: str) -> str:
@@ -100,7 +101,7 @@ def read_llamactl(path: str) -> Source:
     meta = read_meta(path)
     tensors = load_tensors(path)
     plans = [TensorPlan(k, tuple(t.shape), t.dtype, lambda t=t: t) for k, t in tensors.items()]
-    return Source(meta.args, plans, meta.tokenizer, meta.lineage, stored_dtype(tensors))
+    return Source(meta.args, plans, meta.tokenizer, meta.lineage, stored_dtype(tensors), meta.role)
 
 
 # ---------------------------------------------------------------------------------------------------- Meta

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from llamactl.chat_format import DialogError, check_dialog, encode_dialog
+from llamactl.chat_format import DialogError, EncodedDialog, check_dialog, encode_dialog
 from llamactl.errors import UserError
 from llamactl.tokenizer import Tokenizer
 from llamactl.train import Task
@@ -149,20 +149,28 @@ class EncodedSet:
     dropped: int = 0  # dialogs whose last exchange alone does not fit
 
 
+def fit_dialog(tokenizer: Tokenizer, messages: list[dict], max_tokens: int) -> tuple[EncodedDialog, int]:
+    """The dialog encoded, cut at a turn boundary to at most ``max_tokens`` by dropping its oldest exchanges (the
+    system prompt and the last exchange stay), and how many were dropped; the result is still longer when its last
+    exchange alone does not fit."""
+    enc = encode_dialog(tokenizer, messages)
+    first = 1 if messages[0]["role"] == "system" else 0
+    dropped = 0
+    while len(enc.tokens) > max_tokens and len(messages) - first > 2:
+        messages = messages[:first] + messages[first + 2 :]
+        dropped += 1
+        enc = encode_dialog(tokenizer, messages)
+    return enc, dropped
+
+
 def encode_for_sft(tokenizer: Tokenizer, dialogs: Iterable[tuple[str, list[dict]]], max_tokens: int) -> EncodedSet:
     """Encode (where, messages) dialogs, cutting any longer than ``max_tokens`` at a turn boundary by dropping its
     oldest exchanges (the system prompt stays); a dialog with nothing to train on is an error naming ``where``."""
     out = EncodedSet([])
     for where, messages in dialogs:
-        enc = encode_dialog(tokenizer, messages)
-        if not any(enc.mask[1:]):
+        if not any(encode_dialog(tokenizer, messages).mask[1:]):
             raise UserError(f"{where}: nothing to train on (no assistant answer that counts toward the loss)")
-        first = 1 if messages[0]["role"] == "system" else 0
-        dropped = 0
-        while len(enc.tokens) > max_tokens and len(messages) - first > 2:
-            messages = messages[:first] + messages[first + 2 :]
-            dropped += 1
-            enc = encode_dialog(tokenizer, messages)
+        enc, dropped = fit_dialog(tokenizer, messages, max_tokens)
         if len(enc.tokens) > max_tokens or not any(enc.mask[1:]):
             out.dropped += 1
             continue
@@ -235,28 +243,50 @@ def pack_rows(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, pack:
     return rows
 
 
-class RowsTask(Task):
-    """Supervised fine-tuning on ``Rows``: the loss counts the masked target tokens (the answers). Sample g of the
-    run is row perm_{g // R}[g % R], a seeded permutation per epoch: a pure function of g, as ``Windows``."""
+class EpochOrder:
+    """Which item sample g of a run is: item perm_{g // n}[g % n], a seeded permutation per epoch, so the items of
+    (step, micro-step, rank) are a pure function of those numbers (what makes a resumed run exact)."""
 
-    def __init__(self, rows: Rows, batch_size: int, accum: int, device, seed: int, val: Rows | None = None):
-        self.rows, self.batch_size, self.accum, self.device, self.seed = rows, batch_size, accum, device, seed
-        self.val = val
-        self.packed = bool((rows.segments > 0).any())
+    def __init__(self, n: int, batch_size: int, accum: int, seed: int):
+        self.n, self.batch_size, self.accum, self.seed = n, batch_size, accum, seed
         self._epoch, self._perm = -1, None
-        self.rank, self.world = 0, 1
 
-    def _row(self, g: int) -> int:
-        epoch, i = divmod(g, len(self.rows))
+    def item(self, g: int) -> int:
+        epoch, i = divmod(g, self.n)
         if epoch != self._epoch:
-            self._perm = np.random.default_rng(self.seed + 1000 + epoch).permutation(len(self.rows))
+            self._perm = np.random.default_rng(self.seed + 1000 + epoch).permutation(self.n)
             self._epoch = epoch
         return int(self._perm[i])
 
+    def items(self, step: int, micro: int, rank: int, world: int) -> list[int]:
+        first = step * self.accum * world * self.batch_size + (micro * world + rank) * self.batch_size
+        return [self.item(g) for g in range(first, first + self.batch_size)]
+
+
+def split_val(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded held-out share of ``items`` (at least one when asked for), and the rest."""
+    if fraction <= 0 or len(items) < 2:
+        return items, []
+    order = np.random.default_rng(seed).permutation(len(items))
+    n_val = max(1, round(fraction * len(items)))
+    val = set(order[:n_val].tolist())
+    return [x for i, x in enumerate(items) if i not in val], [x for i, x in enumerate(items) if i in val]
+
+
+class RowsTask(Task):
+    """Supervised fine-tuning on ``Rows``: the loss counts the masked target tokens (the answers), rows in
+    ``EpochOrder``."""
+
+    def __init__(self, rows: Rows, batch_size: int, accum: int, device, seed: int, val: Rows | None = None):
+        self.rows, self.batch_size, self.device = rows, batch_size, device
+        self.order = EpochOrder(len(rows), batch_size, accum, seed)
+        self.val = val
+        self.packed = bool((rows.segments > 0).any())
+        self.rank, self.world = 0, 1
+
     def batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
         self.rank, self.world = rank, world
-        first = step * self.accum * world * self.batch_size + (micro * world + rank) * self.batch_size
-        return _take(self.rows, [self._row(g) for g in range(first, first + self.batch_size)])
+        return _take(self.rows, self.order.items(step, micro, rank, world))
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["mask"].sum())
@@ -290,3 +320,237 @@ def _take(rows: Rows, idx: list[int]) -> dict[str, torch.Tensor]:
         "positions": torch.from_numpy(rows.positions[idx]),
         "segments": torch.from_numpy(rows.segments[idx]),
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Preference pairs for reward models: records -> (chosen, rejected) dialogs with a rating -> token sequences, the two
+# of a pair in one forward batch (packed with the other pairs' sequences) -> the margin ranking loss.
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Llama 2, section 3.2.1: the annotators' four levels, most confident first ("unsure" goes with the last).
+RATINGS = ("significantly better", "better", "slightly better", "negligibly better")
+RATING_ALIASES = {"unsure": "negligibly better", "negligibly better / unsure": "negligibly better"}
+# Llama 2, Table 27: the margin m(r) per rating level, small and large.
+MARGINS = {"small": (1.0, 2 / 3, 1 / 3, 0.0), "large": (3.0, 2.0, 1.0, 0.0)}
+
+
+@dataclass
+class Pair:
+    chosen: list[dict]  # each a whole dialog ending with the assistant's answer
+    rejected: list[dict]
+    rating: str | float | None  # one of RATINGS, a number (the margin itself), or None (unrated)
+
+
+def rating_of(value: object) -> str | float | None:
+    """A record's ``rating``: one of the paper's levels (any case), a finite number >= 0 (taken as the margin
+    itself, for a scale of one's own), or absent/null. Raises DialogError for anything else."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        level = RATING_ALIASES.get(value.strip().lower(), value.strip().lower())
+        if level not in RATINGS:
+            raise DialogError(f"rating {value!r} is not one of: {', '.join(RATINGS)}, unsure (or a number)")
+        return level
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+        return float(value)
+    raise DialogError(f"rating {value!r} is neither one of the paper's levels nor a number >= 0")
+
+
+def record_pair(rec: dict) -> Pair:
+    """The preference pair of one JSONL record: ``{"messages"|"prompt", "chosen", "rejected", "rating"?}`` (the
+    answers as text after a dialog ending with the user's turn, or a prompt with an optional "system"), or
+    Anthropic HH pairs (``{"chosen": "\\n\\nHuman: ...", "rejected": ...}``, two whole dialogs)."""
+    for key in ("chosen", "rejected"):
+        if key not in rec:
+            raise DialogError(f"no {key!r} field")
+        if not isinstance(rec[key], str):
+            raise DialogError(f"field {key!r} must be a string, got {type(rec[key]).__name__}")
+    rating = rating_of(rec.get("rating"))
+    if "messages" in rec or "prompt" in rec:
+        if "messages" in rec:
+            prompt = check_dialog(rec["messages"])
+            if prompt[-1]["role"] != "user":
+                raise DialogError("'messages' must end with the user's turn that 'chosen' and 'rejected' answer")
+        else:
+            if not isinstance(rec["prompt"], str):
+                raise DialogError(f"field 'prompt' must be a string, got {type(rec['prompt']).__name__}")
+            prompt = [{"role": "user", "content": rec["prompt"]}]
+            if isinstance(rec.get("system"), str):
+                prompt.insert(0, {"role": "system", "content": rec["system"]})
+        chosen = [*prompt, {"role": "assistant", "content": rec["chosen"]}]
+        rejected = [*prompt, {"role": "assistant", "content": rec["rejected"]}]
+    else:
+        chosen, rejected = hh_messages(rec["chosen"]), hh_messages(rec["rejected"])
+    for key, msgs in (("chosen", chosen), ("rejected", rejected)):
+        try:
+            check_dialog(msgs)
+        except DialogError as e:
+            raise DialogError(f"{key}: {e}") from None
+        if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
+            raise DialogError(f"{key!r} must end with a non-empty answer from the assistant")
+    if [(m["role"], m["content"].strip()) for m in chosen] == [(m["role"], m["content"].strip()) for m in rejected]:
+        raise DialogError("'chosen' equals 'rejected': a pair must prefer one answer over a different one")
+    return Pair(chosen, rejected, rating)
+
+
+def rating_label(rating: str | float | None) -> str:
+    """The name of a rating in metrics ("significantly_better", "margin_0.5", "unrated")."""
+    if rating is None:
+        return "unrated"
+    if isinstance(rating, str):
+        return rating.replace(" ", "_")
+    return f"margin_{rating:g}"
+
+
+@dataclass
+class PairSet:
+    chosen: list[np.ndarray]  # token ids of each whole dialog (BOS ... answer EOS)
+    rejected: list[np.ndarray]
+    margins: np.ndarray  # (N,) float32, m(r) of each pair under the run's --margin
+    labels: list[str]  # rating_label of each pair, for accuracy per rating
+    cut: int = 0  # pairs whose dialogs lost their oldest exchanges to fit
+    dropped: int = 0  # pairs whose last exchange alone does not fit
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+
+def pair_margin(rating: str | float | None, margin: str) -> float:
+    if rating is None or margin == "none":
+        return 0.0
+    return float(rating) if isinstance(rating, float) else MARGINS[margin][RATINGS.index(rating)]
+
+
+def encode_pairs(tokenizer: Tokenizer, pairs: Iterable[Pair], max_tokens: int, margin: str) -> PairSet:
+    """Encode pairs with the chat format (the score is read at the answer's EOS); dialogs longer than ``max_tokens``
+    lose their oldest exchanges (``fit_dialog``, as ``score`` cuts them), and a pair whose last exchange alone does
+    not fit is left out (counted)."""
+    out = PairSet([], [], np.zeros(0, np.float32), [])
+    margins = []
+    for pair in pairs:
+        (c, c_cut), (r, r_cut) = (fit_dialog(tokenizer, m, max_tokens) for m in (pair.chosen, pair.rejected))
+        ct, rt = c.tokens, r.tokens
+        if max(len(ct), len(rt)) > max_tokens:
+            out.dropped += 1
+            continue
+        out.cut += bool(c_cut or r_cut)
+        out.chosen.append(np.asarray(ct, np.int64))
+        out.rejected.append(np.asarray(rt, np.int64))
+        margins.append(pair_margin(pair.rating, margin))
+        out.labels.append(rating_label(pair.rating))
+    out.margins = np.asarray(margins, np.float32)
+    return out
+
+
+def pack_sequences(seqs: list[np.ndarray], pack: bool) -> dict[str, torch.Tensor]:
+    """Whole sequences in rows as wide as the longest: first-fit decreasing (a sequence never straddles rows;
+    attention kept inside each by segment ids, positions restarting at 0) or one a row with ``pack=False``.
+    ``last`` (N,) is the flat index (row * width + column) of each sequence's last token, in input order."""
+    width = max(len(s) for s in seqs)
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i])) if pack else list(range(len(seqs)))
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i in order:
+        n = len(seqs[i])
+        k = next((k for k in range(len(rows)) if used[k] + n <= width), None) if pack else None
+        if k is None:
+            rows.append([])
+            used.append(0)
+            k = len(rows) - 1
+        rows[k].append(i)
+        used[k] += n
+    tokens = np.zeros((len(rows), width), np.int64)
+    positions = np.zeros((len(rows), width), np.int64)
+    segments = np.full((len(rows), width), -1, np.int64)
+    last = np.zeros(len(seqs), np.int64)
+    for r, members in enumerate(rows):
+        at = 0
+        for seg, i in enumerate(members):
+            n = len(seqs[i])
+            tokens[r, at : at + n] = seqs[i]
+            positions[r, at : at + n] = np.arange(n)
+            segments[r, at : at + n] = seg
+            last[i] = r * width + at + n - 1
+            at += n
+    out = {"tokens": torch.from_numpy(tokens), "last": torch.from_numpy(last)}
+    if pack and any(len(m) > 1 for m in rows):
+        out.update(positions=torch.from_numpy(positions), segments=torch.from_numpy(segments))
+    return out
+
+
+def sequence_scores(model, batch: dict[str, torch.Tensor], device) -> torch.Tensor:
+    """The scalar head's output at each sequence's last token (N,) fp32, for a batch made by ``pack_sequences``."""
+    pos, seg = batch.get("positions"), batch.get("segments")
+    scores = model(
+        batch["tokens"].to(device),
+        positions=pos.to(device) if pos is not None else None,
+        segment_ids=seg.to(device) if seg is not None else None,
+        output="scores",
+    )  # (rows, width)
+    return scores.reshape(-1).index_select(0, batch["last"].to(device))
+
+
+def ranking_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """Llama 2's reward model loss per pair (eq. 2): -log(sigmoid(r(x, y_c) - r(x, y_r) - m(r)))."""
+    return -torch.nn.functional.logsigmoid(chosen - rejected - margin)
+
+
+class PairsTask(Task):
+    """Reward-model training on a ``PairSet``: a micro-batch of B pairs is one forward over their 2B sequences
+    (packed into rows), the loss summed over pairs and counted in pairs; pairs in ``EpochOrder``."""
+
+    def __init__(self, pairs: PairSet, batch_size: int, accum: int, device, seed: int, pack: bool = True,
+                 val: PairSet | None = None):  # fmt: skip
+        self.pairs, self.batch_size, self.device, self.pack, self.val = pairs, batch_size, device, pack, val
+        self.order = EpochOrder(len(pairs), batch_size, accum, seed)
+        self.rank, self.world = 0, 1
+
+    def _batch(self, pairs: PairSet, idx: list[int]) -> dict[str, torch.Tensor]:
+        seqs = [pairs.chosen[i] for i in idx] + [pairs.rejected[i] for i in idx]
+        return {**pack_sequences(seqs, self.pack), "margin": torch.from_numpy(pairs.margins[idx])}
+
+    def batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        self.rank, self.world = rank, world
+        return self._batch(self.pairs, self.order.items(step, micro, rank, world))
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return len(batch["margin"])
+
+    def _scores(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        s = sequence_scores(model, batch, self.device)
+        return s[: len(batch["margin"])], s[len(batch["margin"]) :]
+
+    def loss(self, model, batch):
+        chosen, rejected = self._scores(model, batch)
+        losses = ranking_loss(chosen, rejected, batch["margin"].to(self.device))
+        return losses.sum(), torch.tensor(len(losses), device=self.device)
+
+    def evaluate(self, model) -> dict[str, float]:
+        """Held-out loss and accuracy (chosen scored strictly above rejected), overall and per rating, as the
+        paper's Table 8 reports them."""
+        import torch.distributed as dist
+
+        if self.val is None or not len(self.val):
+            return {}
+        labels = sorted(set(self.val.labels))
+        # per label: [loss sum, correct, count]
+        total = torch.zeros(len(labels), 3, device=self.device, dtype=torch.float64)
+        mine = list(range(self.rank, len(self.val), self.world))
+        for s in range(0, len(mine), self.batch_size):
+            idx = mine[s : s + self.batch_size]
+            b = self._batch(self.val, idx)
+            chosen, rejected = self._scores(model, b)
+            losses = ranking_loss(chosen, rejected, b["margin"].to(self.device))
+            for k, i in enumerate(idx):
+                j = labels.index(self.val.labels[i])
+                total[j] += torch.stack([losses[k].double(), (chosen[k] > rejected[k]).double(), total.new_ones(())])
+        if self.world > 1:
+            dist.all_reduce(total)
+        out = {
+            "val_loss": float(total[:, 0].sum() / total[:, 2].sum()),
+            "val_accuracy": float(total[:, 1].sum() / total[:, 2].sum()),
+        }
+        if len(labels) > 1 or labels != ["unrated"]:
+            for j, label in enumerate(labels):
+                out[f"val_accuracy_{label}"] = float(total[j, 1] / total[j, 2].clamp(min=1))
+        return out

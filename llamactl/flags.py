@@ -30,6 +30,53 @@ class TrainFlags:
     argv: list[str] = field(default_factory=list)
 
 
+@dataclass(kw_only=True)
+class FinetuneFlags(TrainFlags):
+    """The flags of the stages that fine-tune a checkpoint on JSONL records (sft, train-rm); a command restates a
+    field to change its default (the paper's for that stage)."""
+
+    model: str
+    data: str
+    output: str
+    seq_len: int = 4096  # capped by the model's context
+    batch_size: int = 8  # records (sequences, pairs) per micro-batch per process
+    global_batch_size: int = 64  # records per optimizer step, reached by accumulation
+    epochs: int = 1
+    steps: int | None = None  # wins over --epochs
+    val_fraction: float = 0.0
+    eval_every: int = 0  # 0: only at the end (when there is a validation split)
+    pack: bool = True
+
+    def validate(self) -> None:
+        """Every flag problem and unusable input or output, as one UserError."""
+        from llamactl.errors import UserError
+        from llamactl.files import check_output, input_problem, overlaps
+
+        problems = flag_problems(self)
+        for name in ("seq_len", "global_batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.steps is not None and self.steps < 1:
+            problems.append(f"--steps must be at least 1, got {self.steps}")
+        if self.warmup is not None and self.warmup < 0:
+            problems.append(f"--warmup must be >= 0, got {self.warmup}")
+        if not 0 <= self.val_fraction < 1:
+            problems.append(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        for path, what in ((self.model, "checkpoint"), (self.data, "JSONL file")):
+            if problem := input_problem(path, what):
+                problems.append(problem)
+        if problem := check_output(self.output, "-o/--output", directory=True):
+            problems.append(problem)
+        problems += overlaps([("-o/--output", self.output)], [("-m/--model", self.model), ("--data", self.data)])
+        problems += self.own_problems()
+        if problems:
+            raise UserError("; ".join(problems))
+
+    def own_problems(self) -> list[str]:
+        """A command's checks of its own flags."""
+        return []
+
+
 def flag_problems(cfg) -> list[str]:
     """The checks of the flags every training command shares (by their config field names), one message each."""
     problems = []

@@ -22,6 +22,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -330,12 +331,21 @@ def _trainer_state_problem(state: object) -> str | None:
     return None
 
 
+Parts = dict[str, tuple[str, CheckpointMeta]]  # file name -> (state-dict prefix, what the file says of itself)
+
+
+def checkpoint_parts(meta: CheckpointMeta | Parts | None) -> Parts:
+    """The model files of a checkpoint: ``model.safetensors`` for one model, or one file per part of a model made of
+    several (ppo: the policy in ``model.safetensors``, its value model in ``value.safetensors``)."""
+    return meta if isinstance(meta, dict) else {"model.safetensors": ("", meta)}
+
+
 def save_checkpoint(
     run_dir: str,
     step: int,
     model: torch.nn.Module,
     optim: torch.optim.Optimizer,
-    meta: CheckpointMeta,
+    meta: CheckpointMeta | Parts,
     trainer_state: dict,
     d: Dist,
     keep: int,
@@ -350,8 +360,10 @@ def save_checkpoint(
     tmp = os.path.join(run_dir, f".{name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    meta.lineage = {**meta.lineage, "step": step}
-    save_plans(os.path.join(tmp, "model.safetensors"), plan_from_tensors(model_sd), meta)
+    for file, (prefix, part_meta) in checkpoint_parts(meta).items():
+        part_meta.lineage = {**part_meta.lineage, "step": step}
+        part = {k[len(prefix) :]: v for k, v in model_sd.items() if k.startswith(prefix)}
+        save_plans(os.path.join(tmp, file), plan_from_tensors(part), part_meta)
     save_trainer_state(tmp, {**trainer_state, "step": step}, optim_sd)
     fault_point("checkpoint-written", step)
     fsync_dir(tmp)  # each file is on disk already (atomic_path); now the folder's entries
@@ -445,6 +457,15 @@ class Task(abc.ABC):
         """Held-out metrics (every rank calls it; reduce across ranks inside). Empty when the task has none."""
         return {}
 
+    def metrics(self, step: int) -> dict[str, float]:
+        """The task's own figures for the metrics row of ``step`` (after its optimizer step); empty by default."""
+        return {}
+
+    def checkpoint_ok(self, step: int) -> bool:
+        """Whether a checkpoint after ``step`` resumes exactly (a signal's save waits for the next step where it
+        does: ppo saves between iterations only)."""
+        return True
+
 
 @dataclass
 class LoopConfig:
@@ -461,6 +482,8 @@ class LoopConfig:
     bf16: bool = False  # autocast to bf16 over fp32 master weights
     tokens_per_step: int | None = None  # for tokens/s; with flops_per_token also MFU
     flops_per_token: float | None = None
+    unit: str | None = None  # a task's own unit for throughput ("pairs": pairs/s in the metrics and the bar)
+    units_per_step: int = 0
     name: str = "train"  # the command, for the progress bar and messages
 
     @classmethod
@@ -478,7 +501,7 @@ def fit(
     optim: torch.optim.Optimizer,
     cfg: LoopConfig,
     run_dir: str,
-    meta: CheckpointMeta,
+    meta: CheckpointMeta | Parts,
     trainer_state: dict,
     d: Dist,
     device: torch.device,
@@ -544,9 +567,13 @@ def fit(
                     part, _ = task.loss(forward, b)
                     (part * scale).backward()
                 loss_sum += part.detach().float()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
+            # a model made of parts (ppo's policy and value model) has each part's gradient clipped on its own: the
+            # value loss's large early gradients must not shrink the policy's step; the first part's norm is logged
+            parts = getattr(model, "parts", {"": model})
+            norms = [
+                torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.grad_clip or float("inf")) for m in parts.values()
+            ]
+            grad_norm = norms[0].full_tensor() if hasattr(norms[0], "full_tensor") else norms[0]
             optim.step()
             optim.zero_grad(set_to_none=True)
             step += 1
@@ -566,6 +593,9 @@ def fit(
                     if row["mfu"] > 1 and not remeasured:  # the start-up measurement was taken on a busy machine
                         peak_flops = max(peak_flops, matmul_peak_flops(peak_dtype, device) * d.world)
                         row["mfu"], remeasured = round(tok_s * cfg.flops_per_token / peak_flops, 4), True
+            if cfg.unit:
+                row[f"{cfg.unit}_per_s"] = round(cfg.units_per_step / (now - t_last), 2)
+            row.update(task.metrics(step))
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 val = evaluate()
                 last.update(val)
@@ -577,11 +607,20 @@ def fit(
             postfix = {"loss": f"{train_loss:.3f}"}
             if "tokens_per_s" in row:
                 postfix["tok_s"] = f"{row['tokens_per_s']:.0f}"
+            if cfg.unit:
+                postfix[f"{cfg.unit}_s"] = f"{row[f'{cfg.unit}_per_s']:.1f}"
             bar.set_postfix(**postfix)
             wants_stop = torch.tensor(float(stop["signal"] is not None), device=device)  # NCCL reduces CUDA only
-            if float(all_reduce_mean(wants_stop, d)) > 0 or (cfg.save_every and step % cfg.save_every == 0):
+            stopping = float(all_reduce_mean(wants_stop, d)) > 0
+            if stopping and not task.checkpoint_ok(step):
+                if d.main and not stop.get("told"):
+                    print(f"llamactl {cfg.name}: finishing the steps up to the next checkpoint that resumes exactly",
+                          file=sys.stderr)  # fmt: skip
+                    stop["told"] = True
+                stopping = False
+            if stopping or (cfg.save_every and step % cfg.save_every == 0):
                 save(step)
-            if stop["signal"] is not None:
+            if stopping:
                 break
             t_last = time.perf_counter()  # exclude evaluation and checkpoint time from the next throughput
         saved = cfg.save_every and step % cfg.save_every == 0
@@ -628,16 +667,22 @@ def prepare(
     lr: float,
     weight_decay: float,
     compile: bool = False,
+    meta: CheckpointMeta | Parts | None = None,
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.nn.Module]:
     """Move the model to its device, wrap it (DDP/FSDP2), make the optimizer and, resuming, load the checkpoint's
     model and optimizer state and RNGs. Returns (wrapped, optimizer, forward: the wrapped model, compiled if asked)."""
     from llamactl.checkpoint import load_tensors
 
+    parts = checkpoint_parts(meta)  # None: one model in model.safetensors
     model.to(device)
     wrapped = wrap_model(model, distributed, d, device)
     optim = make_optimizer(model, lr, weight_decay, fused=not (d.world > 1 and distributed == "fsdp"))
     if state is not None:
-        model_sd = load_tensors(os.path.join(ckpt, "model.safetensors"))
+        model_sd = {
+            prefix + k: v
+            for file, (prefix, _) in parts.items()
+            for k, v in load_tensors(os.path.join(ckpt, file)).items()
+        }
         problem = optimizer_state_problem(model, optim, state["optimizer"])
         if problem:
             raise UserError(f"{ckpt}: the trainer state does not fit this run ({problem})")
@@ -658,7 +703,7 @@ def start_run_dir(run_dir: str, d: Dist) -> None:
         clean_partial(run_dir)
 
 
-def conclude(run_dir: str, result: dict, d: Dist, name: str) -> str:
+def conclude(run_dir: str, result: dict, d: Dist, name: str, files: Iterable[str] = ("model.safetensors",)) -> str:
     """After ``fit``: a stopped run says how to continue and raises Interrupted (exit 128 + the signal, as any command
     stopped by one); a finished one gets its final model as ``RUN/model.safetensors`` (a hard link to the last
     checkpoint's, no second copy). Returns that checkpoint."""
@@ -673,11 +718,14 @@ def conclude(run_dir: str, result: dict, d: Dist, name: str) -> str:
         raise Interrupted(result["stopped"])
     final = latest_checkpoint(run_dir)
     if d.main:
-        link_or_copy(os.path.join(final, "model.safetensors"), os.path.join(run_dir, "model.safetensors"))
+        for file in files:
+            link_or_copy(os.path.join(final, file), os.path.join(run_dir, file))
     return final
 
 
-def finished_run(run_dir: str, ckpt: str, step: int, steps: int, main: bool, name: str) -> dict:
+def finished_run(
+    run_dir: str, ckpt: str, step: int, steps: int, main: bool, name: str, files: Iterable[str] = ("model.safetensors",)
+) -> dict:
     """--resume of a run that has done its --steps: say so with its last losses, and make sure its model is out."""
     from llamactl.files import link_or_copy
 
@@ -690,7 +738,8 @@ def finished_run(run_dir: str, ckpt: str, step: int, steps: int, main: bool, nam
                     row = json.loads(line)
                     last.update({k: row[k] for k in ("loss", "val_loss") if isinstance(row.get(k), (int, float))})
     if main:
-        link_or_copy(os.path.join(ckpt, "model.safetensors"), os.path.join(run_dir, "model.safetensors"))
+        for file in files:
+            link_or_copy(os.path.join(ckpt, file), os.path.join(run_dir, file))
         losses = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in last.items() if v is not None)
         print(
             f"llamactl {name}: {run_dir} is complete at step {step} of {steps}"
@@ -708,3 +757,79 @@ def autocast_bf16(dtype: str, device: torch.device) -> bool:
     if dtype == "bf16" and not bf16_supported(device):
         raise UserError(f"--dtype bf16: {device.type} has no native bf16 here; use fp32")
     return dtype == "bf16" or (dtype == "auto" and bf16_supported(device))
+
+
+def say(d: Dist, command: str, message: str) -> None:
+    """A training command's note on stderr, from rank 0 only."""
+    if d.main:
+        print(f"llamactl {command}: {message}", file=sys.stderr)
+
+
+def plan_schedule(cfg, n_items: int, d: Dist, unit: str, say, min_warmup: int = 0) -> tuple[int, int, int, int]:
+    """(global batch, accumulation, steps, warmup) of a fine-tuning run over ``n_items`` records, from the flags of
+    ``llamactl.flags.FinetuneFlags``: a dataset smaller than one global batch trains on what it has (said once);
+    ``--steps`` wins over ``--epochs``; warmup defaults to 3% of the steps, at least ``min_warmup`` (below the
+    steps)."""
+    per_micro = cfg.batch_size * d.world
+    if cfg.global_batch_size % per_micro:
+        raise UserError(
+            f"--global-batch-size {cfg.global_batch_size} is not a multiple of --batch-size x processes = {per_micro}"
+        )
+    global_batch = cfg.global_batch_size
+    if n_items < global_batch:
+        global_batch = math.ceil(n_items / per_micro) * per_micro
+        say(f"{n_items} {unit} are fewer than --global-batch-size {cfg.global_batch_size}: {global_batch} a step")
+    steps = cfg.steps or cfg.epochs * math.ceil(n_items / global_batch)
+    warmup = cfg.warmup if cfg.warmup is not None else min(max(min_warmup, round(0.03 * steps)), steps - 1)
+    if warmup >= steps:
+        raise UserError(f"--warmup {warmup} must be below the run's {steps} steps")
+    return global_batch, global_batch // per_micro, steps, warmup
+
+
+def finetune(
+    cfg,
+    *,
+    name: str,
+    meta: CheckpointMeta,
+    tensors: dict[str, torch.Tensor],
+    source: str,
+    settings: dict,
+    steps: int,
+    make_task,
+    d: Dist,
+    device: torch.device,
+    **loop,
+) -> dict:
+    """A fine-tuning run from a checkpoint's ``tensors`` to ``cfg.output``, after the command has read its data: the
+    resume checks, the memory check, fp32 master weights, the wrapped model and optimizer, ``fit`` over
+    ``make_task()``'s batches, and the final model. ``meta`` is what the checkpoints say of themselves (config,
+    tokenizer, lineage, role); ``loop`` the LoopConfig values the command resolved (accum, lr, warmup, ...).
+    Returns ``fit``'s result with the final checkpoint, or the finished run's summary on a --resume past its end."""
+    from llamactl.checkpoint import build_model
+    from llamactl.config import check_memory, rope_bytes
+    from llamactl.device import seed_everything
+
+    args = meta.args
+    ckpt, state = open_run(cfg.output, cfg.resume, args, settings)
+    start_step = state["step"] if state else 0
+    if ckpt and start_step >= steps:
+        return finished_run(cfg.output, ckpt, start_step, steps, d.main, name)
+    # parameters, gradients and AdamW's two moments in fp32, and the rotary tables, before any is allocated
+    need = 16 * args.num_params() // d.world + rope_bytes(args)
+    check_memory(need, f"fine-tuning {args.num_params():,} parameters", source, device)
+    seed_everything(cfg.seed)
+    # fp32 master weights, whatever the checkpoint stores (bf16 autocast does the compute where it pays)
+    model = build_model(args, tensors, source, "cpu", torch.float32)
+    model.grad_checkpointing = cfg.activation_checkpointing
+    wrapped, optim, forward = prepare(
+        model, ckpt, state, d, device, cfg.distributed, loop["lr"], cfg.weight_decay, cfg.compile
+    )
+    start_run_dir(cfg.output, d)
+    trainer_state = {"model_args": args.to_dict(), "settings": settings}
+    eval_every = cfg.eval_every or (steps if cfg.val_fraction > 0 else 0)
+    loop_cfg = LoopConfig.from_flags(cfg, steps=steps, eval_every=eval_every, name=name, **loop)
+    result = fit(
+        make_task(), model, wrapped, optim, loop_cfg, cfg.output, meta, trainer_state, d, device, start_step,
+        forward, metrics_resume=ckpt is not None,
+    )  # fmt: skip
+    return {**result, "checkpoint": conclude(cfg.output, result, d, name)}

@@ -29,6 +29,8 @@ TOKENIZER = os.path.join(FIXTURES, "llama2-tokenizer.model")
 TINY = ["--set", "dim=32", "--set", "n_layers=1", "--set", "n_heads=4", "--set", "multiple_of=16"]
 PRETRAIN_FLAGS = ["--steps", "2", "--seq-len", "16", "--batch-size", "2", "--eval-every", "0", "--save-every", "1"]
 PRETRAIN_FLAGS += ["--dtype", "fp32", *TINY]
+PPO_FLAGS = ["--prompts-per-iteration", "1", "--minibatch-size", "1", "--batch-size", "1", "--max-new-tokens", "2"]
+PPO_FLAGS += ["--dtype", "fp32"]
 SFT_FLAGS = ["--steps", "1", "--seq-len", "32", "--batch-size", "1", "--global-batch-size", "1", "--dtype", "fp32"]
 
 
@@ -139,11 +141,37 @@ def world(tmp_path_factory) -> dict[str, str]:
     Path(w["no_instructions"]).write_text("\n  \n")
     w["notok"] = str(root / "notok.safetensors")
     write_safetensors(w["notok"], plans, {k: v for k, v in header.items() if k != "tokenizer"})
+    # preference pairs for train-rm, answers for score: one good file, and one file per way a pair can be wrong
+    pair = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
+    w["pairs"] = str(root / "pairs.jsonl")
+    Path(w["pairs"]).write_text(json.dumps(pair) + "\n" + json.dumps({**pair, "chosen": "four"}) + "\n")
+    bad_pairs = {
+        "pairs_equal": {**pair, "rejected": "4"},
+        "pairs_rating": {**pair, "rating": "way better"},
+        "pairs_mixed": {**pair, "rating": "better"},
+        "pairs_no_rejected": {"prompt": "2+2?", "chosen": "4"},
+    }
+    for name, rec in bad_pairs.items():
+        w[name] = str(root / f"{name}.jsonl")
+        Path(w[name]).write_text(json.dumps(pair) + "\n" + json.dumps(rec) + "\n")
     w["rm"] = str(root / "rm.safetensors")
     rm_args = {**args.to_dict(), "head": "scalar", "tie_embeddings": False}
     rm_state = {k: v for k, v in model.state_dict().items() if k != "output.weight"}
     rm_state["score.weight"] = torch.zeros(1, args.dim)
     write_safetensors(w["rm"], plan_from_tensors(rm_state), {**header, "config": json.dumps(rm_args)})
+    # a reward model whose tokenizer is not the chat model's (one piece's score changed), and a rejection-sample
+    # pool written for other prompts
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto.FromString(tok.model_bytes)
+    proto.pieces[1000].score -= 1.0
+    w["rm_othertok"] = str(root / "rm_othertok.safetensors")
+    othertok = base64.b64encode(proto.SerializeToString()).decode()
+    rm_header = {**header, "config": json.dumps(rm_args), "tokenizer": othertok}
+    write_safetensors(w["rm_othertok"], plan_from_tensors(rm_state), rm_header)
+    w["pool_other"] = str(root / "pool_other.jsonl")
+    answered = {"messages": [{"role": "user", "content": "Bye"}, {"role": "assistant", "content": "x"}], "score": 1.0}
+    Path(w["pool_other"]).write_text(json.dumps(answered) + "\n")
     return w
 
 
@@ -211,6 +239,29 @@ SPECS: dict[str, Spec] = {
         out="run",
         out_dir=True,
         inputs=("{model}", "{dialogs}"),
+    ),  # fmt: skip
+    "train-rm": Spec(
+        ["train-rm", "-m", "{model}", "--data", "{pairs}", "-o", "{out}", *SFT_FLAGS],
+        out="run",
+        out_dir=True,
+        inputs=("{model}", "{pairs}"),
+    ),  # fmt: skip
+    "score": Spec(["score", "-m", "{rm}", "-i", "{dialogs}", "-o", "{out}"], inputs=("{rm}", "{dialogs}")),
+    "rejection-sample": Spec(
+        ["rejection-sample", "-m", "{model}", "--rm", "{rm}", "-i", "{questions}", "-o", "{out}", "-k", "2",
+         "--max-new-tokens", "2"],
+        inputs=("{model}", "{rm}", "{questions}"),
+    ),  # fmt: skip
+    "compare": Spec(
+        ["compare", "-a", "{model}", "-b", "{model}", "--rm", "{rm}", "-i", "{questions}", "-o", "{out}",
+         "--max-new-tokens", "2"],
+        inputs=("{model}", "{rm}", "{questions}"),
+    ),  # fmt: skip
+    "ppo": Spec(
+        ["ppo", "-m", "{model}", "--rm", "{rm}", "--prompts", "{questions}", "-o", "{out}", *PPO_FLAGS],
+        out="run",
+        out_dir=True,
+        inputs=("{model}", "{rm}", "{questions}"),
     ),  # fmt: skip
     "chat": Spec(
         ["chat", "-m", "{model}", "-i", "{questions}", "-o", "{out}", "--max-new-tokens", "2"],
@@ -312,6 +363,11 @@ NEW_RUN = "pretrain {shards} -o {scratch}/r"
 RESUME = f"--resume {RUN}"
 SFT_RUN = " ".join(SFT_FLAGS)
 SFT = f"sft -m {{model}} -o {{scratch}}/r {SFT_RUN}"
+RM = f"train-rm -m {{model}} -o {{scratch}}/r {SFT_RUN}"
+RS = f"rejection-sample -m {{model}} --rm {{rm}} -o {OUT} --max-new-tokens 2"
+CMP = f"compare -a {{model}} -b {{model}} --rm {{rm}} -o {OUT} --max-new-tokens 2"
+PPO_RUN = " ".join(PPO_FLAGS)
+PPO = f"ppo -m {{model}} -o {{scratch}}/r {PPO_RUN}"
 
 # (id, command line split as a shell would, what the one line names, stdin)
 TABLE: list[tuple] = [
@@ -395,6 +451,58 @@ TABLE: list[tuple] = [
     ("sft:nothing-to-train-on", f"{SFT} --data {{dialogs_nothing}}", ["{dialogs_nothing}:2", "nothing to train"]),
     ("sft:reward-model", f"sft -m {{rm}} --data {{dialogs}} -o {{scratch}}/r {SFT_RUN}", ["{rm}", "reward model"]),
     ("sft:field-missing", f"{SFT} --data {{dialogs}} --field chosen", ["{dialogs}:1", "'chosen'"]),
+    # train-rm and score
+    ("train-rm:chosen-equals-rejected", f"{RM} --data {{pairs_equal}}", ["{pairs_equal}:2", "equals"]),
+    ("train-rm:unknown-rating", f"{RM} --data {{pairs_rating}}", ["{pairs_rating}:2", "'way better'"]),
+    ("train-rm:rated-and-unrated", f"{RM} --data {{pairs_mixed}}", ["{pairs_mixed}:2", "--margin none"]),
+    ("train-rm:missing-rejected", f"{RM} --data {{pairs_no_rejected}}", ["{pairs_no_rejected}:2", "'rejected'"]),
+    ("train-rm:bad-kind", f"{RM} --data {{pairs}} --kind honesty", ["--kind 'honesty'"]),
+    ("train-rm:no-tokenizer", f"train-rm -m {{notok}} --data {{pairs}} -o {{scratch}}/r {SFT_RUN}",
+     ["{notok}", "no tokenizer"]),
+    ("score:language-model", f"score -m {{model}} -i {{dialogs}} -o {OUT}", ["{model}", "language-model head"]),
+    ("score:ends-with-user", f"score -m {{rm}} -i {{questions}} -o {OUT}", ["{questions}:1", "ends with the user"]),
+    ("score:field-missing", f"score -m {{rm}} -i {{dialogs}} -o {OUT} --field chosen", ["{dialogs}:1", "'chosen'"]),
+    # rejection-sample and compare
+    ("rejection-sample:lm-as-rm", f"{RS} -i {{questions}} --rm {{model}}", ["{model}", "reward model"]),
+    ("rejection-sample:lm-as-safety-rm", f"{RS} -i {{questions}} --safety-rm {{model}}", ["{model}", "reward model"]),
+    ("rejection-sample:rm-as-policy", f"{RS} -i {{questions}} -m {{rm}}", ["{rm}", "a language model is needed"]),
+    ("rejection-sample:other-tokenizer", f"{RS} -i {{questions}} --rm {{rm_othertok}}",
+     ["--rm {rm_othertok}", "tokenizer differs"]),
+    ("rejection-sample:no-tokenizer", f"{RS} -i {{questions}} -m {{notok}}", ["{notok}", "no tokenizer"]),
+    ("rejection-sample:k-0", f"{RS} -i {{questions}} -k 0", ["-k must be at least 1"]),
+    ("rejection-sample:ends-with-answer", f"{RS} -i {{dialogs}}", ["{dialogs}:1", "ends with an answer"]),
+    ("rejection-sample:response-given", RS, ["<stdin>:1", "'response'"], '{"prompt": "a", "response": "b"}\n'),
+    ("rejection-sample:no-prompt", RS, ["<stdin>:1", "'prompt'"], '{"text": "a"}\n'),
+    ("rejection-sample:is-safety-not-bool", RS, ["<stdin>:1", "'is_safety'"], '{"prompt": "a", "is_safety": 1}\n'),
+    ("rejection-sample:score-exists", RS, ["<stdin>:1", "'score'"], '{"prompt": "a", "score": 1}\n'),
+    ("rejection-sample:pool-other-prompts", f"{RS} -i {{questions}} --pool {{pool_other}}",
+     ["{pool_other}:1", "not one of this run's prompts"]),
+    ("rejection-sample:pool-not-a-pool", f"{RS} -i {{questions}} --pool {{questions}}", ["{questions}:1", "--pool"]),
+    ("rejection-sample:pool-and-keep-all", f"{RS} -i {{questions}} --pool {{pool_other}} --keep all",
+     ["--pool", "--keep all"]),
+    ("rejection-sample:keep-unknown", f"{RS} -i {{questions}} --keep worst", ["--keep 'worst'"]),
+    ("rejection-sample:answer-outgrows-rm", f"{RS} -i {{questions}} --max-new-tokens 60",
+     ["{questions}:1", "context of --rm {rm}"]),
+    ("rejection-sample:out-is-pool", "rejection-sample -m {model} --rm {rm} -i {questions} --pool {pool_other} "
+     "-o {pool_other}", ["--pool", "is also an input"]),
+    ("compare:lm-as-rm", f"{CMP} -i {{questions}} --rm {{model}}", ["{model}", "reward model"]),
+    ("compare:rm-as-model-b", f"{CMP} -i {{questions}} -b {{rm}}", ["{rm}", "a language model is needed"]),
+    ("compare:other-tokenizer", f"{CMP} -i {{questions}} --safety-rm {{rm_othertok}}",
+     ["--safety-rm {rm_othertok}", "tokenizer differs"]),
+    ("compare:ends-with-answer", f"{CMP} -i {{dialogs}}", ["{dialogs}:1", "ends with an answer"]),
+    ("compare:no-prompts", CMP, ["<stdin>", "no prompts"], ""),
+    ("compare:category-not-text", CMP, ["<stdin>:1", "'category'"], '{"prompt": "a", "category": 3}\n'),
+    ("compare:tie-margin", f"{CMP} -i {{questions}} --tie-margin -1", ["--tie-margin"]),
+    ("compare:keep-is-output", f"{CMP} -i {{questions}} --keep {OUT}", ["--keep", "is the -o/--output"]),
+    ("compare:keep-is-input", f"{CMP} -i {{questions}} --keep {{questions}}", ["--keep", "is also an input"]),
+    # ppo
+    ("ppo:rm-is-a-language-model", f"{PPO} --rm {{model}} --prompts {{questions}}", ["{model}", "reward model"]),
+    ("ppo:policy-is-a-reward-model", f"ppo -m {{rm}} --rm {{rm}} --prompts {{questions}} -o {{scratch}}/r {PPO_RUN}",
+     ["{rm}", "language model"]),
+    ("ppo:prompt-ends-with-answer", f"{PPO} --rm {{rm}} --prompts {{dialogs}}", ["{dialogs}:1", "from the user"]),
+    ("ppo:minibatch-does-not-divide", f"{PPO} --rm {{rm}} --prompts {{questions}} --prompts-per-iteration 3 "
+     "--minibatch-size 2", ["--prompts-per-iteration 3"]),
+    ("ppo:fsdp", f"{PPO} --rm {{rm}} --prompts {{questions}} --distributed fsdp", ["--distributed ddp"]),
     # chat and gatt-augment
     ("chat:reward-model", f"chat -m {{rm}} -i {{questions}} -o {OUT}", ["{rm}", "scalar"]),
     ("chat:no-tokenizer", f"chat -m {{notok}} -i {{questions}} -o {OUT}", ["{notok}", "no tokenizer"]),
@@ -421,15 +529,7 @@ def test_bad_input_is_one_line_and_changes_nothing(case: Case, world, tmp_path):
     scratch.mkdir()
     make_special(scratch)
     values = {**world, "scratch": str(scratch)}
-    for name in (
-        "model",
-        "prompts",
-        "text",
-        "tok",
-        "tokens",
-        "dialogs",
-        "questions",
-    ):  # symlinks to inputs, named like them
+    for name in sorted({p.strip("{}") for spec in SPECS.values() for p in spec.inputs}):  # links to inputs
         values[f"to_{name}"] = str(scratch / f"link-{os.path.basename(world[name])}")
         os.symlink(world[name], values[f"to_{name}"])
     argv = [a.format(**values) for a in case.argv]

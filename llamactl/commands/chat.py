@@ -65,19 +65,13 @@ class Chatter:
     def load(cls, path: str, device: str, dtype: str, max_new_tokens: int, temperature: float, top_p: float, seed):
         import torch
 
-        from llamactl.checkpoint import build_model, load_tensors, read_meta, stored_dtype
-        from llamactl.device import resolve_device, resolve_dtype
+        from llamactl.checkpoint import load_for_inference
+        from llamactl.device import resolve_device
         from llamactl.generate import SamplingParams, pack_for_cpu_decode
         from llamactl.tokenizer import Tokenizer
 
         dev = resolve_device(device)
-        meta = read_meta(path)
-        if meta.args.head != "lm":
-            raise UserError(f"{path}: has a scalar (reward/value) head, not a language-model head to chat with")
-        if meta.tokenizer is None:
-            raise UserError(f"{path}: has no tokenizer to read and write text with (convert it with --tokenizer)")
-        tensors = load_tensors(path)
-        model = build_model(meta.args, tensors, path, dev, resolve_dtype(dtype, dev, stored_dtype(tensors))).eval()
+        model, meta = load_for_inference(path, dev, dtype, "lm", "to chat with")
         pack_for_cpu_decode(model)
         params = SamplingParams(max_new_tokens, temperature, top_p, min_new_tokens=1)
         return cls(model, Tokenizer(meta.tokenizer, path), params, torch.Generator(device=dev).manual_seed(seed), path)

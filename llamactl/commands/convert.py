@@ -69,7 +69,8 @@ def describe(src, path: str) -> str:
         f"checkpoint   {path}",
         f"parameters   {sum(p.nbytes // p.dtype.itemsize for p in src.plans):,}",
         f"dtype        {str(src.dtype).removeprefix('torch.')}",
-        f"head         {a.head}{' (tied to embeddings)' if a.tie_embeddings else ''}",
+        f"head         {a.head}{' (tied to embeddings)' if a.tie_embeddings else ''}"
+        + (f", {src.role} {'model' if src.role == 'value' else 'reward model'}" if src.role else ""),
         f"config       dim={a.dim} n_layers={a.n_layers} n_heads={a.n_heads} n_kv_heads={a.n_kv_heads} "
         f"hidden_dim={a.hidden_dim} vocab_size={a.vocab_size} max_seq_len={a.max_seq_len} "
         f"norm_eps={a.norm_eps} rope_theta={a.rope_theta}",
@@ -137,7 +138,7 @@ def run(cfg: ConvertConfig) -> list[str]:
         return cv.write_hf(cfg.output, src, shard_size)
     inputs = source_files(cfg.src) + ([cfg.tokenizer] if cfg.tokenizer else [])
     lineage = make_lineage("convert", cfg.argv or sys.argv[1:], inputs, parent=src.lineage or None)
-    return cv.save_plans(cfg.output, src.plans, CheckpointMeta(src.args, src.tokenizer, lineage), shard_size)
+    return cv.save_plans(cfg.output, src.plans, CheckpointMeta(src.args, src.tokenizer, lineage, src.role), shard_size)
 
 
 def _input_files(src: str) -> list[str]:

@@ -76,9 +76,9 @@ def run(cfg: GenerateConfig) -> int:
 
     import torch
 
-    from llamactl.checkpoint import build_model, load_tensors, read_meta, stored_dtype
+    from llamactl.checkpoint import load_for_inference
     from llamactl.config import check_memory, kv_cache_bytes
-    from llamactl.device import resolve_device, resolve_dtype
+    from llamactl.device import resolve_device
     from llamactl.generate import SamplingParams, completions, pack_for_cpu_decode
     from llamactl.jsonl import batches, display_name, dumps, open_output, read_jsonl, streams
     from llamactl.progress import progress
@@ -86,12 +86,8 @@ def run(cfg: GenerateConfig) -> int:
 
     cfg.validate()
     device = resolve_device(cfg.device)
-    meta = read_meta(cfg.model)
-    tensors = load_tensors(cfg.model)  # memory-mapped: cheap even when refused just below
-    dtype = resolve_dtype(cfg.dtype, device, stored_dtype(tensors))  # auto: the checkpoint's own where native
-    model = build_model(meta.args, tensors, cfg.model, device, dtype).eval()
-    if meta.args.head != "lm":
-        raise UserError(f"{cfg.model}: has a scalar (reward/value) head, not a language-model head to generate with")
+    model, meta = load_for_inference(cfg.model, device, cfg.dtype, "lm", "to generate with", need_tokenizer=False)
+    dtype = model.tok_embeddings.weight.dtype
     pack_for_cpu_decode(model)
     tokenizer = Tokenizer(meta.tokenizer, cfg.model) if meta.tokenizer is not None else None
     writes = ("finish_reason",) + (("completion",) if tokenizer else ()) + (("logprobs",) if cfg.logprobs else ())

@@ -1,0 +1,93 @@
+"""``llamactl score``: a reward model's score for each answer of a JSONL stream of dialogs.
+
+Records are dialogs ending with the assistant's answer (``{"messages": [...]}``, ``{"prompt", "response"}``, or HH
+text in ``--field``); each goes out with ``score`` (the raw scalar, read at the answer's EOS as in training) and
+``score_prob`` (its sigmoid) added, in order, batch by batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llamactl.errors import UserError
+
+
+@dataclass(kw_only=True)
+class ScoreConfig:
+    model: str
+    input: str = "-"
+    output: str = "-"
+    field: str | None = None  # a record field holding HH text (or a message list)
+    batch_size: int = 16
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def validate(self) -> None:
+        from llamactl.files import io_problems
+
+        problems = [] if self.batch_size >= 1 else [f"--batch-size must be at least 1, got {self.batch_size}"]
+        problems += io_problems(
+            [("-m/--model", self.model, "checkpoint", False), ("-i/--input", self.input, "JSONL file", True)],
+            self.output,
+        )
+        if problems:
+            raise UserError("; ".join(problems))
+
+
+def answer_tokens(scorer, rec: dict, field: str | None, where: str) -> list[int]:
+    """The record's dialog as the reward model reads it: chat format, ending with an answer and its EOS, its oldest
+    exchanges dropped when it outgrows the model's context (as ``train-rm`` cuts them)."""
+    from llamactl.chat_format import DialogError
+    from llamactl.data import fit_dialog, record_messages
+
+    try:
+        messages = record_messages(rec, field)
+    except DialogError as e:
+        raise UserError(f"{where}: {e}") from None
+    if messages[-1]["role"] != "assistant":
+        raise UserError(f"{where}: the dialog ends with the user's turn; a score needs the answer to score")
+    enc, _ = fit_dialog(scorer.tokenizer, messages, scorer.context)
+    if len(enc.tokens) > scorer.context:
+        raise UserError(f"{where}: its last exchange alone takes {len(enc.tokens)} tokens; the context holds "
+                        f"{scorer.context}")  # fmt: skip
+    return enc.tokens
+
+
+def run(cfg: ScoreConfig) -> int:
+    """Score every record; returns how many were written. A regular file is checked whole before anything is
+    written; a pipe is scored as it arrives."""
+    import torch
+
+    from llamactl.commands.generate import BATCH_WAIT_S
+    from llamactl.device import resolve_device
+    from llamactl.jsonl import batches, check_free, display_name, dumps, open_output, read_jsonl, streams
+    from llamactl.progress import progress
+    from llamactl.reward import Scorer
+
+    cfg.validate()
+    scorer = Scorer(cfg.model, resolve_device(cfg.device), cfg.dtype, cfg.batch_size)
+    name = display_name(cfg.input)
+
+    def parse(item):
+        if item is None:
+            return None
+        lineno, rec = item
+        where = f"{name}:{lineno}"
+        check_free(rec, ("score", "score_prob"), where)
+        return rec, answer_tokens(scorer, rec, cfg.field, where)
+
+    items = (parse(item) for item in read_jsonl(cfg.input, wait=BATCH_WAIT_S))
+    total = None
+    if not streams(cfg.input):
+        listed = list(items)
+        items, total = iter(listed), len(listed)
+    n = 0
+    with open_output(cfg.output) as out, progress("score", "seq", total=total) as bar:
+        for chunk in batches(items, cfg.batch_size):
+            scores = scorer.score([ids for _, ids in chunk])
+            for (rec, _), s in zip(chunk, scores.tolist(), strict=True):
+                out.write(dumps({**rec, "score": s, "score_prob": float(torch.sigmoid(torch.tensor(s)))}) + "\n")
+            out.flush()
+            n += len(chunk)
+            bar.update(len(chunk))
+    return n
