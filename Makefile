@@ -44,6 +44,10 @@ bench: $(BENCH_STAMP)
 	$(PY) -P bench/tokenizer.py
 	$(PY) -P bench/kernels.py
 	$(PY) -P bench/sft.py
+	$(PY) -P bench/train_rm.py
+	$(PY) -P bench/rejection_sample.py
+	$(MAKE) demo
+	$(PY) -P bench/rlhf_cpu.py
 
 # The GPU check: kernel tests in bf16 on CUDA, kernel benchmarks at Llama-2-7B shapes, training steps of the 1.1B
 # preset, 7B-shaped decode; tables into docs/benchmarks.md (bench/gpu_check.py says what each section does). It runs

@@ -12,7 +12,6 @@ model), measured in the same rounds: before and after a change to the engine, in
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import subprocess
@@ -28,6 +27,9 @@ from llamactl.convert import read_source, write_hf
 from llamactl.device import DTYPES
 from llamactl.generate import SamplingParams, generate, pack_for_cpu_decode
 from llamactl.model import Transformer, preset
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import write_csv  # noqa: E402
 
 
 def copy_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float:
@@ -162,12 +164,7 @@ def main() -> None:
         if before is not None:
             b = next(r for r in rows if r["impl"] == f"llamactl@{args.baseline}" and r["dtype"] == dname)
             print(f"{dname}: decode {o['decode_tok_s'] / b['decode_tok_s']:.2f}x llamactl@{args.baseline}")
-    os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
-    with open(args.csv, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"CSV: {args.csv}", file=sys.stderr)
+    write_csv(rows, args.csv)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,11 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import measure  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(ROOT, "tests", "fixtures", "llama2-tokenizer.model")
@@ -29,6 +31,7 @@ import json, sys, time, torch
 from datasets import Dataset
 from transformers import AutoTokenizer, LlamaForCausalLM, TrainerCallback
 from trl import SFTConfig, SFTTrainer
+
 cfg = json.loads(sys.argv[1])
 torch.manual_seed(0)
 tok = AutoTokenizer.from_pretrained(cfg["hf"])
@@ -53,19 +56,6 @@ args = SFTConfig(
 )
 SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[Clock()]).train()
 """
-
-
-def measure(cmd: list[str]) -> tuple[str, str, int]:
-    """stdout, stderr and the process's own peak RSS in bytes (from wait4)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"{cmd[:4]} failed:\n{stderr[-3000:]}")
-    return stdout, stderr, usage.ru_maxrss * 1024
 
 
 def pairs(path: str, n: int) -> list[dict]:

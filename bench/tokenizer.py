@@ -11,7 +11,6 @@ done, which wall time on a busy machine does not. Prints a markdown table and wr
 
 import argparse
 import contextlib
-import csv
 import io
 import os
 import platform
@@ -23,6 +22,9 @@ import time
 import sentencepiece as spm
 
 from llamactl.commands.tokenize import EncodeConfig, run_encode, split_documents
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import write_csv  # noqa: E402
 
 
 def measure(fn) -> tuple[float, float]:
@@ -109,12 +111,7 @@ def main() -> None:
             f"| {r['impl']} | {r['output']} | {r['workers']} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | "
             f"{r['mb_s']:.2f} | {r['tokens_s']:,.0f} | {r['vs_loop']:.2f}x |"
         )
-    os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
-    with open(args.csv, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"CSV: {args.csv}", file=sys.stderr)
+    write_csv(rows, args.csv)
 
 
 if __name__ == "__main__":

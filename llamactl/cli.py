@@ -396,6 +396,59 @@ config_command(
     },
 )
 
+config_command(
+    "rejection-sample",
+    "rejection_sample",
+    "RejectionSampleConfig",
+    "Rejection sampling: K answers per prompt (prompt prefilled once, its cache forked), the best under the reward "
+    "models (Llama 2's safety/helpfulness hybrid) appended to messages, ready for sft; torchrun shards prompts.",
+    short={"model": "-m", "input": "-i", "output": "-o"},
+    names={"k": "-k"},
+    flags={
+        "model": "Policy checkpoint: the chat model that answers (with its tokenizer).",
+        "rm": "Helpfulness reward model (train-rm), with the policy's tokenizer.",
+        "safety_rm": "Safety reward model: R_c is its score for is_safety prompts and answers it finds unsafe.",
+        "input": 'Prompts JSONL: {"messages": [...]} ending with a user turn, or {"prompt": ...}; - = stdin.',
+        "output": "Where the chosen dialogs go, with score and scores (- = stdout).",
+        "k": "Answers sampled per prompt.",
+        "keep": "best (one dialog per prompt) or all (every sample with its score).",
+        "pool": "Earlier outputs: per prompt, keep the best of those and this run's (prompts must match).",
+        "max_new_tokens": "Most tokens of one answer.",
+        "temperature": "Sampling temperature (Llama 2 raises it over iterations; 0 = greedy).",
+        "top_p": "Nucleus sampling mass (1 = off).",
+        "batch_size": "Prompts sampled at once (batch-size x k rows decode together).",
+        "seed": "Random seed (rank r of torchrun uses seed + r).",
+        "device": "auto (cuda if present, else cpu), cpu, cuda or cuda:N.",
+        "dtype": "auto (the checkpoint's own where native), fp32, bf16 or fp16.",
+    },
+)
+
+config_command(
+    "compare",
+    "compare",
+    "CompareConfig",
+    "Win rate of model A against model B judged by a reward model (Llama 2's Figure 11): wins, ties, losses, a "
+    "Wilson 95% interval, per-category rows; violation rates with --safety-rm. One JSON summary out.",
+    short={"model_a": "-a", "model_b": "-b", "input": "-i", "output": "-o"},
+    flags={
+        "model_a": "Chat model A (with its tokenizer).",
+        "model_b": "Chat model B (the same tokenizer).",
+        "rm": "Helpfulness reward model (train-rm), with the models' tokenizer.",
+        "safety_rm": "Safety reward model: judge by the hybrid rule, and report each model's violation rate.",
+        "input": 'Prompts JSONL: {"messages": [...]} ending with a user turn, or {"prompt": ...}; - = stdin.',
+        "output": "Where the JSON summary goes (- = stdout).",
+        "keep": "Also write both answers and both scores of every prompt to this JSONL file.",
+        "tie_margin": "Scores closer than or equal to this are a tie (0: only equal scores).",
+        "max_new_tokens": "Most tokens of one answer.",
+        "temperature": "Sampling temperature (0 = greedy; Meta's chat default 0.6).",
+        "top_p": "Nucleus sampling mass (Meta's chat default 0.9).",
+        "batch_size": "Prompts answered at once by each model.",
+        "seed": "Random seed (each model samples with its own generator from it).",
+        "device": "auto (cuda if present, else cpu), cpu, cuda or cuda:N.",
+        "dtype": "auto (the checkpoint's own where native), fp32, bf16 or fp16.",
+    },
+)
+
 
 config_command(
     "ppo",

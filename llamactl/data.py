@@ -7,7 +7,7 @@ import bisect
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -423,12 +423,17 @@ def pair_margin(rating: str | float | None, margin: str) -> float:
 
 def encode_pairs(tokenizer: Tokenizer, pairs: Iterable[Pair], max_tokens: int, margin: str) -> PairSet:
     """Encode pairs with the chat format (the score is read at the answer's EOS); dialogs longer than ``max_tokens``
-    lose their oldest exchanges (``fit_dialog``, as ``score`` cuts them), and a pair whose last exchange alone does
-    not fit is left out (counted)."""
+    lose their oldest exchanges (``fit_dialog``, as ``score`` cuts them; the same number from both sides, so both
+    answers are judged after the same context), and a pair whose last exchange alone does not fit is left out
+    (counted)."""
     out = PairSet([], [], np.zeros(0, np.float32), [])
     margins = []
     for pair in pairs:
         (c, c_cut), (r, r_cut) = (fit_dialog(tokenizer, m, max_tokens) for m in (pair.chosen, pair.rejected))
+        if c_cut != r_cut:  # both answers are judged after the same context: cut both as the longer needs
+            first = 1 if pair.chosen[0]["role"] == "system" else 0
+            cut = max(c_cut, r_cut)
+            c, r = (encode_dialog(tokenizer, m[:first] + m[first + 2 * cut :]) for m in (pair.chosen, pair.rejected))
         ct, rt = c.tokens, r.tokens
         if max(len(ct), len(rt)) > max_tokens:
             out.dropped += 1
@@ -554,3 +559,64 @@ class PairsTask(Task):
             for j, label in enumerate(labels):
                 out[f"val_accuracy_{label}"] = float(total[j, 1] / total[j, 2].clamp(min=1))
         return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompts for the sampling stages (rejection-sample, compare, ppo): a dialog ending with the user's turn, or text.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prompt:
+    where: str  # "file:line"
+    index: int  # its place in the input
+    rec: dict  # the record's other fields, passed through
+    messages: list[dict]  # the dialog to answer, ending with the user's turn
+    is_safety: bool
+    ids: list[int] = field(default_factory=list)  # its tokens in the chat format
+
+
+def prompt_dialog(rec: dict, where: str) -> tuple[list[dict], dict]:
+    """The dialog a prompt record asks to answer, and the record's other fields (``prompt`` and ``system`` become
+    the dialog)."""
+    from llamactl.chat_format import DialogError, check_dialog
+    from llamactl.jsonl import field as get_field
+
+    if "messages" in rec and "prompt" in rec:
+        raise UserError(f"{where}: give one of the fields 'messages' (a dialog) and 'prompt' (text), not both")
+    if "messages" in rec:
+        try:
+            messages = check_dialog(rec["messages"])
+        except DialogError as e:
+            raise UserError(f"{where}: {e}") from None
+        rest = dict(rec)
+    elif "prompt" in rec:
+        if "response" in rec:
+            raise UserError(f"{where}: already has an answer (field 'response'); a prompt is the question alone")
+        messages = [{"role": "user", "content": get_field(rec, "prompt", str, where)}]
+        if get_field(rec, "system", str, where, required=False) is not None:
+            messages.insert(0, {"role": "system", "content": rec["system"]})
+        rest = {k: v for k, v in rec.items() if k not in ("prompt", "system")}
+    else:
+        raise UserError(f"{where}: no 'messages' (a dialog ending with the user's turn) and no 'prompt' (text)")
+    if messages[-1]["role"] != "user":
+        raise UserError(f"{where}: the dialog already ends with an answer (messages[{len(messages) - 1}] is the "
+                        f"{messages[-1]['role']}'s); a prompt ends with the user's turn")  # fmt: skip
+    return messages, rest
+
+
+def read_prompts(path: str, writes: tuple[str, ...]) -> list[Prompt]:
+    """Every prompt record of ``path`` (read whole, checked before any sampling); ``writes``: fields the command
+    adds, refused on input."""
+    from llamactl.jsonl import check_free, display_name, read_jsonl
+    from llamactl.jsonl import field as get_field
+
+    name = display_name(path)
+    out = []
+    for lineno, rec in read_jsonl(path):
+        where = f"{name}:{lineno}"
+        check_free(rec, writes, where)
+        messages, rest = prompt_dialog(rec, where)
+        is_safety = get_field(rec, "is_safety", bool, where, required=False) or False
+        out.append(Prompt(where, len(out), rest, messages, is_safety))
+    return out

@@ -94,12 +94,37 @@ def sample(
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
-        sorted_p, idx = torch.sort(probs, dim=-1, descending=True)
+        sorted_p, idx = _descending(probs, top_p)
         # drop a token when the mass before it already reaches top_p (the most likely token always stays)
         drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return idx.gather(-1, inverse_cdf(sorted_p.masked_fill(drop, 0.0), generator)[:, None]).squeeze(-1)
+    return inverse_cdf(probs, generator)
+
+
+def _descending(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probabilities in descending order with their indices, as far as the nucleus needs them. On a CPU the
+    1,024 largest are enough whenever they hold ``top_p`` of the mass (the nucleus is then inside them); checking
+    that costs a host sync, which a GPU's decode loop avoids, so a GPU sorts the whole row.
+
+    NOTE: sorting 16 rows of 32,000 took 56 ms on this CPU, topk(1024) 8 ms."""
+    k = min(probs.shape[-1], 1024)
+    if probs.device.type == "cpu" and k < probs.shape[-1]:
+        top, idx = torch.topk(probs, k, dim=-1)
+        if bool((top.sum(-1) >= top_p).all()):
+            return top, idx
+    return torch.sort(probs, dim=-1, descending=True)
+
+
+def inverse_cdf(weights: torch.Tensor, generator=None) -> torch.Tensor:
+    """One index per row of ``weights`` (B, V) (>= 0, not necessarily normalised), drawn with probability
+    proportional to its weight: the first index whose cumulative weight reaches u x the row's total, u uniform in
+    (0, 1], so a zero-weight index is never drawn.
+
+    NOTE: torch.multinomial took 21 ms for 16 rows of 32,000 on this CPU, cumsum + searchsorted 0.25 ms: at batch 16
+    the draw cost two thirds of a small model's decode step."""
+    cdf = weights.float().cumsum(-1)
+    u = 1.0 - torch.rand(weights.shape[0], 1, generator=generator, device=weights.device)
+    return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp(max=weights.shape[-1] - 1)
 
 
 @dataclass
@@ -276,3 +301,26 @@ def generate(
 ) -> list[Completion]:
     """Complete a batch of token prompts (the engine's convenience for callers that want every result at once)."""
     return list(completions(model, prompts, params, eos_id, generator))
+
+
+def sample_k(
+    model: Transformer,
+    prompts: list[list[int]],
+    k: int,
+    params: SamplingParams,
+    eos_id: int | None,
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[int, int, Completion]]:
+    """``k`` samples of each prompt with each prompt prefilled once: its cache row is forked to ``k`` rows
+    (``KVCache.fork``) that decode as one batch. Yields (prompt index, sample index, Completion) for each sample as
+    soon as it is finished (rejection sampling's best-of-K, ppo's rollouts)."""
+    assert prompts and all(prompts) and k >= 1, "at least one non-empty prompt and k >= 1"
+    max_len = min(max(len(p) for p in prompts) + params.max_new_tokens, model.args.max_seq_len)
+    weight = model.tok_embeddings.weight
+    cache = KVCache(model.args, len(prompts), max_len, weight.device, weight.dtype)
+    logits = prefill(model, cache, prompts)  # (B, V)
+    forked = cache.fork([b for b in range(len(prompts)) for _ in range(k)])  # row b * k + j: sample j of prompt b
+    del cache  # the B prefilled rows live on in their copies only
+    logits = logits.repeat_interleave(k, dim=0)  # (B * k, V)
+    for row, completion in finished_rows(stream(model, forked, logits, params, eos_id, generator), eos_id):
+        yield row // k, row % k, completion

@@ -104,3 +104,62 @@ def shaped_reward(helpful: torch.Tensor, safety: torch.Tensor | None, is_safety:
     already (the ranking loss is a logistic one), so LOGIT(sigmoid(R_c)) is R_c itself, up to the clamp that keeps
     saturated scores finite: what is whitened is the raw score."""
     return whiten(logit(torch.sigmoid(hybrid_reward(helpful, safety, is_safety))))
+
+
+class Judge:
+    """The helpfulness reward model and, optionally, the safety one: each answer's scores and the hybrid R_c."""
+
+    def __init__(self, rm: str, safety_rm: str | None, device, dtype: str, batch_size: int):
+        from llamactl.reward import Scorer
+
+        self.helpful = Scorer(rm, device, dtype, batch_size)
+        self.safety = Scorer(safety_rm, device, dtype, batch_size) if safety_rm is not None else None
+
+    @property
+    def scorers(self) -> list[tuple[str, object]]:
+        return [("--rm", self.helpful)] + ([("--safety-rm", self.safety)] if self.safety is not None else [])
+
+    def check_fits(self, tokenizer_bytes: bytes | None, policy: str) -> None:
+        for flag, scorer in self.scorers:
+            scorer.check_fits(tokenizer_bytes, policy, flag)
+
+    def check_room(self, prompt, answer_tokens: int) -> None:
+        """Refuse a prompt whose last turn and an answer of ``answer_tokens`` tokens (and its EOS) would not fit a
+        reward model's context, before anything is sampled (older exchanges are dropped as ``score`` drops them)."""
+        from llamactl.data import fit_dialog
+
+        for flag, scorer in self.scorers:
+            room = scorer.context - answer_tokens - 1
+            enc, _ = fit_dialog(scorer.tokenizer, prompt.messages, max(room, 0))
+            if len(enc.tokens) > room:
+                need = len(enc.tokens) + answer_tokens + 1
+                raise UserError(f"{prompt.where}: its last turn ({len(enc.tokens)} tokens), an answer of up to "
+                                f"{answer_tokens} tokens and its EOS need {need} tokens, more than the context of "
+                                f"{flag} {scorer.path} ({scorer.context}); lower --max-new-tokens")  # fmt: skip
+
+    def judge(self, items: list[tuple]):
+        """(R_c, helpfulness, safety or None) tensors (N,) for (``data.Prompt``, non-empty answer) pairs. Equal pairs
+        are scored once: the same answer gets the same score (packed into other rows, its score would move in the last
+        bits, and compare's tie of two equal answers with it)."""
+        import torch
+
+        from llamactl.commands.score import answer_tokens
+        from llamactl.reward import hybrid_reward
+
+        unique: dict[tuple, int] = {}  # (prompt, answer) -> its place among the scored sequences
+        pairs, slots = [], []
+        for p, text in items:
+            if (p.index, p.where, text) not in unique:
+                unique[p.index, p.where, text] = len(pairs)
+                pairs.append((p, text))
+            slots.append(unique[p.index, p.where, text])
+
+        def scores(scorer):
+            seqs = [answer_tokens(scorer, {"messages": [*p.messages, {"role": "assistant", "content": text}]},
+                                  None, p.where) for p, text in pairs]  # fmt: skip
+            return scorer.score(seqs)[torch.tensor(slots, dtype=torch.long)]
+
+        helpful = scores(self.helpful)
+        safety = scores(self.safety) if self.safety is not None else None
+        is_safety = torch.tensor([p.is_safety for p, _ in items], dtype=torch.bool)
+        return hybrid_reward(helpful, safety, is_safety), helpful, safety

@@ -765,16 +765,21 @@ def say(d: Dist, command: str, message: str) -> None:
         print(f"llamactl {command}: {message}", file=sys.stderr)
 
 
+def check_global_batch(cfg, d: Dist) -> None:
+    """Refuse, before any data is read, a --global-batch-size that accumulation cannot reach exactly."""
+    per_micro = cfg.batch_size * d.world
+    if cfg.global_batch_size % per_micro:
+        raise UserError(
+            f"--global-batch-size {cfg.global_batch_size} is not a multiple of --batch-size x processes = {per_micro}"
+        )
+
+
 def plan_schedule(cfg, n_items: int, d: Dist, unit: str, say, min_warmup: int = 0) -> tuple[int, int, int, int]:
     """(global batch, accumulation, steps, warmup) of a fine-tuning run over ``n_items`` records, from the flags of
     ``llamactl.flags.FinetuneFlags``: a dataset smaller than one global batch trains on what it has (said once);
     ``--steps`` wins over ``--epochs``; warmup defaults to 3% of the steps, at least ``min_warmup`` (below the
     steps)."""
     per_micro = cfg.batch_size * d.world
-    if cfg.global_batch_size % per_micro:
-        raise UserError(
-            f"--global-batch-size {cfg.global_batch_size} is not a multiple of --batch-size x processes = {per_micro}"
-        )
     global_batch = cfg.global_batch_size
     if n_items < global_batch:
         global_batch = math.ceil(n_items / per_micro) * per_micro

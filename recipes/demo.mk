@@ -6,9 +6,9 @@ LLAMACTL := $(PY) -m llamactl.cli
 OUT := runs/demo
 START := $(shell date +%s)
 
-.PHONY: all convert-demo generate-demo pretrain-demo chat-demo
+.PHONY: all convert-demo generate-demo pretrain-demo chat-demo rlhf-demo
 
-all: convert-demo generate-demo pretrain-demo chat-demo
+all: convert-demo generate-demo pretrain-demo chat-demo rlhf-demo
 	@echo
 	@echo "llamactl demo: done in $$(( $$(date +%s) - $(START) )) s; what it made is in $(OUT)/ (run again: only what changed):"
 	@echo "  stories260K.safetensors      llama2.c's TinyStories 260K model as a llamactl checkpoint (convert)"
@@ -22,6 +22,10 @@ all: convert-demo generate-demo pretrain-demo chat-demo
 	@echo "  shakespeare/chat.jsonl       seed prompts answered by the fine-tuned model (chat, batch mode), printed above"
 	@echo "  shakespeare/gatt.jsonl       Ghost Attention training dialogs it sampled (gatt-augment -m)"
 	@echo "  shakespeare/gatt-sft/        the chat model fine-tuned on them (sft, loss on each dialog's last turn)"
+	@echo "  shakespeare/rm/              a safety reward model on Anthropic's harmless pairs, held-out accuracy (train-rm)"
+	@echo "  shakespeare/best.jsonl       the best of 4 sampled answers per prompt by that reward (rejection-sample)"
+	@echo "  shakespeare/ppo/             the chat model after 2 PPO iterations against it (ppo), metrics.jsonl"
+	@echo "  shakespeare/compare.json     ppo against sft as the reward model judges (compare), printed above"
 
 # A real pretrained llama2.c model (TinyStories, 260K parameters) into a self-describing llamactl checkpoint,
 # and from there into a Hugging Face directory that transformers loads.
@@ -85,3 +89,28 @@ $(SHK)/gatt-sft/model.safetensors: $(SHK)/sft/model.safetensors $(SHK)/gatt.json
 		--global-batch-size 8 --epochs 2 --lr 2e-4
 
 chat-demo: $(SHK)/chat.jsonl $(SHK)/gatt-sft/model.safetensors
+
+# RLHF as Llama 2 does it, in miniature: a safety reward model from human preference pairs (the margin ranking
+# loss; these pairs carry no rating, so no margin) -> the best of 4 sampled answers per prompt (rejection sampling,
+# the prompt's KV cache forked to its samples) -> two PPO iterations against the hybrid reward -> the win rate of the
+# PPO model over the sft model as the reward model judges it. recipes/llama2-chat.mk is the paper's whole flow.
+$(SHK)/rm/model.safetensors: $(SHK)/sft/model.safetensors examples/hh-harmless-pairs.jsonl
+	$(LLAMACTL) train-rm -m $< --data examples/hh-harmless-pairs.jsonl -o $(SHK)/rm --resume --kind safety \
+		--seq-len 256 --batch-size 8 --global-batch-size 32 --steps 12 --lr 3e-4 --warmup 2 --val-fraction 0.05
+
+$(SHK)/best.jsonl: $(SHK)/sft/model.safetensors $(SHK)/rm/model.safetensors examples/hh-prompts.jsonl
+	head -12 examples/hh-prompts.jsonl | $(LLAMACTL) rejection-sample -m $< --rm $(SHK)/rm/model.safetensors \
+		-k 4 --max-new-tokens 32 --seed 1 -o $@
+	@$(PY) -c "import json,sys; [print(r['messages'][-2]['content'], '->', r['messages'][-1]['content'], '| scores', [round(s, 2) for s in r['scores']]) for r in map(json.loads, open(sys.argv[1]))]" $@ | head -4
+
+$(SHK)/ppo/model.safetensors: $(SHK)/sft/model.safetensors $(SHK)/rm/model.safetensors examples/hh-prompts.jsonl
+	$(LLAMACTL) ppo -m $< --rm $(SHK)/rm/model.safetensors --safety-rm $(SHK)/rm/model.safetensors \
+		--prompts examples/hh-prompts.jsonl -o $(SHK)/ppo --resume --iterations 2 --prompts-per-iteration 16 \
+		--minibatch-size 8 --batch-size 8 --max-new-tokens 32 --lr 2e-5
+
+$(SHK)/compare.json: $(SHK)/ppo/model.safetensors $(SHK)/sft/model.safetensors $(SHK)/rm/model.safetensors
+	tail -24 examples/hh-prompts.jsonl | $(LLAMACTL) compare -a $< -b $(SHK)/sft/model.safetensors \
+		--rm $(SHK)/rm/model.safetensors --max-new-tokens 32 --seed 1 -o $@
+	@cat $@; echo
+
+rlhf-demo: $(SHK)/best.jsonl $(SHK)/compare.json

@@ -75,7 +75,14 @@ _server: list[CliServer] = []
 
 
 def run_cli(*args, stdin: str | None = None, cwd=None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the real ``llamactl`` entry point in a process of its own (forked from a warm server)."""
+    """Run the real ``llamactl`` entry point in a process of its own (forked from a warm server; a fresh interpreter
+    on a CUDA machine, where a child forked after the server's imports initialised CUDA cannot use it)."""
+    import torch
+
+    if torch.cuda.is_available():
+        proc = run_cli_fresh(*args, stdin=stdin, cwd=cwd)
+        proc.args = ["llamactl", *map(str, args)]
+        return proc
     if not _server or _server[0].proc.poll() is not None:
         _server[:] = [CliServer()]
         atexit.register(_server[0].close)

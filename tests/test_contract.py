@@ -248,15 +248,13 @@ SPECS: dict[str, Spec] = {
     ),  # fmt: skip
     "score": Spec(["score", "-m", "{rm}", "-i", "{dialogs}", "-o", "{out}"], inputs=("{rm}", "{dialogs}")),
     "rejection-sample": Spec(
-        ["rejection-sample", "-m", "{model}", "--rm", "{rm}", "-i", "{questions}", "-o", "{out}", "-k", "2",
-         "--max-new-tokens", "2"],
+        "rejection-sample -m {model} --rm {rm} -i {questions} -o {out} -k 2 --max-new-tokens 2".split(),
         inputs=("{model}", "{rm}", "{questions}"),
-    ),  # fmt: skip
+    ),
     "compare": Spec(
-        ["compare", "-a", "{model}", "-b", "{model}", "--rm", "{rm}", "-i", "{questions}", "-o", "{out}",
-         "--max-new-tokens", "2"],
+        "compare -a {model} -b {model} --rm {rm} -i {questions} -o {out} --max-new-tokens 2".split(),
         inputs=("{model}", "{rm}", "{questions}"),
-    ),  # fmt: skip
+    ),
     "ppo": Spec(
         ["ppo", "-m", "{model}", "--rm", "{rm}", "--prompts", "{questions}", "-o", "{out}", *PPO_FLAGS],
         out="run",
@@ -449,7 +447,7 @@ TABLE: list[tuple] = [
     ("sft:empty-answer", f"{SFT} --data {{dialogs_empty}}", ["{dialogs_empty}:2", "messages[1]", "empty answer"]),
     ("sft:missing-response", f"{SFT} --data {{dialogs_missing}}", ["{dialogs_missing}:2", "'response'"]),
     ("sft:nothing-to-train-on", f"{SFT} --data {{dialogs_nothing}}", ["{dialogs_nothing}:2", "nothing to train"]),
-    ("sft:reward-model", f"sft -m {{rm}} --data {{dialogs}} -o {{scratch}}/r {SFT_RUN}", ["{rm}", "reward model"]),
+    ("sft:reward-model", f"sft -m {{rm}} --data {{dialogs}} -o {{scratch}}/r {SFT_RUN}", ["{rm}", "scalar"]),
     ("sft:field-missing", f"{SFT} --data {{dialogs}} --field chosen", ["{dialogs}:1", "'chosen'"]),
     # train-rm and score
     ("train-rm:chosen-equals-rejected", f"{RM} --data {{pairs_equal}}", ["{pairs_equal}:2", "equals"]),
@@ -499,7 +497,7 @@ TABLE: list[tuple] = [
     ("ppo:rm-is-a-language-model", f"{PPO} --rm {{model}} --prompts {{questions}}", ["{model}", "reward model"]),
     ("ppo:policy-is-a-reward-model", f"ppo -m {{rm}} --rm {{rm}} --prompts {{questions}} -o {{scratch}}/r {PPO_RUN}",
      ["{rm}", "language model"]),
-    ("ppo:prompt-ends-with-answer", f"{PPO} --rm {{rm}} --prompts {{dialogs}}", ["{dialogs}:1", "from the user"]),
+    ("ppo:prompt-ends-with-answer", f"{PPO} --rm {{rm}} --prompts {{dialogs}}", ["{dialogs}:1", "ends with an answer"]),
     ("ppo:minibatch-does-not-divide", f"{PPO} --rm {{rm}} --prompts {{questions}} --prompts-per-iteration 3 "
      "--minibatch-size 2", ["--prompts-per-iteration 3"]),
     ("ppo:fsdp", f"{PPO} --rm {{rm}} --prompts {{questions}} --distributed fsdp", ["--distributed ddp"]),

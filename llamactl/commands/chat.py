@@ -60,9 +60,12 @@ class Chatter:
     params: object
     generator: object
     source: str
+    meta: object = None  # the checkpoint's CheckpointMeta
 
     @classmethod
-    def load(cls, path: str, device: str, dtype: str, max_new_tokens: int, temperature: float, top_p: float, seed):
+    def load(cls, path: str, device, dtype: str, max_new_tokens: int, temperature: float, top_p: float, seed,
+             purpose: str = "to chat with"):  # fmt: skip
+        """``device`` a --device name or a torch.device; ``purpose`` completes the refusal of a reward model."""
         import torch
 
         from llamactl.checkpoint import load_for_inference
@@ -70,11 +73,12 @@ class Chatter:
         from llamactl.generate import SamplingParams, pack_for_cpu_decode
         from llamactl.tokenizer import Tokenizer
 
-        dev = resolve_device(device)
-        model, meta = load_for_inference(path, dev, dtype, "lm", "to chat with")
+        dev = device if isinstance(device, torch.device) else resolve_device(device)
+        model, meta = load_for_inference(path, dev, dtype, "lm", purpose)
         pack_for_cpu_decode(model)
         params = SamplingParams(max_new_tokens, temperature, top_p, min_new_tokens=1)
-        return cls(model, Tokenizer(meta.tokenizer, path), params, torch.Generator(device=dev).manual_seed(seed), path)
+        generator = torch.Generator(device=dev).manual_seed(seed)
+        return cls(model, Tokenizer(meta.tokenizer, path), params, generator, path, meta)
 
     @property
     def context(self) -> int:

@@ -122,36 +122,25 @@ class ActorCritic(torch.nn.Module):
         return self.policy(tokens, targets, mask, output="logprobs"), self.value(tokens, output="scores")
 
 
-def read_prompts(path: str, tokenizer, context: int, max_new_tokens: int) -> list[tuple[list[int], list[dict], bool]]:
-    """(prompt tokens, messages, is_safety) of each record: a dialog ending with the user's turn, or ``prompt``."""
+def encode_prompts(path: str, tokenizer, context: int, max_new_tokens: int) -> list:
+    """The prompt records of ``path`` (``data.read_prompts``: a dialog ending with the user's turn, or ``prompt``
+    text; ``is_safety`` optional) with their chat-format tokens, each checked to leave room for an answer."""
     from llamactl.chat_format import DialogError, encode_prompt
+    from llamactl.data import read_prompts
     from llamactl.files import display_name
-    from llamactl.jsonl import read_jsonl
 
-    name = display_name(path)
-    out = []
-    for lineno, rec in read_jsonl(path):
-        where = f"{name}:{lineno}"
+    prompts = read_prompts(path, ())
+    if not prompts:
+        raise UserError(f"{display_name(path)}: no prompts")
+    for p in prompts:
         try:
-            if "messages" in rec:
-                messages = rec["messages"]
-            elif isinstance(rec.get("prompt"), str):
-                messages = [{"role": "user", "content": rec["prompt"]}]
-            else:
-                raise DialogError("no 'messages' (a dialog ending with the user's turn) and no text 'prompt'")
-            ids = encode_prompt(tokenizer, messages)
+            p.ids = encode_prompt(tokenizer, p.messages)
         except DialogError as e:
-            raise UserError(f"{where}: {e}") from None
-        safety = rec.get("is_safety", False)
-        if not isinstance(safety, bool):
-            raise UserError(f"{where}: field 'is_safety' must be true or false, got {safety!r}")
-        if len(ids) + max_new_tokens + 1 > context:
-            raise UserError(f"{where}: the prompt's {len(ids)} tokens and --max-new-tokens {max_new_tokens} exceed "
-                            f"the context of {context}")  # fmt: skip
-        out.append((ids, messages, safety))
-    if not out:
-        raise UserError(f"{name}: no prompts")
-    return out
+            raise UserError(f"{p.where}: {e}") from None
+        if len(p.ids) + max_new_tokens + 1 > context:
+            raise UserError(f"{p.where}: the prompt's {len(p.ids)} tokens and --max-new-tokens {max_new_tokens} "
+                            f"exceed the context of {context}")  # fmt: skip
+    return prompts
 
 
 # ------------------------------------------------------------------------------------------------ advantages
@@ -227,7 +216,7 @@ class PPOTask(Task):
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + iteration * 101 + self.d.rank)
         samples = []  # (prompt ids, answer ids)
         for s in range(0, len(picked), cfg.gen_batch_size):
-            chunk = [self.prompts[i][0] for i in picked[s : s + cfg.gen_batch_size]]
+            chunk = [self.prompts[i].ids for i in picked[s : s + cfg.gen_batch_size]]
             for ids, c in zip(chunk, completions(self.policy, chunk, params, tok.eos_id, gen), strict=True):
                 samples.append((ids, c.tokens))
         t1 = time.perf_counter()
@@ -236,7 +225,7 @@ class PPOTask(Task):
         scored = [p + a + ([] if a[-1] == tok.eos_id else [tok.eos_id]) for p, a in samples]
         helpful = self.help_rm.score(scored)
         safety = self.safety_rm.score(scored) if self.safety_rm is not None else None
-        is_safety = torch.tensor([self.prompts[i][2] for i in picked])
+        is_safety = torch.tensor([self.prompts[i].is_safety for i in picked])
         raw = hybrid_reward(helpful, safety, is_safety)
         # whitened over the iteration's samples on every rank: gather them all
         everything = _all_gather_cat(torch.stack([helpful, safety if safety is not None else helpful,
@@ -439,7 +428,7 @@ def run(cfg: PPOConfig) -> dict:
         safety_rm.check_fits(base.tokenizer, cfg.model, "--safety-rm")
     tok = Tokenizer(base.tokenizer, cfg.model)
     context = min(base.args.max_seq_len, help_rm.context, safety_rm.context if safety_rm else help_rm.context)
-    prompts = read_prompts(cfg.prompts, tok, context, cfg.max_new_tokens)
+    prompts = encode_prompts(cfg.prompts, tok, context, cfg.max_new_tokens)
     large = base.args.num_params() > 30e9  # the paper's 34B and 70B models
     beta = cfg.kl_beta if cfg.kl_beta is not None else DEFAULT_BETA_LARGE if large else DEFAULT_BETA
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR

@@ -97,6 +97,7 @@ def run(cfg: TrainRMConfig) -> dict:
     seq_len = min(cfg.seq_len, base.args.max_seq_len)
     device = resolve_device(cfg.device)
     d, device = T.init_distributed(device)
+    T.check_global_batch(cfg, d)
     say = functools.partial(T.say, d, "train-rm")
     use_bf16 = T.autocast_bf16(cfg.dtype, device)
 

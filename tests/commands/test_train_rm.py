@@ -185,3 +185,20 @@ def test_score_gives_transformers_scores(rm_path, tmp_path):
 def test_score_refuses_a_language_model(base):
     proc = run_cli("score", "-m", base, stdin=json.dumps({"prompt": "a", "response": "b"}) + "\n")
     assert_user_error(proc, base, "language-model head", "reward model")
+
+
+def test_a_long_pair_loses_the_same_exchanges_on_both_sides():
+    """Only the rejected dialog outgrows the limit: both sides drop the oldest exchange, so the two answers are
+    judged after the same context (the chat format's encoding of the last exchange alone)."""
+    tok = Tokenizer.from_file(TOKENIZER)
+    long = "word " * 30
+    first = "\n\nHuman: " + long + "\n\nAssistant: ok"
+    rec = {"chosen": first + "\n\nHuman: q2\n\nAssistant: short",
+           "rejected": first + "\n\nHuman: q2\n\nAssistant: " + long * 2}  # fmt: skip
+    ps = encode_pairs(tok, [record_pair(rec)], 90, "none")
+    last = [{"role": "user", "content": "q2"}]
+    assert (
+        ps.cut == 1
+        and ps.chosen[0].tolist() == encode_dialog(tok, [*last, {"role": "assistant", "content": "short"}]).tokens
+    )
+    assert ps.rejected[0].tolist() == encode_dialog(tok, [*last, {"role": "assistant", "content": long * 2}]).tokens
