@@ -54,7 +54,15 @@ def main() -> None:
     order = list(range(len(pairs)))
     random.Random(0).shuffle(order)
     n_val = len(pairs) // 10
-    val = [pairs[i] for i in order[:n_val]]
+    # held out: pairs whose last exchange fits the model's context (train-rm leaves the others out; score refuses them)
+    from llamactl.checkpoint import read_meta
+    from llamactl.data import encode_pairs, record_pair
+    from llamactl.tokenizer import Tokenizer
+
+    meta = read_meta(a.model)
+    tok = Tokenizer(meta.tokenizer, a.model)
+    fits = [len(encode_pairs(tok, [record_pair(pairs[i])], meta.args.max_seq_len, "none")) for i in order[:n_val]]
+    val = [pairs[i] for i, ok in zip(order[:n_val], fits, strict=True) if ok]
     train = os.path.join(out, "train.jsonl")
     with open(train, "w") as f:
         f.writelines(json.dumps(pairs[i]) + "\n" for i in order[n_val:])

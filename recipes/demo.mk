@@ -101,7 +101,7 @@ $(SHK)/rm/model.safetensors: $(SHK)/sft/model.safetensors examples/hh-harmless-p
 $(SHK)/best.jsonl: $(SHK)/sft/model.safetensors $(SHK)/rm/model.safetensors examples/hh-prompts.jsonl
 	head -12 examples/hh-prompts.jsonl | $(LLAMACTL) rejection-sample -m $< --rm $(SHK)/rm/model.safetensors \
 		-k 4 --max-new-tokens 32 --seed 1 -o $@
-	@$(PY) -c "import json,sys; [print(r['messages'][-2]['content'], '->', r['messages'][-1]['content'], '| scores', [round(s, 2) for s in r['scores']]) for r in map(json.loads, open(sys.argv[1]))]" $@ | head -4
+	@$(PY) -c "import json,sys; [print(r['messages'][-2]['content'], '->', r['messages'][-1]['content'], '| scores', [round(s, 2) for s in r['scores']]) for r in list(map(json.loads, open(sys.argv[1])))[:4]]" $@
 
 $(SHK)/ppo/model.safetensors: $(SHK)/sft/model.safetensors $(SHK)/rm/model.safetensors examples/hh-prompts.jsonl
 	$(LLAMACTL) ppo -m $< --rm $(SHK)/rm/model.safetensors --safety-rm $(SHK)/rm/model.safetensors \
