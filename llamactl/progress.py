@@ -52,7 +52,8 @@ class LogProgress:
         rate = (self.n - self.initial) / max(now - self.start, 1e-9)
         done = count(self.n) + (f"/{count(self.total)}" if self.total is not None else "")
         extra = "".join(f", {k} {v}" for k, v in self.postfix.items())
-        return f"{self.desc}: {done} {self.unit} ({count(rate)} {self.unit}/s){extra}"
+        speed = count(rate) if rate >= 10 or self.unit_scale else f"{rate:.2g}"  # 0.3 step/s, not "0 step/s"
+        return f"{self.desc}: {done} {self.unit} ({speed} {self.unit}/s){extra}"
 
     def close(self) -> None:
         pass

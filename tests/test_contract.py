@@ -510,6 +510,8 @@ TABLE: list[tuple] = [
     ("gatt:empty-instructions", f"gatt-augment -i {{dialogs}} --instructions {{no_instructions}} -o {OUT}",
      ["{no_instructions}", "no instructions"]),
     ("gatt:finalize-with-model", f"gatt-augment -i {{dialogs}} --finalize -m {{model}} -o {OUT}", ["--finalize"]),
+    ("gatt:sampling-flag-without-model", f"gatt-augment -i {{dialogs}} --temperature 0.2 --device cuda -o {OUT}",
+     ["--temperature, --device", "without -m"]),
     ("gatt:dialog-too-long", f"gatt-augment -i {{dialogs}} -m {{model}} -o {OUT} --max-new-tokens 60",
      ["{dialogs}:1", "context of 64"]),
     ("sft:batch-does-not-divide", f"{SFT} --data {{dialogs}} --global-batch-size 3 --batch-size 2",
@@ -706,3 +708,14 @@ def test_progress_off_a_terminal_is_a_line_now_and_then(monkeypatch, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert [line.split(" (")[0] for line in lines] == ["pretrain: 1/3 step", "pretrain: 2/3 step", "pretrain: 3/3 step"]
     assert lines[1].endswith(", loss 1.000") and "\r" not in "".join(lines)
+
+
+def test_progress_shows_a_slow_rate_as_it_is():
+    """3 steps in 10 s is 0.3 step/s, not "0 step/s" (a rate under 10 keeps two significant digits)."""
+    from llamactl.progress import LogProgress
+
+    bar = LogProgress("sft", "step", total=9)
+    bar.n = 3
+    assert "(0.3 step/s)" in bar.line(bar.start + 10.0)
+    bar.n = 300
+    assert "(30 step/s)" in bar.line(bar.start + 10.0)

@@ -17,6 +17,9 @@ from llamactl.flags import SamplingFlags
 INSTRUCTION_FIELD = "gatt_instruction"
 
 
+SAMPLING = ("max_new_tokens", "temperature", "top_p", "batch_size", "device", "dtype")  # the flags only -m uses
+
+
 @dataclass(kw_only=True)
 class GattConfig(SamplingFlags):
     input: str = "-"
@@ -34,6 +37,12 @@ class GattConfig(SamplingFlags):
         problems = sampling_problems(self)
         if self.finalize and (self.model or self.instructions):
             problems.append("--finalize takes sampled dialogs that name their instruction: no -m, no --instructions")
+        if not self.model:  # nothing is sampled: a sampling flag set to anything but its default would be ignored
+            fields = GattConfig.__dataclass_fields__
+            given = [n for n in SAMPLING if getattr(self, n) != fields[n].default]
+            if given:
+                flags = ", ".join("--" + n.replace("_", "-") for n in given)
+                problems.append(f"{flags}: without -m nothing is sampled (these flags set how the model samples)")
         problems += io_problems(
             [
                 ("-i/--input", self.input, "dialogs JSONL file", True),
