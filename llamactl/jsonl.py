@@ -121,6 +121,18 @@ def read_jsonl(path: str, wait: float | None = None) -> Iterator[tuple[int, dict
             yield lineno + 1, rec
 
 
+def parsed_records(path: str, parse, wait: float | None = None) -> tuple[Iterator, int | None]:
+    """``parse(where, record)`` of every record of ``path`` ("file:line" names it), and how many there are: a regular
+    file is read and parsed whole first (a bad record in it writes nothing, and the count feeds a progress bar); a
+    stream is parsed as it arrives (count None), with ``read_jsonl``'s None passed through where it waits."""
+    name = display_name(path)
+    items = (None if item is None else parse(f"{name}:{item[0]}", item[1]) for item in read_jsonl(path, wait=wait))
+    if streams(path):
+        return items, None
+    listed = list(items)
+    return iter(listed), len(listed)
+
+
 def _parse_line(raw: bytes, name: str, lineno: int) -> dict | None:
     # Bytes decoded line by line: a text stream decodes ahead in blocks and would blame an earlier line.
     try:

@@ -759,6 +759,17 @@ def autocast_bf16(dtype: str, device: torch.device) -> bool:
     return dtype == "bf16" or (dtype == "auto" and bf16_supported(device))
 
 
+def start(cfg, command: str):
+    """What every training command does first: its device (under torchrun, this rank's), the process group, its
+    stderr notes (rank 0 only) and whether it autocasts to bf16. Returns (dist, device, say, bf16)."""
+    import functools
+
+    from llamactl.device import resolve_device
+
+    d, device = init_distributed(resolve_device(cfg.device))
+    return d, device, functools.partial(say, d, command), autocast_bf16(cfg.dtype, device)
+
+
 def say(d: Dist, command: str, message: str) -> None:
     """A training command's note on stderr, from rank 0 only."""
     if d.main:

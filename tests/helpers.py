@@ -110,3 +110,35 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
     for n in needles:
         assert n in lines[0], (n, lines[0])
     assert proc.stdout == ""
+
+
+def peaked_model():
+    """A tiny GQA model with weights large enough that its logits have clear maxima (no near-ties for argmax to
+    break differently between batch shapes)."""
+    import torch
+
+    from llamactl.model import ModelArgs, Transformer
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=48)
+    m = Transformer(args).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.copy_(torch.ones_like(p) if name.endswith("norm.weight") else torch.randn(p.shape, generator=g) * 0.3)
+    return m
+
+
+def save_reward_model(base: str, path: str, seed: int, role: str | None = None) -> str:
+    """A reward model from the chat model at ``base`` (``reward.reward_init``) with a random scalar head (a zero head
+    would score everything 0), saved at ``path``."""
+    import torch
+
+    from llamactl.checkpoint import load_tensors, plan_from_tensors, read_meta, save_plans
+    from llamactl.reward import reward_init
+
+    meta, tensors = reward_init(read_meta(base), load_tensors(base))
+    g = torch.Generator().manual_seed(seed)
+    tensors["score.weight"] = torch.randn(tensors["score.weight"].shape, generator=g)
+    meta.role = role
+    save_plans(path, plan_from_tensors(tensors), meta)
+    return path

@@ -5,29 +5,21 @@ import os
 
 import pytest
 import torch
-from helpers import FIXTURES
+from helpers import FIXTURES, peaked_model
 from llama2c_ref import Llama2cRef
 
 from llamactl.checkpoint import load_model
 from llamactl.commands.convert import ConvertConfig, run
 from llamactl.device import resolve_dtype
 from llamactl.generate import SamplingParams, finished_rows, generate, prefill, stream
-from llamactl.model import KVCache, ModelArgs, Transformer
+from llamactl.model import KVCache
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0)
 
 
 @pytest.fixture(scope="module")
 def model():
-    """A tiny GQA model with weights large enough that its logits have clear maxima (no near-ties for argmax to
-    break differently between batch shapes)."""
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=48)
-    m = Transformer(args).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.copy_(torch.ones_like(p) if name.endswith("norm.weight") else torch.randn(p.shape, generator=g) * 0.3)
-    return m
+    return peaked_model()
 
 
 def _cache(model, batch, max_len=40):

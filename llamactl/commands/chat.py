@@ -175,16 +175,11 @@ def run_batch(cfg: ChatConfig) -> int:
     """Dialogs JSONL in, each out with the answer appended to ``messages``, in order, flushed batch by batch."""
     from llamactl.chat_format import DialogError, check_dialog
     from llamactl.commands.generate import BATCH_WAIT_S
-    from llamactl.jsonl import batches, display_name, dumps, open_output, read_jsonl, streams
+    from llamactl.jsonl import batches, dumps, open_output, parsed_records
 
     chat = Chatter.load(cfg.model, cfg.device, cfg.dtype, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
-    name = display_name(cfg.input)
 
-    def parse(item):
-        if item is None:
-            return None
-        lineno, rec = item
-        where = f"{name}:{lineno}"
+    def parse(where: str, rec: dict):
         try:
             messages = check_dialog(rec.get("messages"))
         except DialogError as e:
@@ -193,9 +188,7 @@ def run_batch(cfg: ChatConfig) -> int:
             messages = [{"role": "system", "content": cfg.system}, *messages]
         return rec, messages, chat.prompt_tokens(messages, where)
 
-    items = (parse(item) for item in read_jsonl(cfg.input, wait=BATCH_WAIT_S))
-    if not streams(cfg.input):
-        items = iter(list(items))  # a file is checked whole before anything is written
+    items, _ = parsed_records(cfg.input, parse, BATCH_WAIT_S)  # a file is checked whole before anything is written
     n = 0
     with open_output(cfg.output) as out:
         for chunk in batches(items, cfg.batch_size):

@@ -80,7 +80,7 @@ def run(cfg: GenerateConfig) -> int:
     from llamactl.config import check_memory, kv_cache_bytes
     from llamactl.device import resolve_device
     from llamactl.generate import SamplingParams, completions, pack_for_cpu_decode
-    from llamactl.jsonl import batches, display_name, dumps, open_output, read_jsonl, streams
+    from llamactl.jsonl import batches, dumps, open_output, parsed_records
     from llamactl.progress import progress
     from llamactl.tokenizer import Tokenizer
 
@@ -91,15 +91,10 @@ def run(cfg: GenerateConfig) -> int:
     pack_for_cpu_decode(model)
     tokenizer = Tokenizer(meta.tokenizer, cfg.model) if meta.tokenizer is not None else None
     writes = ("finish_reason",) + (("completion",) if tokenizer else ()) + (("logprobs",) if cfg.logprobs else ())
-    name, vocab, max_len = display_name(cfg.input), model.args.vocab_size, model.args.max_seq_len
-    prompts = (
-        None if item is None else (item[1], prompt_ids(item[1], f"{name}:{item[0]}", tokenizer, vocab, max_len, writes))
-        for item in read_jsonl(cfg.input, wait=BATCH_WAIT_S)
+    vocab, max_len = model.args.vocab_size, model.args.max_seq_len
+    prompts, total = parsed_records(
+        cfg.input, lambda where, rec: (rec, prompt_ids(rec, where, tokenizer, vocab, max_len, writes)), BATCH_WAIT_S
     )
-    total = None
-    if not streams(cfg.input):
-        listed = list(prompts)
-        prompts, total = iter(listed), len(listed)
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.logprobs)
     eos = tokenizer.eos_id if tokenizer is not None else 2  # Llama's EOS id when no tokenizer says otherwise
     gen = torch.Generator(device=device).manual_seed(cfg.seed)

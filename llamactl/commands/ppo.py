@@ -17,7 +17,6 @@ seeded generator, which is what makes a resumed run repeat the uninterrupted one
 
 from __future__ import annotations
 
-import functools
 import sys
 import time
 from dataclasses import dataclass
@@ -404,19 +403,16 @@ def run(cfg: PPOConfig) -> dict:
     from llamactl import train as T
     from llamactl.checkpoint import CheckpointMeta, build_model, load_tensors, make_lineage, read_checked_meta
     from llamactl.config import check_memory, rope_bytes
-    from llamactl.device import resolve_device, seed_everything
+    from llamactl.device import seed_everything
     from llamactl.reward import Scorer
     from llamactl.tokenizer import Tokenizer
 
     cfg.validate()
     base = read_checked_meta(cfg.model, "lm", "as the policy ppo trains")
-    device = resolve_device(cfg.device)
-    d, device = T.init_distributed(device)
-    say = functools.partial(T.say, d, "ppo")
+    d, device, say, use_bf16 = T.start(cfg, "ppo")
     if cfg.prompts_per_iteration % d.world or cfg.minibatch_size % (cfg.batch_size * d.world):
         raise UserError(f"--minibatch-size {cfg.minibatch_size} is not a multiple of --batch-size x processes = "
                         f"{cfg.batch_size * d.world}")  # fmt: skip
-    use_bf16 = T.autocast_bf16(cfg.dtype, device)
     infer_dtype = "bf16" if use_bf16 else "fp32"
     help_rm = Scorer(cfg.rm, device, infer_dtype, cfg.gen_batch_size)
     help_rm.check_fits(base.tokenizer, cfg.model, "--rm")

@@ -96,7 +96,7 @@ def run(cfg: PretrainConfig) -> dict:
     from llamactl.checkpoint import CheckpointMeta, make_lineage
     from llamactl.config import check_memory, rope_bytes
     from llamactl.data import Windows, WindowsTask
-    from llamactl.device import resolve_device, seed_everything
+    from llamactl.device import seed_everything
     from llamactl.model import Transformer
     from llamactl.shards import INDEX_NAME, open_shards
 
@@ -106,9 +106,7 @@ def run(cfg: PretrainConfig) -> dict:
     val_split = data.splits.get("val")
     if cfg.eval_every and val_split is None:
         raise UserError(f"{cfg.data}: no 'val' split to evaluate on; encode with --val-fraction, or --eval-every 0")
-    device = resolve_device(cfg.device)
-    d, device = T.init_distributed(device)
-    use_bf16 = T.autocast_bf16(cfg.dtype, device)
+    d, device, _, use_bf16 = T.start(cfg, "pretrain")
     args = model_args(cfg, data.vocab_size)
     micro_tokens = cfg.batch_size * cfg.seq_len * d.world
     global_tokens = cfg.global_batch_tokens or micro_tokens

@@ -60,27 +60,18 @@ def run(cfg: ScoreConfig) -> int:
 
     from llamactl.commands.generate import BATCH_WAIT_S
     from llamactl.device import resolve_device
-    from llamactl.jsonl import batches, check_free, display_name, dumps, open_output, read_jsonl, streams
+    from llamactl.jsonl import batches, check_free, dumps, open_output, parsed_records
     from llamactl.progress import progress
     from llamactl.reward import Scorer
 
     cfg.validate()
     scorer = Scorer(cfg.model, resolve_device(cfg.device), cfg.dtype, cfg.batch_size)
-    name = display_name(cfg.input)
 
-    def parse(item):
-        if item is None:
-            return None
-        lineno, rec = item
-        where = f"{name}:{lineno}"
+    def parse(where: str, rec: dict):
         check_free(rec, ("score", "score_prob"), where)
         return rec, answer_tokens(scorer, rec, cfg.field, where)
 
-    items = (parse(item) for item in read_jsonl(cfg.input, wait=BATCH_WAIT_S))
-    total = None
-    if not streams(cfg.input):
-        listed = list(items)
-        items, total = iter(listed), len(listed)
+    items, total = parsed_records(cfg.input, parse, BATCH_WAIT_S)
     n = 0
     with open_output(cfg.output) as out, progress("score", "seq", total=total) as bar:
         for chunk in batches(items, cfg.batch_size):

@@ -7,7 +7,6 @@ with Llama 2's chat format, the loss taken on the assistants' answers and their 
 
 from __future__ import annotations
 
-import functools
 import sys
 from dataclasses import dataclass
 
@@ -58,18 +57,14 @@ def run(cfg: SFTConfig) -> dict:
     from llamactl import train as T
     from llamactl.checkpoint import CheckpointMeta, load_tensors, make_lineage, read_checked_meta
     from llamactl.data import RowsTask, encode_for_sft, pack_rows, split_val
-    from llamactl.device import resolve_device
     from llamactl.tokenizer import Tokenizer
 
     cfg.validate()
     base = read_checked_meta(cfg.model, "lm", "to fine-tune with sft")
     tok = Tokenizer(base.tokenizer, cfg.model)
     seq_len = min(cfg.seq_len, base.args.max_seq_len)
-    device = resolve_device(cfg.device)
-    d, device = T.init_distributed(device)
+    d, device, say, use_bf16 = T.start(cfg, "sft")
     T.check_global_batch(cfg, d)
-    say = functools.partial(T.say, d, "sft")
-    use_bf16 = T.autocast_bf16(cfg.dtype, device)
 
     train_dialogs, val_dialogs = split_val(list(read_dialogs(cfg.data, cfg.field)), cfg.val_fraction, cfg.seed)
     if not train_dialogs:

@@ -8,7 +8,6 @@ by the one training loop (``llamactl.train``).
 
 from __future__ import annotations
 
-import functools
 import sys
 from dataclasses import dataclass
 
@@ -84,7 +83,6 @@ def run(cfg: TrainRMConfig) -> dict:
     from llamactl import train as T
     from llamactl.checkpoint import load_tensors, make_lineage, read_checked_meta
     from llamactl.data import PairsTask, encode_pairs, split_val
-    from llamactl.device import resolve_device
     from llamactl.model import PRESETS
     from llamactl.reward import reward_init
     from llamactl.tokenizer import Tokenizer
@@ -95,11 +93,8 @@ def run(cfg: TrainRMConfig) -> dict:
         raise UserError(f"{cfg.model}: is a {base.role} model; --kind {cfg.kind} would train it into another kind")
     tok = Tokenizer(base.tokenizer, cfg.model)
     seq_len = min(cfg.seq_len, base.args.max_seq_len)
-    device = resolve_device(cfg.device)
-    d, device = T.init_distributed(device)
+    d, device, say, use_bf16 = T.start(cfg, "train-rm")
     T.check_global_batch(cfg, d)
-    say = functools.partial(T.say, d, "train-rm")
-    use_bf16 = T.autocast_bf16(cfg.dtype, device)
 
     train_pairs, val_pairs = split_val(read_pairs(cfg.data, cfg.margin), cfg.val_fraction, cfg.seed)
     train_set = encode_pairs(tok, train_pairs, seq_len, cfg.margin)

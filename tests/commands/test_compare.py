@@ -8,13 +8,13 @@ import os
 
 import pytest
 import torch
-from helpers import FIXTURES, assert_user_error, run_cli, save_chatty_model
+from helpers import FIXTURES, assert_user_error, run_cli, save_chatty_model, save_reward_model
 
 from llamactl.chat_format import encode_dialog
-from llamactl.checkpoint import load_tensors, plan_from_tensors, read_meta, save_model, save_plans
+from llamactl.checkpoint import save_model
 from llamactl.commands import compare as cmp
 from llamactl.model import Transformer
-from llamactl.reward import Scorer, reward_init
+from llamactl.reward import Scorer
 from llamactl.tokenizer import Tokenizer
 
 TOK = Tokenizer.from_file(os.path.join(FIXTURES, "llama2-tokenizer.model"))
@@ -79,13 +79,8 @@ def models(tmp_path_factory):
     other = Transformer(model.args)
     other.init_weights(1)
     save_model(b, other, tokenizer=TOK.model_bytes)
-    rms = {}
-    for name, seed in (("rm", 1), ("safety", 2)):
-        meta, tensors = reward_init(read_meta(a), load_tensors(a))
-        g = torch.Generator().manual_seed(seed)
-        tensors["score.weight"] = torch.randn(tensors["score.weight"].shape, generator=g)
-        rms[name] = str(root / f"{name}.safetensors")
-        save_plans(rms[name], plan_from_tensors(tensors), meta)
+    rms = {name: save_reward_model(a, str(root / f"{name}.safetensors"), seed)
+           for name, seed in (("rm", 1), ("safety", 2))}  # fmt: skip
     prompts = str(root / "prompts.jsonl")
     with open(prompts, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in PROMPTS)

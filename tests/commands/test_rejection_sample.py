@@ -10,16 +10,14 @@ import sys
 
 import pytest
 import torch
-from helpers import FIXTURES, run_cli, save_chatty_model
+from helpers import FIXTURES, peaked_model, run_cli, save_chatty_model, save_reward_model
 
 from llamactl.chat_format import encode_dialog
-from llamactl.checkpoint import load_tensors, plan_from_tensors, read_meta, save_plans
 from llamactl.commands import rejection_sample as rs
 from llamactl.data import record_messages
 from llamactl.errors import UserError
 from llamactl.generate import SamplingParams, sample_k
-from llamactl.model import ModelArgs, Transformer
-from llamactl.reward import Scorer, reward_init
+from llamactl.reward import Scorer
 from llamactl.tokenizer import Tokenizer
 
 TOK = Tokenizer.from_file(os.path.join(FIXTURES, "llama2-tokenizer.model"))
@@ -37,14 +35,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def engine_model():
-    """A tiny model whose logits have clear maxima (no near-ties for argmax to break differently between shapes)."""
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=48)
-    m = Transformer(args).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.copy_(torch.ones_like(p) if name.endswith("norm.weight") else torch.randn(p.shape, generator=g) * 0.3)
-    return m
+    return peaked_model()
 
 
 def _greedy_alone(model, prompt, n):
@@ -163,13 +154,8 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("rs")
     policy = str(root / "policy.safetensors")
     save_chatty_model(policy, max_seq_len=64)
-    rms = {}
-    for name, seed in (("rm", 1), ("safety", 2)):
-        meta, tensors = reward_init(read_meta(policy), load_tensors(policy))
-        g = torch.Generator().manual_seed(seed)
-        tensors["score.weight"] = torch.randn(tensors["score.weight"].shape, generator=g)
-        rms[name] = str(root / f"{name}.safetensors")
-        save_plans(rms[name], plan_from_tensors(tensors), meta)
+    rms = {name: save_reward_model(policy, str(root / f"{name}.safetensors"), seed)
+           for name, seed in (("rm", 1), ("safety", 2))}  # fmt: skip
     prompts = str(root / "prompts.jsonl")
     _write(prompts, PROMPTS)
     return {"policy": policy, **rms, "prompts": prompts, "root": root}

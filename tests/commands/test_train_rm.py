@@ -10,13 +10,12 @@ import sys
 
 import pytest
 import torch
-from helpers import FIXTURES, assert_user_error, run_cli, save_chatty_model
+from helpers import FIXTURES, assert_user_error, run_cli, save_chatty_model, save_reward_model
 
 from llamactl.chat_format import DialogError, encode_dialog
-from llamactl.checkpoint import load_tensors, plan_from_tensors, read_meta, save_plans
+from llamactl.checkpoint import load_tensors, read_meta
 from llamactl.commands.train_rm import TrainRMConfig, run
 from llamactl.data import MARGINS, PairsTask, encode_pairs, pair_margin, record_pair
-from llamactl.reward import reward_init
 from llamactl.tokenizer import Tokenizer
 
 TOKENIZER = os.path.join(FIXTURES, "llama2-tokenizer.model")
@@ -41,12 +40,7 @@ def rm_path(tmp_path):
     """A reward model with a random scalar head (zeros would score everything 0), from a tiny chat model."""
     base = str(tmp_path / "base.safetensors")
     save_chatty_model(base, max_seq_len=64)
-    meta, tensors = reward_init(read_meta(base), load_tensors(base))
-    tensors["score.weight"] = torch.randn(tensors["score.weight"].shape, generator=torch.Generator().manual_seed(1))
-    meta.role = "helpfulness"
-    path = str(tmp_path / "rm.safetensors")
-    save_plans(path, plan_from_tensors(tensors), meta)
-    return path
+    return save_reward_model(base, str(tmp_path / "rm.safetensors"), 1, "helpfulness")
 
 
 def _hf_scores(rm_path, tmp_path, sequences):
