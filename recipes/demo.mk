@@ -23,6 +23,7 @@ all: convert-demo generate-demo pretrain-demo chat-demo rlhf-demo
 	@echo "  shakespeare/gatt.jsonl       Ghost Attention training dialogs it sampled (gatt-augment -m)"
 	@echo "  shakespeare/gatt-sft/        the chat model fine-tuned on them (sft, loss on each dialog's last turn)"
 	@echo "  shakespeare/rm/              a safety reward model on Anthropic's harmless pairs, held-out accuracy (train-rm)"
+	@echo "  shakespeare/scored.jsonl     four human-chosen answers as that reward model scores them (score)"
 	@echo "  shakespeare/best.jsonl       the best of 4 sampled answers per prompt by that reward (rejection-sample)"
 	@echo "  shakespeare/ppo/             the chat model after 2 PPO iterations against it (ppo), metrics.jsonl"
 	@echo "  shakespeare/compare.json     ppo against sft as the reward model judges (compare), printed above"
@@ -113,4 +114,9 @@ $(SHK)/compare.json: $(SHK)/ppo/model.safetensors $(SHK)/sft/model.safetensors $
 		--rm $(SHK)/rm/model.safetensors --max-new-tokens 32 --seed 1 -o $@
 	@cat $@; echo
 
-rlhf-demo: $(SHK)/best.jsonl $(SHK)/compare.json
+# The reward model's verdict on a few human-chosen answers (score adds score and score_prob to each record).
+$(SHK)/scored.jsonl: $(SHK)/rm/model.safetensors examples/hh-harmless-pairs.jsonl
+	head -4 examples/hh-harmless-pairs.jsonl | $(LLAMACTL) score -m $< --field chosen -o $@
+	@$(PY) -c "import json,sys; [print(round(r['score_prob'], 3), '<-', r['chosen'].strip()[:80].replace(chr(10), ' ')) for r in map(json.loads, open(sys.argv[1]))]" $@
+
+rlhf-demo: $(SHK)/best.jsonl $(SHK)/compare.json $(SHK)/scored.jsonl
