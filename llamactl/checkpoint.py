@@ -25,6 +25,7 @@ from llamactl.config import check_memory, model_args, rope_bytes
 from llamactl.errors import UserError
 from llamactl.files import atomic_path, kind_of, require_input
 from llamactl.model import ModelArgs, Transformer
+from llamactl.quant import QuantSpec
 
 FORMAT = "llamactl/1"
 ROLES = ("helpfulness", "safety", "value")  # what a scalar-head checkpoint is for (its header's "role")
@@ -120,6 +121,7 @@ class CheckpointMeta:
     tokenizer: bytes | None = None
     lineage: dict = field(default_factory=dict)
     role: str | None = None  # a scalar-head model's job: "helpfulness" or "safety" (reward models), "value" (ppo)
+    quant: QuantSpec | None = None  # how its linear layers are quantized (``llamactl quantize``); None: not at all
 
     def to_header(self) -> dict[str, str]:
         meta = {"format": FORMAT, "config": json.dumps(self.args.to_dict()), "lineage": json.dumps(self.lineage)}
@@ -127,6 +129,8 @@ class CheckpointMeta:
             meta["tokenizer"] = base64.b64encode(self.tokenizer).decode()
         if self.role is not None:
             meta["role"] = self.role
+        if self.quant is not None:
+            meta["quantization"] = self.quant.to_json()
         return meta
 
     @classmethod
@@ -148,7 +152,8 @@ class CheckpointMeta:
         role = meta.get("role")
         if role is not None and (role not in ROLES or args.head != "scalar"):
             raise UserError(f"{source}: damaged checkpoint header (role {role!r} for a {args.head!r} head)")
-        return cls(args, tok, lineage, role)
+        quant = QuantSpec.from_json(meta["quantization"], source) if "quantization" in meta else None
+        return cls(args, tok, lineage, role, quant)
 
 
 def lineage_problem(lineage: object) -> str | None:
