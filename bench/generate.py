@@ -22,10 +22,10 @@ import types
 
 import torch
 
-from llamactl.checkpoint import save_model
+from llamactl.checkpoint import build_model, save_model
 from llamactl.convert import read_source, write_hf
 from llamactl.device import DTYPES
-from llamactl.generate import SamplingParams, generate, pack_for_cpu_decode
+from llamactl.generate import SamplingParams, generate
 from llamactl.model import Transformer, preset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -102,9 +102,8 @@ def main() -> None:
         write_hf(os.path.join(tmp, "hf"), read_source(ckpt), None)
         for dname in args.dtypes.split(","):
             dtype = DTYPES[dname]
-            ours = Transformer(model.args).to(dtype).eval()
-            ours.load_state_dict(model.state_dict())
-            pack_for_cpu_decode(ours)  # as `llamactl generate` does
+            # as `llamactl generate` loads it: fused, packed projections
+            ours = build_model(model.args, model.state_dict(), "bench", "cpu", dtype, decode=True).eval()
             hf = LlamaForCausalLM.from_pretrained(os.path.join(tmp, "hf"), dtype=dtype).eval()
             prompt = torch.randint(3, model.args.vocab_size, (args.prompt_len,)).tolist()
             short = prompt[:8]

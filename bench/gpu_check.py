@@ -383,15 +383,17 @@ def section_decode(out: str, new_tokens: int) -> None:
             nbytes = sum(w.numel() * 2 for w in packed) * 32 + head.numel() * 2
         else:
             scheme, group = spec
-            packed = [qmm.quantize_int8(w)[:2] if scheme == "int8" else qmm.quantize_int4(w, group)[:2] for w in ws]
+            packed = [
+                (*qmm.quantize_int8(w)[:2], None) if scheme == "int8" else qmm.quantize_int4(w, group)[:3] for w in ws
+            ]
 
             def step(packed=packed, scheme=scheme):
                 for _ in range(32):
-                    for (qw, sc), (_, k) in zip(packed, shapes, strict=True):
-                        qmm.quant_matmul_triton(x_ffn if k == 11008 else x, qw, sc, scheme)
+                    for (qw, sc, zs), (_, k) in zip(packed, shapes, strict=True):
+                        qmm.quant_matmul_triton(x_ffn if k == 11008 else x, qw, sc, zs, scheme)
                 torch.nn.functional.linear(x, head)
 
-            nbytes = sum(q.numel() * q.element_size() + s.numel() * s.element_size() for q, s in packed) * 32
+            nbytes = sum(t.numel() * t.element_size() for p in packed for t in p if t is not None) * 32
             nbytes += head.numel() * 2
         try:
             dt = _cuda_time(step, repeats=5)

@@ -196,12 +196,13 @@ def make_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Ca
     wq = torch.randn(Nout, K, device=device) * 0.02
     xq = _rand(1, K, **r)
     for scheme, group in (("int8", None), ("int4", 128), ("int4", 32)):
-        qw, scales, _ = qmm.quantize_int8(wq) if scheme == "int8" else qmm.quantize_int4(wq, group)
-        nbytes = qw.numel() * qw.element_size() + scales.numel() * scales.element_size() + (K + Nout) * e
+        quantized = qmm.quantize_int8(wq)[:2] + (None,) if scheme == "int8" else qmm.quantize_int4(wq, group)[:3]
+        qw, scales, zeros = quantized
+        nbytes = sum(t.numel() * t.element_size() for t in (qw, scales, zeros) if t is not None) + (K + Nout) * e
         name = scheme if group is None else f"{scheme}-g{group}"
         cases.append(
             Case(f"quant_matmul_{name}", f"1x{K} @ {Nout}x{K}", dict(x=xq, qweight=qw, scales=scales),
-                 qmm.quant_matmul_ref, qmm.quant_matmul_triton, nbytes, None, "GB/s", dict(scheme=scheme))
+                 qmm.quant_matmul_ref, qmm.quant_matmul_triton, nbytes, None, "GB/s", dict(zeros=zeros, scheme=scheme))
         )  # fmt: skip
     return cases
 

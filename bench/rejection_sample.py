@@ -21,8 +21,9 @@ import time
 
 import torch
 
+from llamactl.checkpoint import build_model
 from llamactl.device import DTYPES
-from llamactl.generate import SamplingParams, completions, pack_for_cpu_decode, prefill, sample_k
+from llamactl.generate import SamplingParams, completions, prefill, sample_k
 from llamactl.model import KVCache, Transformer, preset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -68,8 +69,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = Transformer(preset(args.preset, max_seq_len=args.max_seq_len))
     model.init_weights(0)
-    model = model.to(device=device, dtype=DTYPES[args.dtype]).eval()
-    pack_for_cpu_decode(model)  # as the command does (a no-op on a GPU)
+    # as the command loads it (packed for decode on a CPU, as it is on a GPU)
+    model = build_model(model.args, model.state_dict(), "bench", device, DTYPES[args.dtype], decode=True).eval()
     vocab, B, K = model.args.vocab_size, args.prompts, args.k
     prompts = [torch.randint(3, vocab, (args.prompt_len,)).tolist() for _ in range(B)]
     name = device_name(device)

@@ -351,7 +351,8 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
 
 
 def check_state(source: str, expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
-    """Names and shapes of ``got`` must match the model's ``expected`` exactly; else one line naming the key."""
+    """Names and shapes of ``got`` must match the model's ``expected`` exactly, and integer (quantized) tensors
+    their dtype; else one line naming the key."""
     missing = [k for k in expected if k not in got]
     if missing:
         raise UserError(f"{source}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
@@ -361,6 +362,9 @@ def check_state(source: str, expected: dict[str, torch.Tensor], got: dict[str, t
     for k, t in expected.items():
         if tuple(got[k].shape) != tuple(t.shape):
             raise UserError(f"{source}: tensor {k!r} has shape {tuple(got[k].shape)}, the config says {tuple(t.shape)}")
+        floating = t.is_floating_point()
+        if floating != got[k].is_floating_point() or (not floating and got[k].dtype != t.dtype):
+            raise UserError(f"{source}: tensor {k!r} is {got[k].dtype}, the format says {t.dtype}")
 
 
 def build_model(
@@ -369,19 +373,35 @@ def build_model(
     source: str,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    quant: QuantSpec | None = None,
+    decode: bool = False,
 ) -> Transformer:
-    """A model whose parameters are ``tensors`` (assigned, not copied, when device and dtype already match)."""
+    """A model whose parameters are ``tensors`` (assigned, not copied, when device and dtype already match), through
+    the module-swap step (``llamactl.swap``): quantized linear layers where ``quant`` says, and with ``decode`` on a
+    CPU, fused and packed projections for inference. ``dtype`` None keeps the stored one."""
+    from llamactl import swap
+
     with torch.device("meta"):
         model = Transformer(args)
+    if quant is not None:
+        swap.quantize_linears(model, quant)
     check_state(source, model.state_dict(), tensors)
     check_memory(rope_bytes(args), f"max_seq_len {args.max_seq_len}: the rotary tables", source, device)
-    state = {
-        k: t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
-        for k, t in tensors.items()
-    }
+    compute = dtype or stored_dtype(tensors)
+    decode = decode and torch.device(device).type == "cpu"
+    if decode:
+        tensors = swap.for_decode(model, tensors, compute)
+    # quantization scales keep their own (fp16) dtype: the kernels read them as stored
+    recast = {k for k, t in tensors.items() if dtype is not None and t.is_floating_point() and not _scale(k)}
+    state = {k: t.to(device=device, dtype=dtype if k in recast else t.dtype) for k, t in tensors.items()}
     model.load_state_dict(state, assign=True)
     model.reset_rope(device)
+    swap.finish(model, compute, decode)
     return model
+
+
+def _scale(name: str) -> bool:
+    return name.endswith(".scales")
 
 
 def load_model(
@@ -389,21 +409,29 @@ def load_model(
 ) -> tuple[Transformer, CheckpointMeta]:
     """Load a llamactl checkpoint; ``dtype`` None keeps the stored dtype."""
     meta = read_meta(path)
-    model = build_model(meta.args, load_tensors(path), path, device, dtype)
+    model = build_model(meta.args, load_tensors(path), path, device, dtype, meta.quant)
     model.eval()
     return model, meta
 
 
 def stored_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
-    floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
+    """The floating-point dtype most of a checkpoint's tensors have (quantization scales aside)."""
+    floats = [t.dtype for k, t in tensors.items() if t.is_floating_point() and not _scale(k)]
     return max(set(floats), key=floats.count) if floats else torch.float32
 
 
-def read_checked_meta(path: str, head: str | None, purpose: str, need_tokenizer: bool = True) -> CheckpointMeta:
-    """A checkpoint's header, refusing with one line a model of the other ``head`` (None: either) or, when
-    ``need_tokenizer``, one without a tokenizer (or with more pieces than embeddings); ``purpose`` completes the
-    refusal ("to chat with", "to fine-tune" ...)."""
+def read_checked_meta(
+    path: str, head: str | None, purpose: str, need_tokenizer: bool = True, train: bool = False
+) -> CheckpointMeta:
+    """A checkpoint's header, refusing with one line a model of the other ``head`` (None: either), when
+    ``need_tokenizer`` one without a tokenizer (or with more pieces than embeddings), and when ``train`` a quantized
+    one; ``purpose`` completes the refusal ("to chat with", "to fine-tune" ...)."""
     meta = read_meta(path)
+    if train and meta.quant is not None:
+        raise UserError(
+            f"{path}: is quantized ({meta.quant.describe()}): its weights cannot be trained {purpose}; use the "
+            "floating-point checkpoint it was made from"
+        )
     if head is not None and meta.args.head != head:
         kind = "a scalar (reward/value) head" if meta.args.head == "scalar" else "a language-model head"
         want = "a reward model (scalar head)" if head == "scalar" else "a language model"
@@ -420,14 +448,23 @@ def read_checked_meta(path: str, head: str | None, purpose: str, need_tokenizer:
 
 
 def load_for_inference(
-    path: str, device: torch.device, dtype: str, head: str, purpose: str, need_tokenizer: bool = True
+    path: str,
+    device: torch.device,
+    dtype: str,
+    head: str,
+    purpose: str,
+    need_tokenizer: bool = True,
+    decode: bool = False,
 ) -> tuple[Transformer, CheckpointMeta]:
     """A checkpoint's model in eval mode on ``device`` (``dtype`` resolved as ``--dtype``: auto keeps the stored one
     where native), refusing with one line a model of the other ``head`` or, when ``need_tokenizer``, one without a
-    tokenizer. ``purpose`` completes the refusal: "to chat with", "to score with" ..."""
+    tokenizer. ``purpose`` completes the refusal: "to chat with", "to score with" ... Quantized checkpoints load as
+    such; ``decode`` readies the model for token-by-token generation (CPU packing, see ``llamactl.swap``): such a
+    model cannot be trained."""
     from llamactl.device import resolve_dtype
 
     meta = read_checked_meta(path, head, purpose, need_tokenizer)
     tensors = load_tensors(path)  # memory-mapped
-    model = build_model(meta.args, tensors, path, device, resolve_dtype(dtype, device, stored_dtype(tensors)))
+    compute = resolve_dtype(dtype, device, stored_dtype(tensors))
+    model = build_model(meta.args, tensors, path, device, compute, meta.quant, decode)
     return model.eval(), meta

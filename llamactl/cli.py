@@ -397,6 +397,57 @@ config_command(
 )
 
 config_command(
+    "eval",
+    "eval",
+    "EvalConfig",
+    "Perplexity of a language model on text or token JSONL over a sliding window (each document on its own, text "
+    "with a BOS in front; a document shorter than 2 tokens has nothing to predict and is skipped); with --reference, "
+    "the KL divergence from another model's next-token distributions and how often their top tokens agree. One JSON "
+    "summary out.",
+    short={"model": "-m", "output": "-o"},
+    flags={
+        "model": "Language model checkpoint (a quantized one too).",
+        "data": 'A text file (one document), or JSONL (- is stdin): a record a document, {"tokens": [...]} or text '
+        "in --field.",
+        "reference": "Model to compare with on the same windows (same tokenizer): KL(P_ref || P_model), same top "
+        "token, and its own perplexity.",
+        "output": "Where the summary JSON goes (- = stdout).",
+        "format": FORMAT_HELP,
+        "field": "Text field of JSONL records [default: text]; a record with 'tokens' is read as ids.",
+        "context": "Tokens a window holds [default: the model's context; the shorter one's with --reference].",
+        "stride": "Tokens from one window's start to the next [default: the context: disjoint windows]. A window "
+        "scores only tokens no earlier window scored, never its own first, so with a smaller stride every token after "
+        "the first window has at least context - stride tokens of history.",
+        "batch_size": "Windows per forward pass.",
+        "device": "auto (cuda if present, else cpu), cpu, cuda or cuda:N.",
+        "dtype": "auto (the checkpoint's own where native), fp32, bf16 or fp16.",
+    },
+)
+
+config_command(
+    "quantize",
+    "quantize",
+    "QuantizeConfig",
+    "Quantize a checkpoint's linear layers to int8 or int4 (GPTQ with --calibration); every command loads the result.",
+    short={"model": "-m", "output": "-o"},
+    flags={
+        "model": "Floating-point checkpoint (a language or reward model).",
+        "output": "The quantized checkpoint to write (.safetensors).",
+        "scheme": "int8 (symmetric, per output channel) or int4 (asymmetric, per group of inputs).",
+        "group_size": "int4: inputs per scale and zero point, 32, 64 or 128 [default: 128].",
+        "head": "Quantize the output layer too (a language model's untied head).",
+        "calibration": "Text, JSONL text or token JSONL for GPTQ to correct rounding on (else round to nearest).",
+        "calibration_format": "auto (.jsonl files and stdin are JSONL, other files text), text or jsonl.",
+        "calibration_field": "Text field of calibration JSONL records (records with tokens use those).",
+        "calibration_samples": "Calibration sequences GPTQ sees.",
+        "calibration_len": "Tokens per calibration sequence [default: 512, or the model's context if shorter].",
+        "damp": "GPTQ's damping: this fraction of the mean of diag(X^T X) added to its diagonal.",
+        "seed": "Seed drawing the calibration sequences.",
+        "device": "Where GPTQ runs: auto (cuda if present, else cpu), cpu, cuda or cuda:N.",
+    },
+)
+
+config_command(
     "rejection-sample",
     "rejection_sample",
     "RejectionSampleConfig",

@@ -620,3 +620,42 @@ def read_prompts(path: str, writes: tuple[str, ...]) -> list[Prompt]:
         is_safety = get_field(rec, "is_safety", bool, where, required=False) or False
         out.append(Prompt(where, len(out), rest, messages, is_safety))
     return out
+
+
+def read_documents(path: str, fmt: str, field: str | None) -> list[tuple[str, str | list]]:
+    """(where, text or ids) for each document of ``path``: the whole file when it is text, each record of JSONL.
+    ``where`` names the file (and line) in messages; ids are checked against the vocabulary later."""
+    from llamactl.files import display_name
+    from llamactl.jsonl import decode_text, input_kind, read_chunks, read_jsonl
+    from llamactl.jsonl import field as get_field
+
+    name = display_name(path)
+    if input_kind(path, fmt) == "text":
+        return [(name, decode_text(b"".join(read_chunks(path)), name, 1))]
+    key = field or "text"
+    docs: list[tuple[str, str | list]] = []
+    for lineno, rec in read_jsonl(path):
+        where = f"{name}:{lineno}"
+        if "tokens" in rec and key in rec:
+            raise UserError(f"{where}: give one of the fields 'tokens' (ids) and {key!r} (text), not both")
+        if "tokens" in rec:
+            docs.append((where, get_field(rec, "tokens", list, where)))
+        elif key not in rec:
+            raise UserError(f"{where}: missing field {key!r} (the text to evaluate) and no 'tokens'")
+        else:
+            docs.append((where, get_field(rec, key, str, where)))
+    return docs
+
+
+def document_ids(docs: list[tuple[str, str | list]], tokenizer, vocab_size: int) -> list[list[int]]:
+    """Each document as token ids: text encoded with a BOS in front, ids checked against the vocabulary."""
+    out = []
+    for where, doc in docs:
+        if isinstance(doc, str):
+            out.append(tokenizer.encode(doc, bos=True))
+            continue
+        bad = [t for t in doc if type(t) is not int or not 0 <= t < vocab_size]
+        if bad:
+            raise UserError(f"{where}: field 'tokens' holds {bad[0]!r}, not a token id in [0, {vocab_size})")
+        out.append(doc)
+    return out

@@ -25,46 +25,6 @@ import torch
 from llamactl.model import KVCache, Transformer
 
 
-class _PackedLinear(torch.nn.Module):
-    """y = x @ W.T through oneDNN with W pre-packed into its blocked layout (inference only, no autograd)."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-
-
-def pack_for_cpu_decode(model: Transformer) -> bool:
-    """Swap every projection of a CPU model for a oneDNN one with a pre-packed weight; True if it did.
-
-    NOTE: at batch 1 torch's fp32 F.linear runs a single-threaded matrix-vector product (8.2 GB/s of weights on
-    this 2-core machine) while oneDNN's packed inner product uses both cores (17.4 GB/s): decode is bound by reading
-    the weights, so this is most of the decode speed-up. The packed copies are extra memory (the checkpoint's own
-    weights stay memory-mapped), and the model must not be trained afterwards.
-    """
-    weight = model.tok_embeddings.weight
-    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
-        return False
-    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        return False
-    if weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return False
-    if model.args.head == "lm":
-        model.packed_head = _PackedLinear(model.output_weight)  # the output layer stays for its weight
-    for layer in model.layers:
-        # NOTE: one projection for q, k, v and one for w1, w3: three fewer calls per layer, ~0.5 ms of a 60M-preset
-        # decode step here. The packed copies replace the modules, so the model holds each weight once more at most.
-        attn, ffn = layer.attention, layer.feed_forward
-        attn.wqkv = _PackedLinear(torch.cat([attn.wq.weight, attn.wk.weight, attn.wv.weight]))
-        attn.wo = _PackedLinear(attn.wo.weight)
-        ffn.w13 = _PackedLinear(torch.cat([ffn.w1.weight, ffn.w3.weight]))
-        ffn.w2 = _PackedLinear(ffn.w2.weight)
-        del attn.wq, attn.wk, attn.wv, ffn.w1, ffn.w3
-    return True
-
-
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 256

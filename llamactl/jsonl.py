@@ -190,3 +190,24 @@ def open_output(path: str) -> Iterator[IO[str]]:
         return
     with atomic_path(path) as tmp, named_errors(path, tmp), open(tmp, "w", encoding="utf-8") as f:
         yield f
+
+
+def input_kind(path: str, fmt: str) -> str:
+    """"text" or "jsonl" for an input under ``--format fmt``: auto makes .jsonl files and stdin JSONL."""
+    if fmt != "auto":
+        return fmt
+    return "jsonl" if path == "-" or path.endswith(".jsonl") else "text"
+
+
+def decode_text(data: bytes, name: str, lineno: int) -> str:
+    """UTF-8 text of a block that starts at line ``lineno``; binary data names the line it was found on."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = lineno + data.count(b"\n", 0, e.start)
+        raise UserError(f"{name}:{line}: not UTF-8 text ({e.reason}); is this the right file?") from None
+    nul = text.find("\0")
+    if nul >= 0:
+        line = lineno + text.count("\n", 0, nul)
+        raise UserError(f"{name}:{line}: binary data (a NUL byte), not text; is this the right file?")
+    return text

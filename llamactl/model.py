@@ -185,7 +185,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
-        self.wqkv: nn.Module | None = None  # one fused projection, set by generate.pack_for_cpu_decode
+        self.wqkv: nn.Module | None = None  # q, k, v in one projection: set by swap.fuse_projections
 
     def forward(self, x, cos, sin, positions, segment_ids=None, cache=None, start=None):
         B, T, _ = x.shape
@@ -221,7 +221,7 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w13: nn.Module | None = None  # w1 and w3 fused, set by generate.pack_for_cpu_decode
+        self.w13: nn.Module | None = None  # w1 and w3 in one projection: set by swap.fuse_projections
 
     def forward(self, x):
         if self.w13 is not None:
@@ -258,7 +258,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.reset_rope()
         self.grad_checkpointing = False
-        self.packed_head: nn.Module | None = None  # set by generate.pack_for_cpu_decode for inference only
+        self.packed_head: nn.Module | None = None  # the head's CPU decode form, set by swap.finish
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) would round the rotary tables too; they stay fp32 (as Meta's freqs_cis) whatever the weights are.
@@ -313,7 +313,9 @@ class Transformer(nn.Module):
         assert self.args.head == "lm", "logits need a language-model head"
         if self.packed_head is not None:
             return self.packed_head(h).float()
-        return F.linear(h, self.output_weight).float()
+        if self.args.tie_embeddings:
+            return F.linear(h, self.tok_embeddings.weight).float()
+        return self.output(h).float()  # an nn.Linear, or a quantized one
 
     def scores(self, h: torch.Tensor) -> torch.Tensor:
         """Scalar-head outputs (...,) in fp32 from hidden states (..., dim)."""

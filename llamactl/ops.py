@@ -203,10 +203,12 @@ def linear_logprobs(h, weight, targets, ignore_index: int = IGNORE_INDEX) -> tor
         return linear_logprobs_chunked(h, weight, targets, ignore_index)
 
 
-def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scheme: str) -> torch.Tensor:
-    """x (..., K) @ W^T for a weight W (N, K) stored as ``scheme`` ("int8" or "int4"): see
-    ``llamactl.kernels.quant_matmul`` for the packed formats. Inference only."""
-    check_quantized(x, qweight, scales, scheme)
+def quant_matmul(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, scheme: str
+) -> torch.Tensor:
+    """x (..., K) @ W^T for a weight W (N, K) stored as ``scheme`` ("int8" or "int4", the latter with its zero
+    points): see ``llamactl.kernels.quant_matmul`` for the packed formats. Inference only."""
+    check_quantized(x, qweight, scales, zeros, scheme)
     if _use_triton("quant_matmul", x, quant_matmul_unsupported(x, qweight, scales, scheme)):
-        return quant_matmul_triton(x, qweight, scales, scheme)
-    return quant_matmul_ref(x, qweight, scales, scheme)
+        return quant_matmul_triton(x, qweight, scales, zeros, scheme)
+    return quant_matmul_ref(x, qweight, scales, zeros, scheme)

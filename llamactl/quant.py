@@ -12,10 +12,22 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from llamactl.errors import UserError
+import torch
+import torch.nn as nn
 
-SCHEMES = ("int8", "int4")
-GROUP_SIZES = (32, 64, 128)
+from llamactl import ops
+from llamactl.errors import UserError
+from llamactl.kernels.quant_matmul import (
+    GROUP_SIZES,
+    SCHEMES,
+    dequantize,
+    int4_params,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4,
+)
+
 METHODS = ("rtn", "gptq")
 
 
@@ -61,3 +73,251 @@ class QuantSpec:
     def describe(self) -> str:
         group = f" g{self.group_size}" if self.group_size else ""
         return f"{self.scheme}{group} ({self.method}{', head too' if self.head else ''})"
+
+
+class QuantLinear(nn.Module):
+    """A weight-only quantized ``nn.Linear`` (no bias, inference only): ``qweight``, ``scales`` and, for int4,
+    ``zeros`` in the formats of ``llamactl.kernels.quant_matmul``.
+
+    On CUDA it runs the Triton kernels (through ``ops.quant_matmul``). On a CPU, ``prepare`` converts the weight once
+    to torch's own weight-packed layouts: ``_weight_int8pack_mm`` for int8, ``_weight_int4pack_mm_for_cpu`` for int4.
+    """
+
+    def __init__(self, in_features: int, out_features: int, scheme: str, group_size: int | None = None, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.scheme, self.group_size = (
+            in_features,
+            out_features,
+            scheme,
+            group_size,
+        )
+        if scheme == "int8":
+            self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+            self.register_buffer("scales", torch.empty(out_features, dtype=torch.float16, device=device))
+            self.zeros = None
+        else:
+            assert scheme == "int4" and group_size and in_features % group_size == 0, (scheme, group_size)
+            groups = in_features // group_size
+            self.register_buffer(
+                "qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
+            )
+            self.register_buffer("scales", torch.empty(out_features, groups, dtype=torch.float16, device=device))
+            self.register_buffer("zeros", torch.empty(out_features, groups, dtype=torch.uint8, device=device))
+        self._cpu: tuple | None = None  # the CPU kernel's operands, made by prepare()
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.group_size else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}{group}"
+
+    def prepare(self, dtype: torch.dtype) -> None:
+        """Make the CPU kernel's operands for activations of ``dtype`` (a no-op off the CPU)."""
+        if self.qweight.device.type != "cpu":
+            return
+        if self.scheme == "int8" and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+            if self.qweight.data_ptr() % 64:
+                # NOTE: torch 2.13's bf16 int8 kernel crashes (SIGSEGV) on a weight not 64-byte aligned, as a tensor
+                # memory-mapped from a safetensors file can be; torch's own allocations are aligned
+                self.qweight = self.qweight.clone()
+            self._cpu = ("int8", self.scales.to(dtype))
+        elif (
+            self.scheme == "int4"
+            and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+            and self.out_features % 16 == 0
+        ):
+            # (torch's int4 packing takes output dims in multiples of 16; others run the reference)
+            levels = unpack_int4(self.qweight).to(torch.int32)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels, 1)
+            # torch's int4 kernels compute (q - 8) * scale + zero: our (q - z) * s is zero = (8 - z) * s
+            s = self.scales.float()
+            scale_zero = torch.stack([s.t(), ((8 - self.zeros.float()) * s).t()], dim=-1).contiguous()  # (K/G, N, 2)
+            self._cpu = ("int4", packed, scale_zero.to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._cpu is None or x.device.type != "cpu":
+            return ops.quant_matmul(x, self.qweight, self.scales, self.zeros, self.scheme)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self._cpu[0] == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self._cpu[1].to(x.dtype))
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self._cpu[1], self.group_size, self._cpu[2].to(x.dtype))
+        return y.view(*shape[:-1], self.out_features)
+
+
+@dataclass
+class Quantized:
+    """One linear layer's quantized tensors (named as ``QuantLinear``'s buffers) and its error."""
+
+    tensors: dict[str, torch.Tensor]
+    max_error: float  # largest |W - dequant(W)|
+    rel_error: float  # ||W - dequant(W)||_F / ||W||_F
+    out_error: float | None = None  # sqrt(tr(dW H dW^T) / tr(W H W^T)): the relative output error on calibration
+
+    def dequantized(self, scheme: str) -> torch.Tensor:
+        t = self.tensors
+        return dequantize(t["qweight"], t["scales"], t.get("zeros"), scheme)
+
+
+def _errors(w: torch.Tensor, back: torch.Tensor, h: torch.Tensor | None) -> tuple[float, float, float | None]:
+    d = back - w
+    rel = (d.norm() / w.norm().clamp(min=1e-30)).item()
+    out = None
+    if h is not None:
+        out = ((d @ h * d).sum() / (w @ h * w).sum().clamp(min=1e-30)).clamp(min=0).sqrt().item()
+    return d.abs().max().item(), rel, out
+
+
+def quantize_rtn(weight: torch.Tensor, spec: QuantSpec) -> Quantized:
+    """Round to nearest: int8 per output channel, int4 per group (``llamactl.kernels.quant_matmul``)."""
+    w = weight.float()
+    if spec.scheme == "int8":
+        q, scales, _ = quantize_int8(w)
+        tensors = {"qweight": q, "scales": scales}
+    else:
+        q, scales, zeros, _ = quantize_int4(w, spec.group_size)
+        tensors = {"qweight": q, "scales": scales, "zeros": zeros}
+    out = Quantized(tensors, 0.0, 0.0)
+    out.max_error, out.rel_error, _ = _errors(w, out.dequantized(spec.scheme), None)
+    return out
+
+
+def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, damp: float = 0.01) -> Quantized:
+    """GPTQ (Frantar et al., 2022): quantize the columns of W (N, K) one at a time, in input order, each time
+    spreading the rounding error over the columns not yet quantized so as to minimise ||X W^T - X Q^T||^2 over the
+    calibration inputs X, whose statistics are ``hessian`` = X^T X (K, K).
+
+    Steps: columns no input ever reached are zeroed; H gets ``damp`` x its mean diagonal added (its conditioning);
+    U is the upper Cholesky factor of H^-1, whose row i gives, over the remaining columns, how column i's error is
+    corrected. int4 group parameters are set (round to nearest over the group's current, already corrected weights)
+    when the group's first column comes up; int8 scales are set per row up front. Columns go in blocks of 128 with
+    the correction of later blocks applied once per block (the paper's lazy batch update)."""
+    W = weight.float().clone()
+    N, K = W.shape
+    H = hessian.float().clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += damp * torch.diagonal(H).mean() * torch.eye(K, device=H.device)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    levels = torch.empty(N, K, dtype=torch.int16, device=W.device)
+    if spec.scheme == "int8":
+        scales = quantize_int8(W)[1]
+        zeros = None
+    else:
+        G = spec.group_size
+        scales = torch.empty(N, K // G, dtype=torch.float16, device=W.device)
+        zeros = torch.empty(N, K // G, dtype=torch.uint8, device=W.device)
+    block = 128
+    for b0 in range(0, K, block):
+        b1 = min(b0 + block, K)
+        Wb, Eb = W[:, b0:b1].clone(), torch.zeros(N, b1 - b0, device=W.device)
+        for i in range(b1 - b0):
+            col = b0 + i
+            if spec.scheme == "int8":
+                s, z = scales.float(), None
+                q = torch.round(Wb[:, i] / s).clamp_(-127, 127)
+                back = q * s
+            else:
+                g = col // spec.group_size
+                if col % spec.group_size == 0:  # groups of 32/64/128 never straddle a 128-column block
+                    scales[:, g], zeros[:, g] = int4_params(Wb[:, i : i + spec.group_size])
+                s, z = scales[:, g].float(), zeros[:, g].float()
+                q = (torch.round(Wb[:, i] / s) + z).clamp_(0, 15)
+                back = (q - z) * s
+            levels[:, col] = q.to(torch.int16)
+            err = (Wb[:, i] - back) / U[col, col]
+            Wb[:, i:] -= err[:, None] * U[col, col:b1][None, :]
+            Eb[:, i] = err
+        W[:, b1:] -= Eb @ U[b0:b1, b1:]
+    if spec.scheme == "int8":
+        tensors = {"qweight": levels.to(torch.int8), "scales": scales}
+    else:
+        tensors = {"qweight": pack_int4(levels.to(torch.uint8)), "scales": scales, "zeros": zeros}
+    out = Quantized(tensors, 0.0, 0.0)
+    w = weight.float()
+    out.max_error, out.rel_error, out.out_error = _errors(w, out.dequantized(spec.scheme), hessian.float())
+    return out
+
+
+def linear_names(args, spec: QuantSpec) -> list[str]:
+    """The checkpoint names (without ``.weight``) of the linear layers ``spec`` quantizes, in model order."""
+    names = [
+        f"layers.{i}.{part}"
+        for i in range(args.n_layers)
+        for part in (
+            "attention.wq",
+            "attention.wk",
+            "attention.wv",
+            "attention.wo",
+            "feed_forward.w1",
+            "feed_forward.w2",
+            "feed_forward.w3",
+        )
+    ]
+    return names + (["output"] if spec.head else [])
+
+
+class _Inputs:
+    """X^T X of the inputs each watched linear layer receives, accumulated over forward passes (fp32)."""
+
+    def __init__(self, modules: dict[str, nn.Linear]):
+        self.h: dict[str, torch.Tensor] = {}
+        self.hooks = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+            xtx = x.t() @ x
+            self.h[name] = self.h[name] + xtx if name in self.h else xtx
+
+        return hook
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def quantize_calibrated(
+    model, sequences: torch.Tensor, spec: QuantSpec, damp: float, batch_size: int, report
+) -> dict[str, Quantized]:
+    """GPTQ over a floating-point ``model`` (fp32, eval mode), block by block: the calibration ``sequences`` (S, T)
+    run through block i with its original weights to collect each projection's input statistics, its projections
+    are quantized, and the block is run again with the quantized weights to give block i + 1 its inputs, so that
+    each block corrects for the error of those before it. ``report(name, Quantized)`` is called as each layer is done.
+    The model's weights are overwritten with their dequantized values."""
+    device = model.tok_embeddings.weight.device
+    S, T = sequences.shape
+    positions = torch.arange(T, device=device)[None, :]
+    cos, sin = model.rope_cos, model.rope_sin
+    out: dict[str, Quantized] = {}
+
+    def run_block(layer, hs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [layer(h, cos, sin, positions.expand(h.shape[0], T)) for h in hs]
+
+    def quantize(modules: dict[str, nn.Linear], h: dict[str, torch.Tensor]) -> None:
+        for name, m in modules.items():
+            q = quantize_gptq(m.weight.data, h[name], spec, damp)
+            m.weight.data.copy_(q.dequantized(spec.scheme).to(m.weight.dtype))
+            out[name] = q
+            report(name, q)
+
+    with torch.no_grad():
+        hs = [model.tok_embeddings(sequences[i : i + batch_size].to(device)) for i in range(0, S, batch_size)]
+        for i, layer in enumerate(model.layers):
+            modules = {
+                f"layers.{i}.{kind}.{n}": getattr(getattr(layer, kind), n)
+                for kind, names in (("attention", ("wq", "wk", "wv", "wo")), ("feed_forward", ("w1", "w2", "w3")))
+                for n in names
+            }
+            watch = _Inputs(modules)
+            run_block(layer, hs)
+            watch.close()
+            quantize(modules, watch.h)
+            hs = run_block(layer, hs)
+        if spec.head:
+            watch = _Inputs({"output": model.output})
+            for h in hs:
+                model.output(model.norm(h))
+            watch.close()
+            quantize({"output": model.output}, watch.h)
+    return out

@@ -112,15 +112,15 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
     assert proc.stdout == ""
 
 
-def peaked_model():
+def peaked_model(**shape):
     """A tiny GQA model with weights large enough that its logits have clear maxima (no near-ties for argmax to
-    break differently between batch shapes)."""
+    break differently between batch shapes); ``shape`` overrides its config."""
     import torch
 
     from llamactl.model import ModelArgs, Transformer
 
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=48)
-    m = Transformer(args).eval()
+    config = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=48)
+    m = Transformer(ModelArgs(**{**config, **shape})).eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in m.named_parameters():

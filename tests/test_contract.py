@@ -169,6 +169,11 @@ def world(tmp_path_factory) -> dict[str, str]:
     othertok = base64.b64encode(proto.SerializeToString()).decode()
     rm_header = {**header, "config": json.dumps(rm_args), "tokenizer": othertok}
     write_safetensors(w["rm_othertok"], plan_from_tensors(rm_state), rm_header)
+    from llamactl.commands.quantize import QuantizeConfig
+    from llamactl.commands.quantize import run as quantize
+
+    w["qmodel"] = str(root / "qmodel.safetensors")
+    quantize(QuantizeConfig(model=w["model"], output=w["qmodel"], scheme="int4", group_size=32))
     w["pool_other"] = str(root / "pool_other.jsonl")
     answered = {"messages": [{"role": "user", "content": "Bye"}, {"role": "assistant", "content": "x"}], "score": 1.0}
     Path(w["pool_other"]).write_text(json.dumps(answered) + "\n")
@@ -266,6 +271,12 @@ SPECS: dict[str, Spec] = {
         inputs=("{model}", "{questions}"),
     ),
     "gatt-augment": Spec(["gatt-augment", "-i", "{dialogs}", "-o", "{out}"], inputs=("{dialogs}",)),
+    "eval": Spec(
+        ["eval", "-m", "{model}", "--data", "{tokens}", "-o", "{out}"], out="out.json", inputs=("{model}", "{tokens}")
+    ),
+    "quantize": Spec(
+        ["quantize", "-m", "{model}", "-o", "{out}", "--scheme", "int8"], out="q.safetensors", inputs=("{model}",)
+    ),
     "tokenize train": Spec(
         ["tokenize", "train", "{text}", "-o", "{out}", "--vocab-size", "350"], out="t.model", inputs=("{text}",)
     ),
@@ -366,6 +377,8 @@ RS = f"rejection-sample -m {{model}} --rm {{rm}} -o {OUT} --max-new-tokens 2"
 CMP = f"compare -a {{model}} -b {{model}} --rm {{rm}} -o {OUT} --max-new-tokens 2"
 PPO_RUN = " ".join(PPO_FLAGS)
 PPO = f"ppo -m {{model}} -o {{scratch}}/r {PPO_RUN}"
+EVAL = f"eval -m {{model}} --data - -o {OUT}"
+QUANT = "quantize -m {model} -o {scratch}/q.safetensors"
 
 # (id, command line split as a shell would, what the one line names, stdin)
 TABLE: list[tuple] = [
@@ -514,6 +527,46 @@ TABLE: list[tuple] = [
      ["--temperature, --device", "without -m"]),
     ("gatt:dialog-too-long", f"gatt-augment -i {{dialogs}} -m {{model}} -o {OUT} --max-new-tokens 60",
      ["{dialogs}:1", "context of 64"]),
+    # eval
+    ("eval:bad-json-line-2", EVAL, ["<stdin>:2", "invalid JSON"], '{"tokens": [1, 2]}\n{"tokens": [1\n'),
+    ("eval:field-missing", EVAL, ["<stdin>:1", "'text'"], '{"body": "x"}\n'),
+    ("eval:named-field-missing", EVAL + " --field body", ["<stdin>:1", "'body'"], '{"text": "x"}\n'),
+    ("eval:out-of-vocab", EVAL, ["<stdin>:1", "32000"], '{"tokens": [1, 32000]}\n'),
+    ("eval:tokens-and-text", EVAL, ["<stdin>:1", "'tokens'", "'text'"], '{"tokens": [1, 2], "text": "a"}\n'),
+    ("eval:nothing-to-score", EVAL, ["<stdin>", "no token to score"], '{"tokens": [1]}\n{"text": ""}\n'),
+    ("eval:stride-over-context", f"eval -m {{model}} --data {{tokens}} -o {OUT} --context 16 --stride 17",
+     ["--stride 17", "--context 16"]),
+    ("eval:stride-0", f"eval -m {{model}} --data {{tokens}} -o {OUT} --stride 0", ["--stride"]),
+    ("eval:context-over-model", f"eval -m {{model}} --data {{tokens}} -o {OUT} --context 65",
+     ["--context 65", "{model}", "64"]),
+    ("eval:field-of-text", f"eval -m {{model}} --data {{text}} --field body -o {OUT}", ["--field", "{text}"]),
+    ("eval:reward-model", f"eval -m {{rm}} --data {{tokens}} -o {OUT}", ["{rm}", "a language model is needed"]),
+    ("eval:reference-reward-model", f"eval -m {{model}} --reference {{rm}} --data {{tokens}} -o {OUT}",
+     ["{rm}", "--reference"]),
+    ("eval:reference-without-tokenizer", f"eval -m {{model}} --reference {{notok}} --data {{tokens}} -o {OUT}",
+     ["--reference {notok}", "no tokenizer"]),
+    ("eval:text-without-tokenizer", f"eval -m {{notok}} --data {{text}} -o {OUT}", ["{notok}", "no tokenizer"]),
+    ("eval:format", f"eval -m {{model}} --data {{tokens}} -o {OUT} --format csv", ["--format"]),
+    # quantize, and what a quantized checkpoint cannot do
+    ("quantize:scheme", f"{QUANT} --scheme int3", ["--scheme 'int3'"]),
+    ("quantize:group-does-not-divide", f"{QUANT} --scheme int4", ["{model}", "--group-size 128", "dim 32"]),
+    ("quantize:group-size-odd", f"{QUANT} --scheme int4 --group-size 48", ["--group-size 48"]),
+    ("quantize:int8-group", f"{QUANT} --scheme int8 --group-size 32", ["--group-size", "int8"]),
+    ("quantize:already-quantized", "quantize -m {qmodel} -o {scratch}/q.safetensors --scheme int8",
+     ["{qmodel}", "already quantized"]),
+    ("quantize:head-of-reward-model", "quantize -m {rm} -o {scratch}/q.safetensors --scheme int8 --head",
+     ["{rm}", "--head"]),
+    ("quantize:gptq-flag-alone", f"{QUANT} --scheme int4 --group-size 32 --damp 0.1", ["--damp", "--calibration"]),
+    ("quantize:calibration-field", f"{QUANT} --scheme int8 --calibration {{prompts}}", ["{prompts}:1", "'text'"]),
+    ("quantize:calibration-too-short", f"{QUANT} --scheme int8 --calibration {{tokens}} --calibration-len 8",
+     ["{tokens}", "3 tokens"]),
+    ("quantize:not-safetensors", "quantize -m {model} -o {scratch}/q.bin --scheme int8", ["q.bin", ".safetensors"]),
+    ("sft:quantized-model", f"sft -m {{qmodel}} -o {{scratch}}/r {SFT_RUN} --data {{dialogs}}",
+     ["{qmodel}", "quantized", "cannot be trained"]),
+    ("train-rm:quantized-model", f"train-rm -m {{qmodel}} -o {{scratch}}/r {SFT_RUN} --data {{pairs}}",
+     ["{qmodel}", "quantized"]),
+    ("ppo:quantized-policy", f"ppo -m {{qmodel}} -o {{scratch}}/r {PPO_RUN} --rm {{rm}} --prompts {{questions}}",
+     ["{qmodel}", "quantized"]),
     ("sft:batch-does-not-divide", f"{SFT} --data {{dialogs}} --global-batch-size 3 --batch-size 2",
      ["--global-batch-size 3"]),
 ]  # fmt: skip

@@ -70,12 +70,11 @@ class Chatter:
 
         from llamactl.checkpoint import load_for_inference
         from llamactl.device import resolve_device
-        from llamactl.generate import SamplingParams, pack_for_cpu_decode
+        from llamactl.generate import SamplingParams
         from llamactl.tokenizer import Tokenizer
 
         dev = device if isinstance(device, torch.device) else resolve_device(device)
-        model, meta = load_for_inference(path, dev, dtype, "lm", purpose)
-        pack_for_cpu_decode(model)
+        model, meta = load_for_inference(path, dev, dtype, "lm", purpose, decode=True)
         params = SamplingParams(max_new_tokens, temperature, top_p, min_new_tokens=1)
         generator = torch.Generator(device=dev).manual_seed(seed)
         return cls(model, Tokenizer(meta.tokenizer, path), params, generator, path, meta)

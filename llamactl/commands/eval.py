@@ -56,13 +56,14 @@ class EvalConfig:
     dtype: str = "auto"
 
     def validate(self) -> None:
-        from llamactl.commands.tokenize import FORMATS, _input_kind
+        from llamactl.commands.tokenize import FORMATS
         from llamactl.files import io_problems, overlaps
+        from llamactl.jsonl import input_kind
 
         problems = []
         if self.format not in FORMATS:
             problems.append(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
-        elif self.field is not None and _input_kind(self.data, self.format) == "text":
+        elif self.field is not None and input_kind(self.data, self.format) == "text":
             problems.append(f"--field names a field of JSONL records, and --data {self.data} is read as text")
         if self.context is not None and self.context < 2:
             problems.append(f"--context must be at least 2 (a token and one to predict), got {self.context}")
@@ -100,32 +101,6 @@ def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def read_documents(path: str, fmt: str, field: str | None) -> list[tuple[str, str | list]]:
-    """(where, text or ids) for each document of ``path``: the whole file when it is text, each record of JSONL.
-    ``where`` names the file (and line) in messages; ids are checked against the vocabulary later."""
-    from llamactl.commands.tokenize import _decode_text, _input_kind
-    from llamactl.files import display_name
-    from llamactl.jsonl import field as get_field
-    from llamactl.jsonl import read_chunks, read_jsonl
-
-    name = display_name(path)
-    if _input_kind(path, fmt) == "text":
-        return [(name, _decode_text(b"".join(read_chunks(path)), name, 1))]
-    key = field or "text"
-    docs: list[tuple[str, str | list]] = []
-    for lineno, rec in read_jsonl(path):
-        where = f"{name}:{lineno}"
-        if "tokens" in rec and key in rec:
-            raise UserError(f"{where}: give one of the fields 'tokens' (ids) and {key!r} (text), not both")
-        if "tokens" in rec:
-            docs.append((where, get_field(rec, "tokens", list, where)))
-        elif key not in rec:
-            raise UserError(f"{where}: missing field {key!r} (the text to evaluate) and no 'tokens'")
-        else:
-            docs.append((where, get_field(rec, key, str, where)))
-    return docs
-
-
 def check_reference(cfg: EvalConfig, meta: CheckpointMeta, ref: CheckpointMeta) -> None:
     """Refuse a reference whose token ids mean other things than the model's: its distributions would not compare."""
     why = "KL divergence compares next-token distributions over the same tokens"
@@ -157,20 +132,6 @@ def window_sizes(cfg: EvalConfig, meta: CheckpointMeta, ref: CheckpointMeta | No
     return context, stride
 
 
-def document_ids(docs: list[tuple[str, str | list]], tokenizer, vocab_size: int) -> list[list[int]]:
-    """Each document as token ids: text encoded with a BOS in front, ids checked against the vocabulary."""
-    out = []
-    for where, doc in docs:
-        if isinstance(doc, str):
-            out.append(tokenizer.encode(doc, bos=True))
-            continue
-        bad = [t for t in doc if type(t) is not int or not 0 <= t < vocab_size]
-        if bad:
-            raise UserError(f"{where}: field 'tokens' holds {bad[0]!r}, not a token id in [0, {vocab_size})")
-        out.append(doc)
-    return out
-
-
 def percentile(sorted_values, q: float) -> float:
     """The ``q`` quantile (0..1) of ascending values, interpolated linearly between neighbours."""
     p = q * (len(sorted_values) - 1)
@@ -189,6 +150,7 @@ def run(cfg: EvalConfig) -> dict:
     import torch.nn.functional as F
 
     from llamactl.checkpoint import load_for_inference, read_checked_meta
+    from llamactl.data import document_ids, read_documents
     from llamactl.device import DTYPE_NAMES, resolve_device
     from llamactl.files import display_name
     from llamactl.jsonl import dumps, open_output

@@ -79,16 +79,17 @@ def run(cfg: GenerateConfig) -> int:
     from llamactl.checkpoint import load_for_inference
     from llamactl.config import check_memory, kv_cache_bytes
     from llamactl.device import resolve_device
-    from llamactl.generate import SamplingParams, completions, pack_for_cpu_decode
+    from llamactl.generate import SamplingParams, completions
     from llamactl.jsonl import batches, dumps, open_output, parsed_records
     from llamactl.progress import progress
     from llamactl.tokenizer import Tokenizer
 
     cfg.validate()
     device = resolve_device(cfg.device)
-    model, meta = load_for_inference(cfg.model, device, cfg.dtype, "lm", "to generate with", need_tokenizer=False)
+    model, meta = load_for_inference(
+        cfg.model, device, cfg.dtype, "lm", "to generate with", need_tokenizer=False, decode=True
+    )
     dtype = model.tok_embeddings.weight.dtype
-    pack_for_cpu_decode(model)
     tokenizer = Tokenizer(meta.tokenizer, cfg.model) if meta.tokenizer is not None else None
     writes = ("finish_reason",) + (("completion",) if tokenizer else ()) + (("logprobs",) if cfg.logprobs else ())
     vocab, max_len = model.args.vocab_size, model.args.max_seq_len

@@ -60,7 +60,7 @@ def run(cfg: SFTConfig) -> dict:
     from llamactl.tokenizer import Tokenizer
 
     cfg.validate()
-    base = read_checked_meta(cfg.model, "lm", "to fine-tune with sft")
+    base = read_checked_meta(cfg.model, "lm", "to fine-tune with sft", train=True)
     tok = Tokenizer(base.tokenizer, cfg.model)
     seq_len = min(cfg.seq_len, base.args.max_seq_len)
     d, device, say, use_bf16 = T.start(cfg, "sft")

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from llamactl.errors import UserError
 from llamactl.files import check_output, input_problem, overlaps
 from llamactl.files import display_name as _display
-from llamactl.jsonl import check_free, parse_record, read_chunks
+from llamactl.jsonl import check_free, decode_text, input_kind, parse_record, read_chunks
 
 if TYPE_CHECKING:
     from concurrent.futures import ProcessPoolExecutor
@@ -41,12 +41,6 @@ DOC_SPLITS = ("paragraph", "line", "file")
 BLOCK_BYTES = 1 << 16
 
 
-def _input_kind(path: str, fmt: str) -> str:
-    if fmt != "auto":
-        return fmt
-    return "jsonl" if path == "-" or path.endswith(".jsonl") else "text"
-
-
 def _check_paths(inputs: list[str], tokenizer: str | None, output: str | None, problems: list[str]) -> None:
     """The inputs exist and are files, the output can be written and is none of the inputs."""
     if not inputs:
@@ -58,20 +52,6 @@ def _check_paths(inputs: list[str], tokenizer: str | None, output: str | None, p
         problems += [p for p in [check_output(output, "-o/--output")] if p]
         named = [("", p) for p in inputs] + ([("-t/--tokenizer", tokenizer)] if tokenizer else [])
         problems += overlaps([("-o/--output", output)], named)
-
-
-def _decode_text(data: bytes, name: str, lineno: int) -> str:
-    """UTF-8 text of a block that starts at line ``lineno``; binary data names the line it was found on."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = lineno + data.count(b"\n", 0, e.start)
-        raise UserError(f"{name}:{line}: not UTF-8 text ({e.reason}); is this the right file?") from None
-    nul = text.find("\0")
-    if nul >= 0:
-        line = lineno + text.count("\n", 0, nul)
-        raise UserError(f"{name}:{line}: binary data (a NUL byte), not text; is this the right file?")
-    return text
 
 
 def _blocks(path: str, cut: Callable[[bytearray], int]) -> Iterator[tuple[int, bytes] | None]:
@@ -153,7 +133,7 @@ class TrainConfig:
         _check_paths(self.inputs, None, self.output, problems)
         if self.format not in FORMATS:
             problems.append(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
-        elif self.field is not None and all(_input_kind(p, self.format) != "jsonl" for p in self.inputs):
+        elif self.field is not None and all(input_kind(p, self.format) != "jsonl" for p in self.inputs):
             problems.append("--field names the text field of JSONL input, and no input is JSONL")
         if self.vocab_size < 260:
             problems.append(f"--vocab-size must be at least 260 (3 special + 256 byte pieces), got {self.vocab_size}")
@@ -176,12 +156,12 @@ def _training_lines(cfg: TrainConfig) -> Iterator[str]:
     key = cfg.field or "text"
     for path in cfg.inputs:
         name = _display(path)
-        if _input_kind(path, cfg.format) == "jsonl":
+        if input_kind(path, cfg.format) == "jsonl":
             for lineno, rec in read_jsonl(path):
                 yield from filter(None, get_field(rec, key, str, f"{name}:{lineno}").split("\n"))
         else:
             for lineno, block in filter(None, _blocks(path, _cut_after_line)):
-                yield from filter(None, _decode_text(block, name, lineno).split("\n"))
+                yield from filter(None, decode_text(block, name, lineno).split("\n"))
 
 
 def run_train(cfg: TrainConfig) -> dict:
@@ -253,7 +233,7 @@ class EncodeConfig:
         _check_paths(self.inputs, self.tokenizer, self.output if self.out is None else None, problems)
         if self.out is not None:
             problems += [p for p in [check_output(self.out, "--out", directory=True)] if p]
-        kinds = {_input_kind(p, self.format) for p in self.inputs} if self.format in FORMATS else set()
+        kinds = {input_kind(p, self.format) for p in self.inputs} if self.format in FORMATS else set()
         if self.format not in FORMATS:
             problems.append(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.field is not None and kinds and "jsonl" not in kinds:
@@ -269,7 +249,7 @@ class EncodeConfig:
             if self.out is not None:
                 problems.append("--chat writes JSONL tokens with a loss mask; --out shards are for pretraining text")
             if "text" in kinds:
-                text_inputs = [p for p in self.inputs if _input_kind(p, self.format) == "text"]
+                text_inputs = [p for p in self.inputs if input_kind(p, self.format) == "text"]
                 problems.append(f"--chat reads JSONL dialogs, and {', '.join(text_inputs)} is read as text")
             if self.bos is not None or self.eos is not None:
                 problems.append("--chat places BOS and EOS by Llama 2's chat format; drop --bos/--eos")
@@ -319,7 +299,7 @@ class _Encoder:
 
     def __call__(self, chunk: tuple[str, str, int, bytes]) -> _Result:
         name, kind, lineno, data = chunk
-        text = _decode_text(data, name, lineno)
+        text = decode_text(data, name, lineno)
         if kind == "text":
             docs = split_documents(text, self.job.doc_split)
             return self._finish(self.tok.encode_batch(docs, self.job.bos, self.job.eos), [{} for _ in docs])
@@ -457,7 +437,7 @@ def _ordered_results(
 
 def _chunks(cfg: EncodeConfig) -> Iterator[tuple[str, str, int, bytes] | None]:
     for path in cfg.inputs:
-        kind = _input_kind(path, cfg.format)
+        kind = input_kind(path, cfg.format)
         if kind == "jsonl":
             cut = _cut_after_line
         else:

@@ -88,7 +88,7 @@ def run(cfg: TrainRMConfig) -> dict:
     from llamactl.tokenizer import Tokenizer
 
     cfg.validate()
-    base = read_checked_meta(cfg.model, None, "to train a reward model from")
+    base = read_checked_meta(cfg.model, None, "to train a reward model from", train=True)
     if base.args.head == "scalar" and base.role not in (None, cfg.kind):
         raise UserError(f"{cfg.model}: is a {base.role} model; --kind {cfg.kind} would train it into another kind")
     tok = Tokenizer(base.tokenizer, cfg.model)

@@ -9,10 +9,11 @@ import torch
 from helpers import FIXTURES, assert_user_error, run_cli, save_chatty_model
 from llama2c_ref import Llama2cRef
 
-from llamactl.checkpoint import load_model, save_model
+from llamactl.checkpoint import build_model, load_model, save_model
 from llamactl.commands.convert import ConvertConfig, run
-from llamactl.generate import SamplingParams, generate, pack_for_cpu_decode, sample
+from llamactl.generate import SamplingParams, generate, sample
 from llamactl.model import ModelArgs, Transformer
+from llamactl.swap import PackedLinear
 from llamactl.tokenizer import Tokenizer
 
 STORIES = os.path.join(FIXTURES, "stories260K.bin")
@@ -143,8 +144,8 @@ def test_packed_cpu_decode_matches_plain_model(stories, dtype):
     if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("this CPU has no native bf16, so weights are not packed in bf16")
     plain, _ = load_model(stories, dtype=dtype)
-    packed, _ = load_model(stories, dtype=dtype)
-    assert pack_for_cpu_decode(packed)
+    packed = build_model(plain.args, plain.state_dict(), stories, "cpu", dtype, decode=True).eval()
+    assert isinstance(packed.layers[0].attention.wqkv, PackedLinear) and isinstance(packed.packed_head, PackedLinear)
     tokens = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         # fp32: only the summation order differs; bf16: the same products, rounded to bf16 at the same places

@@ -102,9 +102,11 @@ def test_ops_quant_matmul_validates_format(kernels):
     kernels("ref")
     x = torch.randn(2, 64)
     with pytest.raises(ValueError, match="int8 needs qweight int8"):
-        ops.quant_matmul(x, torch.zeros(8, 64, dtype=torch.uint8), torch.ones(8), "int8")
+        ops.quant_matmul(x, torch.zeros(8, 64, dtype=torch.uint8), torch.ones(8), None, "int8")
     with pytest.raises(ValueError, match="scheme 'int3'"):
-        ops.quant_matmul(x, torch.zeros(8, 64, dtype=torch.int8), torch.ones(8), "int3")
+        ops.quant_matmul(x, torch.zeros(8, 64, dtype=torch.int8), torch.ones(8), None, "int3")
+    with pytest.raises(ValueError, match="int4 needs zeros uint8"):
+        ops.quant_matmul(x, torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 2), None, "int4")
 
 
 def test_ops_rotary_with_model_tables(kernels, assert_close, device):

@@ -29,27 +29,45 @@ def test_int8_round_trip_error_bound():
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_int4_round_trip_error_bound(group):
     w = _weight(50, 256, seed=1)
-    q, scales, err = quantize_int4(w, group)
-    assert q.dtype == torch.uint8 and q.shape == (50, 128) and scales.shape == (50, 256 // group)
-    back = dequantize_int4(q, scales)
+    q, scales, zeros, err = quantize_int4(w, group)
+    assert q.dtype == torch.uint8 and q.shape == (50, 128) and scales.shape == zeros.shape == (50, 256 // group)
+    back = dequantize_int4(q, scales, zeros)
     assert err == pytest.approx((back - w).abs().max().item())
-    bound = scales.float().repeat_interleave(group, dim=1) * (0.5 + 7 * 2**-11)
+    # The 16 levels span each group's range (widened to 0) in 15 steps of its scale: rounding is off by at most half
+    # a step, plus the zero point's rounding (half a step) at the ends, plus the scale's fp16 rounding over 15 steps.
+    wg = w.reshape(50, -1, group)
+    step = (wg.amax(-1).clamp(min=0) - wg.amin(-1).clamp(max=0)) / 15
+    assert torch.allclose(scales.float(), step, rtol=2**-10)
+    bound = scales.float().repeat_interleave(group, dim=1) * (1.0 + 15 * 2**-10)
     assert ((back - w).abs() <= bound).all()
+    assert ((back - w).abs() <= scales.float().repeat_interleave(group, dim=1) * 0.5 + 1e-9).float().mean() > 0.9
 
 
 def test_int4_packing_layout():
-    """Even inputs in the low nibble, odd in the high one, stored as q + 8 with q in [-8, 7]."""
+    """Levels q = round(w / s) + z in [0, 15]: even inputs in the low nibble, odd in the high one."""
     w = torch.zeros(1, 32)
-    w[0, 0], w[0, 1], w[0, 2] = 7.0, -7.0, 3.0  # group max 7 -> scale 1, so q = w
-    q, scales, err = quantize_int4(w, 32)
-    assert scales.item() == 1.0 and err == 0.0
-    assert q[0, 0].item() == (7 + 8) | ((-7 + 8) << 4)
-    assert q[0, 1].item() == (3 + 8) | (8 << 4)
-    assert (q[0, 2:] == 8 | (8 << 4)).all()
+    w[0, 0], w[0, 1], w[0, 2] = 10.0, -5.0, 3.0  # range [-5, 10] -> scale 1, zero point 5, so q = w + 5
+    q, scales, zeros, err = quantize_int4(w, 32)
+    assert scales.item() == 1.0 and zeros.item() == 5 and err == 0.0
+    assert q[0, 0].item() == (10 + 5) | ((-5 + 5) << 4)
+    assert q[0, 1].item() == (3 + 5) | (5 << 4)
+    assert (q[0, 2:] == 5 | (5 << 4)).all()
+
+
+def test_int4_keeps_zero_exact_and_one_signed_groups():
+    """A group of positive weights still has 0 among its levels (its range is widened to 0)."""
+    w = torch.linspace(0.1, 1.5, 32)[None, :]
+    q, scales, zeros, _ = quantize_int4(w, 32)
+    assert zeros.item() == 0 and scales.item() == pytest.approx(0.1, rel=1e-3)
+    w[0, 5] = 0.0
+    q, scales, zeros, _ = quantize_int4(w, 32)
+    assert dequantize_int4(q, scales, zeros)[0, 5].item() == 0.0
 
 
 def test_all_zero_rows_and_bad_groups():
     q, scales, err = quantize_int8(torch.zeros(3, 16))
+    assert err == 0.0 and torch.isfinite(scales).all()
+    q, scales, zeros, err = quantize_int4(torch.zeros(3, 32), 32)
     assert err == 0.0 and torch.isfinite(scales).all()
     with pytest.raises(ValueError, match="group size"):
         quantize_int4(_weight(4, 96), 48)
@@ -62,22 +80,41 @@ SCHEMES = {"int8": ("int8", None, 200), "int4-g32": ("int4", 32, 256), "int4-g64
 SCHEMES["int4-g128"] = ("int4", 128, 256)
 
 
+def _quantized(w, name, group):
+    if name == "int8":
+        qw, scales, _ = quantize_int8(w)
+        return qw, scales, None
+    return quantize_int4(w, group)[:3]
+
+
 @pytest.mark.parametrize("scheme", SCHEMES.values(), ids=SCHEMES.keys())
 @pytest.mark.parametrize("M", [1, 5, 33], ids=["batch1", "batch5", "rows33"])
 def test_against_ref(scheme, M, dtype, device, assert_close):
     name, group, K = scheme
     w = _weight(100, K, seed=2)  # N = 100: no multiple of the column tile
-    qw, scales, _ = quantize_int8(w) if name == "int8" else quantize_int4(w, group)
+    qw, scales, zeros = (t.to(device) if t is not None else None for t in _quantized(w, name, group))
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(3)).to(device, dtype)
-    qw, scales = qw.to(device), scales.to(device)
-    assert_close(quant_matmul_triton(x, qw, scales, name), quant_matmul_ref(x, qw, scales, name))
+    assert_close(quant_matmul_triton(x, qw, scales, zeros, name), quant_matmul_ref(x, qw, scales, zeros, name))
+
+
+def test_ref_is_the_product_with_the_dequantized_weight():
+    """The reference against a hand dequantization: (q - z) * s per group, from the nibbles read one by one."""
+    w = _weight(6, 64, seed=6)
+    qw, scales, zeros, _ = quantize_int4(w, 32)
+    by_hand = torch.empty(6, 64)
+    for n in range(6):
+        for k in range(64):
+            level = (qw[n, k // 2].item() >> (4 * (k % 2))) & 0xF
+            by_hand[n, k] = (level - zeros[n, k // 32].item()) * scales[n, k // 32].item()
+    x = torch.randn(3, 64)
+    assert torch.allclose(quant_matmul_ref(x, qw, scales, zeros, "int4"), x @ by_hand.t(), atol=1e-6)
 
 
 def test_leading_dims(device, assert_close):
     """Activations (B, T, K) as a linear layer receives them."""
-    qw, scales, _ = quantize_int4(_weight(48, 128, seed=4), 64)
+    qw, scales, zeros, _ = quantize_int4(_weight(48, 128, seed=4), 64)
     x = torch.randn(2, 3, 128, generator=torch.Generator().manual_seed(5)).to(device)
-    qw, scales = qw.to(device), scales.to(device)
-    out = quant_matmul_triton(x, qw, scales, "int4")
+    qw, scales, zeros = qw.to(device), scales.to(device), zeros.to(device)
+    out = quant_matmul_triton(x, qw, scales, zeros, "int4")
     assert out.shape == (2, 3, 48)
-    assert_close(out, quant_matmul_ref(x, qw, scales, "int4"))
+    assert_close(out, quant_matmul_ref(x, qw, scales, zeros, "int4"))
