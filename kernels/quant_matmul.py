@@ -76,9 +76,7 @@ def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
     return torch.stack((qweight & 0xF, qweight >> 4), dim=-1).reshape(qweight.shape[0], -1)
 
 
-def quantize_int4(
-    w: torch.Tensor, group_size: int = 128
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+def quantize_int4(w: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """W (N, K) -> (qweight uint8 (N, K/2), scales fp16 (N, K/G), zeros uint8 (N, K/G), max abs error)."""
     N, K = w.shape
     check_group(K, group_size)
@@ -115,14 +113,17 @@ def quant_matmul_ref(
 
 @triton.jit
 def _int8_matmul_kernel(
-    X, QW, SCALES, Y, M, N, K, stride_xm, stride_qn, stride_ym,
+    X, QW, SCALES, Y, M, N, K, K_SPLIT, stride_xm, stride_qn, stride_ym, stride_ys,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
+    # program (m, n, s) sums inputs [s * K_SPLIT, (s + 1) * K_SPLIT) into its own slice s of Y (split-K: a decode
+    # step's few output tiles are too few programs to keep the memory system busy; the slices are summed after)
     rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M x N outputs pass 2^31
     rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_lo = tl.program_id(2) * K_SPLIT
     m_ok, n_ok = rm < M, rn < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_lo + K_SPLIT, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < K
         x = tl.load(X + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
@@ -131,20 +132,22 @@ def _int8_matmul_kernel(
         acc += tl.dot(x, tl.trans(q.to(x.dtype)), input_precision=DOT_PREC)
     scale = tl.load(SCALES + rn, mask=n_ok, other=0.0).to(tl.float32)
     y = acc * scale[None, :]  # the per-channel scale is constant along K: apply it once, after the sum
-    tl.store(Y + rm[:, None] * stride_ym + rn[None, :], y.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    out = Y + tl.program_id(2).to(tl.int64) * stride_ys + rm[:, None] * stride_ym + rn[None, :]
+    tl.store(out, y.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
 def _int4_matmul_kernel(
-    X, QW, SCALES, ZEROS, Y, M, N, K, stride_xm, stride_qn, stride_sn, stride_ym,
+    X, QW, SCALES, ZEROS, Y, M, N, K, GROUPS_SPLIT, stride_xm, stride_qn, stride_sn, stride_ym, stride_ys,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M x N outputs pass 2^31
     rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g_lo = tl.program_id(2) * GROUPS_SPLIT  # split-K as in the int8 kernel, in whole groups
     m_ok, n_ok = rm < M, rn < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     rb = tl.arange(0, GROUP // 2)  # the bytes of one group
-    for g in range(0, K // GROUP):
+    for g in range(g_lo, g_lo + GROUPS_SPLIT):
         # One K step is one group, so its scale multiplies a whole partial dot product instead of every weight. The
         # group's bytes are read once, contiguously; low nibbles meet the even inputs, high nibbles the odd ones.
         byte = g * (GROUP // 2) + rb
@@ -158,7 +161,8 @@ def _int4_matmul_kernel(
         part += tl.dot(x_odd, tl.trans(hi), input_precision=DOT_PREC)
         scale = tl.load(SCALES + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
         acc += part * scale[None, :]
-    tl.store(Y + rm[:, None] * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    out = Y + tl.program_id(2).to(tl.int64) * stride_ys + rm[:, None] * stride_ym + rn[None, :]
+    tl.store(out, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def quant_matmul_unsupported(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scheme: str) -> str | None:
@@ -194,31 +198,57 @@ def check_quantized(
         raise ValueError(f"quantization scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
 
 
+# Tiles and split-K per scheme for decode (a few rows: bound by the weight bytes) and for prefill (bound by compute).
+# NOTE: the decode tiles are those measured on an H100 before (int8 read its weights at 38% of the copy bandwidth;
+# int4, in the old symmetric format with a nibble gather, at 2%). Split-K and the int4 kernel's one read per group
+# are built and tested (interpreter) but not yet timed on a GPU: bench/gpu_quant.py sweeps the tiles at 7B shapes.
+DECODE = {"int8": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=1, num_warps=4),
+          "int4": dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=1, num_warps=4)}  # fmt: skip
+PREFILL = {"int8": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_warps=4),
+           "int4": dict(BLOCK_M=64, BLOCK_N=64, SPLIT_K=1, num_warps=4)}  # fmt: skip
+
+
 def quant_matmul_triton(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, scheme: str
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    scheme: str,
+    config: dict | None = None,
 ) -> torch.Tensor:
-    """Same contract as ``quant_matmul_ref``, by the Triton kernels (forward only)."""
+    """Same contract as ``quant_matmul_ref``, by the Triton kernels (forward only). ``config`` overrides the tiles
+    (BLOCK_M, BLOCK_N, BLOCK_K for int8, SPLIT_K, num_warps, num_stages) that DECODE/PREFILL choose."""
     check_quantized(x, qweight, scales, zeros, scheme)
     shape, K = x.shape, x.shape[-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M, N = x2.shape[0], qweight.shape[0]
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    # Decode (a few rows) is bound by the weight bytes: narrow column tiles give enough programs to keep every SM
-    # streaming. Prefill is bound by compute: square tiles.
-    block_m, block_n = (16, 32) if M <= 16 else (64, 64)
-    grid = (cdiv(M, block_m), cdiv(N, block_n))
+    cfg = dict((DECODE if M <= 16 else PREFILL)[scheme])
+    cfg.update(config or {})
+    split, block_m, block_n = cfg.pop("SPLIT_K"), cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     prec = dot_precision(x.dtype)
     if scheme == "int8":
+        block_k = cfg.pop("BLOCK_K")
+        chunk = cdiv(cdiv(K, split), block_k) * block_k  # each split's inputs, whole K blocks
+        split = cdiv(K, chunk)
+    else:
+        groups = K // scales.shape[1]
+        n_groups = scales.shape[1]
+        split = split if n_groups % split == 0 else 1
+        chunk = n_groups // split
+    y = torch.empty((split, M, N), dtype=x.dtype if split == 1 else torch.float32, device=x.device)
+    grid = (cdiv(M, block_m), cdiv(N, block_n), split)
+    if scheme == "int8":
         _int8_matmul_kernel[grid](
-            x2, qweight, scales, y, M, N, K, x2.stride(0), qweight.stride(0), y.stride(0),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, DOT_PREC=prec, num_warps=4,
+            x2, qweight, scales, y, M, N, K, chunk, x2.stride(0), qweight.stride(0), y.stride(1), y.stride(0),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PREC=prec, **cfg,
         )  # fmt: skip
     else:
         assert scales.stride() == zeros.stride(), "scales and zeros are laid out alike"
         _int4_matmul_kernel[grid](
-            x2, qweight, scales, zeros, y, M, N, K, x2.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
-            GROUP=K // scales.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=prec, num_warps=4,
+            x2, qweight, scales, zeros, y, M, N, K, chunk, x2.stride(0), qweight.stride(0), scales.stride(0),
+            y.stride(1), y.stride(0), GROUP=groups, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=prec, **cfg,
         )  # fmt: skip
-    return y.view(*shape[:-1], N)
+    out = y[0] if split == 1 else y.sum(0).to(x.dtype)
+    return out.view(*shape[:-1], N)

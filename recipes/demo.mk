@@ -6,9 +6,9 @@ LLAMACTL := $(PY) -m llamactl.cli
 OUT := runs/demo
 START := $(shell date +%s)
 
-.PHONY: all convert-demo generate-demo pretrain-demo chat-demo rlhf-demo
+.PHONY: all convert-demo generate-demo pretrain-demo chat-demo rlhf-demo quant-demo
 
-all: convert-demo generate-demo pretrain-demo chat-demo rlhf-demo
+all: convert-demo generate-demo pretrain-demo chat-demo rlhf-demo quant-demo
 	@echo
 	@echo "llamactl demo: done in $$(( $$(date +%s) - $(START) )) s; what it made is in $(OUT)/ (run again: only what changed):"
 	@echo "  stories260K.safetensors      llama2.c's TinyStories 260K model as a llamactl checkpoint (convert)"
@@ -27,6 +27,8 @@ all: convert-demo generate-demo pretrain-demo chat-demo rlhf-demo
 	@echo "  shakespeare/best.jsonl       the best of 4 sampled answers per prompt by that reward (rejection-sample)"
 	@echo "  shakespeare/ppo/             the chat model after 2 PPO iterations against it (ppo), metrics.jsonl"
 	@echo "  shakespeare/compare.json     ppo against sft as the reward model judges (compare), printed above"
+	@echo "  shakespeare/quant/           the base model in int8 and int4 (quantize; GPTQ on the training text) and"
+	@echo "                               what each costs on held-out text: perplexity, KL to the source (eval)"
 
 # A real pretrained llama2.c model (TinyStories, 260K parameters) into a self-describing llamactl checkpoint,
 # and from there into a Hugging Face directory that transformers loads.
@@ -54,12 +56,21 @@ $(SHK)/tokenizer.model: examples/tinyshakespeare.txt
 	@mkdir -p $(SHK)
 	$(LLAMACTL) tokenize train $< -o $@ --vocab-size 2048
 
-$(SHK)/shards/index.json: examples/tinyshakespeare.txt $(SHK)/tokenizer.model
+# The play's last 2,000 lines are never trained on: the held-out text that eval measures models on.
+$(SHK)/train.txt: examples/tinyshakespeare.txt
+	@mkdir -p $(SHK)
+	head -n 38000 $< > $@
+
+$(SHK)/heldout.txt: examples/tinyshakespeare.txt
+	@mkdir -p $(SHK)
+	tail -n +38001 $< > $@
+
+$(SHK)/shards/index.json: $(SHK)/train.txt $(SHK)/tokenizer.model
 	$(LLAMACTL) tokenize encode $< -t $(SHK)/tokenizer.model --out $(SHK)/shards --val-fraction 0.05 --workers 2
 
 $(SHK)/run/model.safetensors: $(SHK)/shards/index.json
 	$(LLAMACTL) pretrain $(SHK)/shards -o $(SHK)/run --resume --preset llama2-15m \
-		--set dim=256 --set n_layers=6 --set n_heads=8 --set n_kv_heads=4 --set tie_embeddings=false \
+		--set dim=256 --set n_layers=6 --set n_heads=8 --set n_kv_heads=4 --set multiple_of=128 --set tie_embeddings=false \
 		--seq-len 256 --batch-size 16 --steps 300 --lr 2e-3 --warmup 30 --eval-every 50 --save-every 100
 
 $(SHK)/samples.jsonl: $(SHK)/run/model.safetensors examples/shakespeare-prompts.jsonl
@@ -120,3 +131,34 @@ $(SHK)/scored.jsonl: $(SHK)/rm/model.safetensors examples/hh-harmless-pairs.json
 	@$(PY) -c "import json,sys; [print(round(r['score_prob'], 3), '<-', r['chosen'].strip()[:80].replace(chr(10), ' ')) for r in map(json.loads, open(sys.argv[1]))]" $@
 
 rlhf-demo: $(SHK)/best.jsonl $(SHK)/compare.json $(SHK)/scored.jsonl
+
+# Quantization and what it costs: the base model's linear layers in int8 and int4 (round to nearest; groups of 128
+# and of 32 inputs; and GPTQ, correcting each layer's rounding on 128 windows of the training text), each evaluated
+# on the held-out text beside the source: perplexity, and the KL divergence of its next-token distributions from
+# the source's (eval --reference). Every command loads the quantized files as they are (generate, chat, score...).
+QNT := $(SHK)/quant
+$(QNT)/int8.safetensors: $(SHK)/run/model.safetensors
+	@mkdir -p $(QNT)
+	$(LLAMACTL) quantize -m $< -o $@ --scheme int8 > /dev/null
+
+$(QNT)/int4-g128.safetensors: $(SHK)/run/model.safetensors
+	@mkdir -p $(QNT)
+	$(LLAMACTL) quantize -m $< -o $@ --scheme int4 --group-size 128 > /dev/null
+
+$(QNT)/int4-g32.safetensors: $(SHK)/run/model.safetensors
+	@mkdir -p $(QNT)
+	$(LLAMACTL) quantize -m $< -o $@ --scheme int4 --group-size 32 > /dev/null
+
+$(QNT)/int4-g128-gptq.safetensors: $(SHK)/run/model.safetensors $(SHK)/train.txt
+	@mkdir -p $(QNT)
+	$(LLAMACTL) quantize -m $< -o $@ --scheme int4 --group-size 128 --calibration $(SHK)/train.txt \
+		--calibration-samples 128 > /dev/null
+
+QUANTIZED := $(addprefix $(QNT)/,int8.safetensors int4-g128.safetensors int4-g32.safetensors int4-g128-gptq.safetensors)
+$(QNT)/eval.jsonl: $(SHK)/run/model.safetensors $(SHK)/heldout.txt $(QUANTIZED)
+	$(LLAMACTL) eval -m $< --data $(SHK)/heldout.txt > $@.tmp
+	for m in $(QUANTIZED); do $(LLAMACTL) eval -m $$m --reference $< --data $(SHK)/heldout.txt >> $@.tmp; done
+	mv $@.tmp $@
+	@$(PY) -c "import json,os,sys; rows=[json.loads(l) for l in open(sys.argv[1])]; src=rows[0]['perplexity']; [print(f\"{os.path.basename(r['model']):<28} {os.path.getsize(r['model'])/1e6:5.1f} MB  perplexity {r['perplexity']:7.3f} ({100*(r['perplexity']/src-1):+.2f}%)  KL {r.get('kl_mean', 0):.5f}  same top {r.get('same_top', 1):.3f}\") for r in rows]" $@
+
+quant-demo: $(QNT)/eval.jsonl

@@ -37,8 +37,8 @@ RS_SFT_FLAGS ?= --epochs 2
 PPO_FLAGS ?= --iterations 200
 GATT_FLAGS ?=
 
-.PHONY: all sft reward-models rejection-sampling ppo gatt
-all: $(OUT)/v6-gatt/model.safetensors
+.PHONY: all sft reward-models rejection-sampling ppo gatt serve
+all: $(OUT)/v6-gatt/model.safetensors $(OUT)/v6-gatt/model-int8.safetensors
 
 sft: $(OUT)/sft/model.safetensors
 reward-models: $(OUT)/rm-helpfulness/model.safetensors $(OUT)/rm-safety/model.safetensors
@@ -95,3 +95,10 @@ $(OUT)/gatt.jsonl: $(OUT)/v5-ppo/model.safetensors $(call in,$(GATT_DIALOGS))
 
 $(OUT)/v6-gatt/model.safetensors: $(OUT)/v5-ppo/model.safetensors $(OUT)/gatt.jsonl
 	$(TRAIN) sft -m $< --data $(OUT)/gatt.jsonl -o $(OUT)/v6-gatt --resume --distributed $(DIST) $(SFT_FLAGS)
+
+# Serving: the release advises 8-bit weights for 70B on two GPUs. int8 per output channel costs the least
+# (llamactl eval --reference the bf16 model says how much); every command loads the file as it is.
+$(OUT)/v6-gatt/model-int8.safetensors: $(OUT)/v6-gatt/model.safetensors
+	$(LLAMACTL) quantize -m $< -o $@ --scheme int8
+
+serve: $(OUT)/v6-gatt/model-int8.safetensors

@@ -18,7 +18,8 @@ def test_dry_run_prints_the_chain_in_order():
     proc = subprocess.run(["make", "-n", "-f", RECIPE], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     stages = [line.split("llamactl.cli ")[1].split()[0] for line in proc.stdout.splitlines() if "llamactl.cli " in line]
-    assert stages == ["sft", "train-rm", "train-rm"] + ["rejection-sample", "sft"] * 4 + ["ppo", "gatt-augment", "sft"]
+    chat = ["sft", "train-rm", "train-rm"] + ["rejection-sample", "sft"] * 4 + ["ppo", "gatt-augment", "sft"]
+    assert stages == chat + ["quantize"]
     rs = [line for line in proc.stdout.splitlines() if "rejection-sample" in line]
     assert "--pool" not in rs[0] and all("--pool" in line for line in rs[1:])  # rounds 2-4 pool the earlier best
     assert "--kind helpfulness" in proc.stdout and "--kind safety" in proc.stdout
@@ -62,6 +63,8 @@ def test_the_chain_runs_end_to_end_on_a_tiny_model(tmp_path):
         chain.append(lineage["command"])
         lineage = lineage.get("parent")
     assert chain == ["sft", "ppo"] + ["sft"] * 5  # GAtt <- PPO <- V4 <- V3 <- V2 <- V1 <- sft (the base has none)
+    served = read_meta(str(out / "v6-gatt" / "model-int8.safetensors"))
+    assert served.quant.scheme == "int8" and served.lineage["parent"] == final.lineage
     best = [json.loads(x) for x in open(out / "best-v4.jsonl")]
     assert len(best) == 2 and all(r["messages"][-1]["role"] == "assistant" for r in best)
     assert read_meta(str(out / "rm-safety" / "model.safetensors")).role == "safety"

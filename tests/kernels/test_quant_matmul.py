@@ -87,14 +87,23 @@ def _quantized(w, name, group):
     return quantize_int4(w, group)[:3]
 
 
+# The launcher's own tiles, and split-K: two partial sums over halves of K (int8's halves in whole 64-wide blocks,
+# the second one ragged at K = 200), added after.
+CONFIGS = {"default": None, "split2": dict(SPLIT_K=2, BLOCK_N=16, BLOCK_K=64)}
+
+
 @pytest.mark.parametrize("scheme", SCHEMES.values(), ids=SCHEMES.keys())
 @pytest.mark.parametrize("M", [1, 5, 33], ids=["batch1", "batch5", "rows33"])
-def test_against_ref(scheme, M, dtype, device, assert_close):
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_against_ref(scheme, M, config, dtype, device, assert_close):
     name, group, K = scheme
     w = _weight(100, K, seed=2)  # N = 100: no multiple of the column tile
     qw, scales, zeros = (t.to(device) if t is not None else None for t in _quantized(w, name, group))
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(3)).to(device, dtype)
-    assert_close(quant_matmul_triton(x, qw, scales, zeros, name), quant_matmul_ref(x, qw, scales, zeros, name))
+    if config is not None and name == "int4":
+        config = {k: v for k, v in config.items() if k != "BLOCK_K"}  # int4 steps one group at a time
+    got = quant_matmul_triton(x, qw, scales, zeros, name, config)
+    assert_close(got, quant_matmul_ref(x, qw, scales, zeros, name))
 
 
 def test_ref_is_the_product_with_the_dequantized_weight():
