@@ -202,7 +202,8 @@ config_command(
     "convert",
     "convert",
     "ConvertConfig",
-    "Convert checkpoints: Meta, Hugging Face or llama2.c in; llamactl or Hugging Face out. --info describes.",
+    "Convert checkpoints: Meta, Hugging Face, llama2.c or GGUF in; llamactl, Hugging Face or GGUF (llama.cpp) out. "
+    "--info describes.",
     short={"output": "-o", "tokenizer": "-t"},
     arguments=("src",),
     names={"src_format": "--from"},
@@ -210,11 +211,12 @@ config_command(
         "src": "Checkpoint file or directory.",
         "output": "Destination file (or directory for hf).",
         "info": "Print what SRC is (config, size, dtype, lineage).",
-        "src_format": "auto, llamactl, meta, hf or llama2c.",
-        "to": "llamactl or hf.",
+        "src_format": "auto, llamactl, meta, hf, llama2c or gguf.",
+        "to": "llamactl, hf or gguf.",
         "tokenizer": "SentencePiece model to attach.",
         "dtype": "keep (as stored), fp32, bf16 or fp16.",
         "shard_size": "Split llamactl output into shards above this size.",
+        "gguf_type": "GGUF tensor type: f32, f16, bf16 or q8_0 [default: each tensor's dtype]; norms stay f32.",
     },
 )
 

@@ -1,4 +1,4 @@
-"""Readers and writers of other checkpoint formats: Meta, Hugging Face, llama2.c.
+"""Readers and writers of other checkpoint formats: Meta, Hugging Face, llama2.c, and GGUF (``gguf_format``).
 
 Every reader returns a ``Source``: the model config, the tokenizer bytes when it has them, and tensor plans named
 as llamactl (Meta's) names, each produced on demand from memory-mapped inputs, so that a conversion streams
@@ -11,7 +11,7 @@ import glob
 import json
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,8 +31,9 @@ from llamactl.config import model_args
 from llamactl.errors import UserError
 from llamactl.files import atomic_path, kind_of, os_reason, require_input
 from llamactl.model import ModelArgs
+from llamactl.quant import QuantSpec
 
-FORMATS = ("llamactl", "meta", "hf", "llama2c")
+FORMATS = ("llamactl", "meta", "hf", "llama2c", "gguf")
 
 
 @dataclass
@@ -43,6 +44,8 @@ class Source:
     lineage: dict
     dtype: torch.dtype  # the dtype the weights are stored in
     role: str | None = None  # a llamactl scalar-head checkpoint's role (helpfulness, safety, value)
+    quant: QuantSpec | None = None  # a quantized llamactl checkpoint's scheme
+    details: list[tuple[str, str]] = field(default_factory=list)  # format-specific lines for --info
 
 
 def detect_format(path: str) -> str:
@@ -56,12 +59,16 @@ def detect_format(path: str) -> str:
         require_input(path, "checkpoint file or directory")
     if path.endswith((".safetensors", ".json")) or os.path.isfile(path + ".index.json"):
         return "llamactl"
+    if path.endswith(".gguf"):
+        return "gguf"
     if path.endswith(".bin"):
         return "llama2c"
     with open(path, "rb") as f:
         magic = f.read(16)
     if len(magic) >= 9 and magic[8:9] == b"{":
         return "llamactl"
+    if magic[:4] == b"GGUF":
+        return "gguf"
     raise UserError(f"{path}: unknown checkpoint format; name it with --from ({', '.join(FORMATS)})")
 
 
@@ -101,7 +108,7 @@ def read_llamactl(path: str) -> Source:
     meta = read_meta(path)
     tensors = load_tensors(path)
     plans = [TensorPlan(k, tuple(t.shape), t.dtype, lambda t=t: t) for k, t in tensors.items()]
-    return Source(meta.args, plans, meta.tokenizer, meta.lineage, stored_dtype(tensors), meta.role)
+    return Source(meta.args, plans, meta.tokenizer, meta.lineage, stored_dtype(tensors), meta.role, meta.quant)
 
 
 # ---------------------------------------------------------------------------------------------------- Meta
@@ -464,7 +471,22 @@ def _meta_order(name: str) -> tuple:
     return (0 if parts[0] == "tok_embeddings" else 2, 0, name)
 
 
-READERS = {"llamactl": read_llamactl, "meta": read_meta_checkpoint, "hf": read_hf, "llama2c": read_llama2c}
+# ---------------------------------------------------------------------------------------------------- GGUF
+
+
+def read_gguf(path: str) -> Source:
+    from llamactl.gguf_format import read_gguf as read  # imports the gguf package: only for GGUF files
+
+    return read(path)
+
+
+READERS = {
+    "llamactl": read_llamactl,
+    "meta": read_meta_checkpoint,
+    "hf": read_hf,
+    "llama2c": read_llama2c,
+    "gguf": read_gguf,
+}
 
 
 def read_source(path: str, fmt: str = "auto") -> Source:

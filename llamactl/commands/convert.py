@@ -1,4 +1,5 @@
-"""``llamactl convert``: checkpoints between Meta, Hugging Face, llama2.c and llamactl formats; ``--info`` describes."""
+"""``llamactl convert``: checkpoints between Meta, Hugging Face, llama2.c, GGUF and llamactl formats; ``--info``
+describes."""
 
 from __future__ import annotations
 
@@ -21,23 +22,35 @@ class ConvertConfig:
     tokenizer: str | None = None
     dtype: str = "keep"  # keep: each tensor as stored
     shard_size: str = "5GB"
+    gguf_type: str | None = None  # None: each tensor's own dtype (f32, f16, bf16)
     argv: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         from llamactl.checkpoint import parse_size
         from llamactl.convert import FORMATS
         from llamactl.files import check_output, input_problem, overlaps, same_file
+        from llamactl.gguf_format import GGUF_TYPES
 
         problems = []
         writes = self.output is not None or self.to != "llamactl" or self.dtype != "keep" or self.shard_size != "5GB"
-        if self.info and writes:
-            problems.append("--info prints a description and writes nothing: drop -o, --to, --dtype, --shard-size")
+        if self.info and (writes or self.gguf_type is not None):
+            problems.append(
+                "--info prints a description and writes nothing: drop -o, --to, --dtype, --shard-size, --gguf-type"
+            )
         if not self.info and self.output is None:
             problems.append("-o/--output is required (or --info to describe SRC)")
         if self.src_format not in ("auto", *FORMATS):
             problems.append(f"--from {self.src_format!r} is not one of auto, {', '.join(FORMATS)}")
-        if self.to not in ("llamactl", "hf"):
-            problems.append(f"--to {self.to!r} is not one of llamactl, hf")
+        if self.to not in ("llamactl", "hf", "gguf"):
+            problems.append(f"--to {self.to!r} is not one of llamactl, hf, gguf")
+        if self.gguf_type is not None and self.gguf_type not in GGUF_TYPES:
+            problems.append(f"--gguf-type {self.gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
+        if self.gguf_type is not None and self.to != "gguf" and not self.info:
+            problems.append("--gguf-type applies to GGUF output only: add --to gguf")
+        if self.to == "gguf" and self.dtype != "keep":
+            problems.append(f"--dtype {self.dtype}: GGUF output takes --gguf-type ({', '.join(GGUF_TYPES)})")
+        if self.to == "gguf" and self.shard_size != "5GB":
+            problems.append("--shard-size: GGUF output is one file")
         if self.dtype not in DTYPE_CHOICES:
             problems.append(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
         if self.output is not None:
@@ -45,6 +58,8 @@ class ConvertConfig:
                 problems.append(problem)
             elif self.to == "llamactl" and not self.output.endswith(".safetensors"):
                 problems.append(f"-o {self.output}: a llamactl checkpoint is a .safetensors file")
+            elif self.to == "gguf" and not self.output.endswith(".gguf"):
+                problems.append(f"-o {self.output}: --to gguf writes a .gguf file")
             else:
                 inputs = [("", f) for f in _input_files(self.src)] + [("--tokenizer", self.tokenizer or "")]
                 problems += overlaps([("-o/--output", self.output)], inputs)
@@ -74,6 +89,7 @@ def describe(src, path: str) -> str:
         f"config       dim={a.dim} n_layers={a.n_layers} n_heads={a.n_heads} n_kv_heads={a.n_kv_heads} "
         f"hidden_dim={a.hidden_dim} vocab_size={a.vocab_size} max_seq_len={a.max_seq_len} "
         f"norm_eps={a.norm_eps} rope_theta={a.rope_theta}",
+        *(f"{key:12} {text}" for key, text in src.details),
     ]
     if src.tokenizer is not None:
         from llamactl.tokenizer import Tokenizer
@@ -106,6 +122,8 @@ def run(cfg: ConvertConfig) -> list[str]:
 
     cfg.validate()
     src = cv.read_source(cfg.src, cfg.src_format)
+    if cfg.to == "gguf" and not cfg.tokenizer:  # with --tokenizer, checked once it is attached
+        _refuse_gguf_export(src, cfg.src)
     if cfg.tokenizer:
         from llamactl.tokenizer import Tokenizer
 
@@ -116,6 +134,8 @@ def run(cfg: ConvertConfig) -> list[str]:
                 f"of {src.args.vocab_size}"
             )
         src.tokenizer = tok.model_bytes
+        if cfg.to == "gguf":
+            _refuse_gguf_export(src, cfg.src, cfg.tokenizer)
     if cfg.info:
         print(describe(src, cfg.src))
         return []
@@ -133,12 +153,23 @@ def run(cfg: ConvertConfig) -> list[str]:
             for p in src.plans
         ]  # fmt: skip
         src.dtype = dtype
+    if cfg.to == "gguf":
+        from llamactl.gguf_format import gguf_output_name, write_gguf
+
+        return write_gguf(cfg.output, src, cfg.gguf_type, gguf_output_name(cfg.src))
     shard_size = parse_size(cfg.shard_size)
     if cfg.to == "hf":
         return cv.write_hf(cfg.output, src, shard_size)
     inputs = source_files(cfg.src) + ([cfg.tokenizer] if cfg.tokenizer else [])
     lineage = make_lineage("convert", cfg.argv or sys.argv[1:], inputs, parent=src.lineage or None)
     return cv.save_plans(cfg.output, src.plans, CheckpointMeta(src.args, src.tokenizer, lineage, src.role), shard_size)
+
+
+def _refuse_gguf_export(src, path: str, tokenizer: str | None = None) -> None:
+    from llamactl.gguf_format import export_problem
+
+    if problem := export_problem(src, path, tokenizer):
+        raise UserError(problem)
 
 
 def _input_files(src: str) -> list[str]:
