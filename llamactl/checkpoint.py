@@ -461,10 +461,13 @@ def load_for_inference(
     tokenizer. ``purpose`` completes the refusal: "to chat with", "to score with" ... Quantized checkpoints load as
     such; ``decode`` readies the model for token-by-token generation (CPU packing, see ``llamactl.swap``): such a
     model cannot be trained."""
-    from llamactl.device import resolve_dtype
+    from llamactl.device import bf16_supported, resolve_dtype
 
     meta = read_checked_meta(path, head, purpose, need_tokenizer)
     tensors = load_tensors(path)  # memory-mapped
     compute = resolve_dtype(dtype, device, stored_dtype(tensors))
+    if meta.quant is not None and dtype == "auto" and device.type == "cpu" and bf16_supported(device):
+        # a quantized model runs torch's int8/int4 kernels, fast in bf16 only (quant.QuantLinear.prepare)
+        compute = torch.bfloat16
     model = build_model(meta.args, tensors, path, device, compute, meta.quant, decode)
     return model.eval(), meta

@@ -135,7 +135,8 @@ rlhf-demo: $(SHK)/best.jsonl $(SHK)/compare.json $(SHK)/scored.jsonl
 # Quantization and what it costs: the base model's linear layers in int8 and int4 (round to nearest; groups of 128
 # and of 32 inputs; and GPTQ, correcting each layer's rounding on 128 windows of the training text), each evaluated
 # on the held-out text beside the source: perplexity, and the KL divergence of its next-token distributions from
-# the source's (eval --reference). Every command loads the quantized files as they are (generate, chat, score...).
+# the source's (eval --reference; in fp32, so that the figures are the weights' rounding alone: by default a quantized
+# model computes in bf16 on a CPU that has it). Every command loads the quantized files as they are (generate, chat...).
 QNT := $(SHK)/quant
 $(QNT)/int8.safetensors: $(SHK)/run/model.safetensors
 	@mkdir -p $(QNT)
@@ -157,7 +158,7 @@ $(QNT)/int4-g128-gptq.safetensors: $(SHK)/run/model.safetensors $(SHK)/train.txt
 QUANTIZED := $(addprefix $(QNT)/,int8.safetensors int4-g128.safetensors int4-g32.safetensors int4-g128-gptq.safetensors)
 $(QNT)/eval.jsonl: $(SHK)/run/model.safetensors $(SHK)/heldout.txt $(QUANTIZED)
 	$(LLAMACTL) eval -m $< --data $(SHK)/heldout.txt > $@.tmp
-	for m in $(QUANTIZED); do $(LLAMACTL) eval -m $$m --reference $< --data $(SHK)/heldout.txt >> $@.tmp; done
+	for m in $(QUANTIZED); do $(LLAMACTL) eval -m $$m --reference $< --data $(SHK)/heldout.txt --dtype fp32 >> $@.tmp; done
 	mv $@.tmp $@
 	@$(PY) -c "import json,os,sys; rows=[json.loads(l) for l in open(sys.argv[1])]; src=rows[0]['perplexity']; [print(f\"{os.path.basename(r['model']):<28} {os.path.getsize(r['model'])/1e6:5.1f} MB  perplexity {r['perplexity']:7.3f} ({100*(r['perplexity']/src-1):+.2f}%)  KL {r.get('kl_mean', 0):.5f}  same top {r.get('same_top', 1):.3f}\") for r in rows]" $@
 

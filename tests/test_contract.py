@@ -561,6 +561,8 @@ TABLE: list[tuple] = [
     ("quantize:calibration-too-short", f"{QUANT} --scheme int8 --calibration {{tokens}} --calibration-len 8",
      ["{tokens}", "3 tokens"]),
     ("quantize:not-safetensors", "quantize -m {model} -o {scratch}/q.bin --scheme int8", ["q.bin", ".safetensors"]),
+    ("convert:quantized", "convert {qmodel} -o {scratch}/x.safetensors", ["{qmodel}", "quantized"]),
+    ("convert:quantized-to-gguf", "convert {qmodel} --to gguf -o {scratch}/x.gguf", ["{qmodel}", "floating-point"]),
     ("sft:quantized-model", f"sft -m {{qmodel}} -o {{scratch}}/r {SFT_RUN} --data {{dialogs}}",
      ["{qmodel}", "quantized", "cannot be trained"]),
     ("train-rm:quantized-model", f"train-rm -m {{qmodel}} -o {{scratch}}/r {SFT_RUN} --data {{pairs}}",

@@ -82,8 +82,16 @@ def describe(src, path: str) -> str:
     a = src.args
     lines = [
         f"checkpoint   {path}",
-        f"parameters   {sum(p.nbytes // p.dtype.itemsize for p in src.plans):,}",
+        f"parameters   {a.num_params() if src.quant else sum(p.nbytes // p.dtype.itemsize for p in src.plans):,}",
         f"dtype        {str(src.dtype).removeprefix('torch.')}",
+        *(
+            [
+                f"quantized    {src.quant.describe()} from sha256 {src.quant.source_sha256[:12]}, "
+                f"{sum(p.nbytes for p in src.plans) / 1e6:,.1f} MB of tensors"
+            ]
+            if src.quant
+            else []
+        ),  # fmt: skip
         f"head         {a.head}{' (tied to embeddings)' if a.tie_embeddings else ''}"
         + (f", {src.role} {'model' if src.role == 'value' else 'reward model'}" if src.role else ""),
         f"config       dim={a.dim} n_layers={a.n_layers} n_heads={a.n_heads} n_kv_heads={a.n_kv_heads} "
@@ -139,6 +147,9 @@ def run(cfg: ConvertConfig) -> list[str]:
     if cfg.info:
         print(describe(src, cfg.src))
         return []
+    if src.quant is not None and cfg.to != "gguf":  # (the GGUF export refuses it above, saying what to do)
+        raise UserError(f"{cfg.src}: is quantized ({src.quant.describe()}); convert rewrites floating-point "
+                        "checkpoints (--info describes this one; every command loads it as it is)")  # fmt: skip
     # Names and shapes checked against the architecture before anything is hashed or written.
     with torch.device("meta"):
         expected = Transformer(src.args).state_dict()

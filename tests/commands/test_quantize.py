@@ -102,7 +102,8 @@ def test_quantized_model_computes_with_its_dequantized_weights(source, tmp_path,
     model, meta = load_for_inference(out, torch.device("cpu"), dtype, "lm", "to test", False, decode)
     linear = model.layers[0].attention.wqkv if decode else model.layers[0].attention.wq
     assert isinstance(linear, QuantLinear) and isinstance(model.output, QuantLinear)
-    assert linear._cpu is not None  # torch's CPU kernels, not the reference
+    # torch's CPU kernels in bf16; in fp32 (where they are slow) the reference: dequantize, multiply
+    assert (linear._cpu is not None) == (dtype == "bf16")
     tokens = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got = model.logits(model.hidden(tokens))
@@ -122,6 +123,16 @@ def test_quantized_model_computes_with_its_dequantized_weights(source, tmp_path,
         assert generate(model, [[1, 5, 9]], params, None) == generate(plain, [[1, 5, 9]], params, None)
 
 
+def test_convert_info_describes_a_quantized_file(source, tmp_path):
+    out = _quantize(source, str(tmp_path / "q.safetensors"), "int4", 64)
+    proc = run_cli("convert", out, "--info")
+    assert proc.returncode == 0, proc.stderr
+    sha = hashlib.sha256(open(source, "rb").read()).hexdigest()
+    assert f"quantized    int4 g64 (rtn) from sha256 {sha[:12]}" in proc.stdout
+    params = sum(t.numel() for t in load_tensors(source).values())
+    assert f"parameters   {params:,}" in proc.stdout  # the model's, not the packed tensors' element count
+
+
 def test_decode_packing_is_one_swap_for_float_and_quantized_layers(source, tmp_path):
     """A float checkpoint loaded for decode has fused packed projections; a quantized one fused quantized ones."""
     model, _ = load_for_inference(source, torch.device("cpu"), "fp32", "lm", "to test", False, decode=True)
@@ -132,6 +143,9 @@ def test_decode_packing_is_one_swap_for_float_and_quantized_layers(source, tmp_p
     model, _ = load_for_inference(out, torch.device("cpu"), "fp32", "lm", "to test", False, decode=True)
     assert isinstance(model.layers[1].feed_forward.w13, QuantLinear)
     assert isinstance(model.packed_head, PackedLinear)  # the head stays float unless --head
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():  # --dtype auto: torch's int kernels are fast in bf16 only
+        model, _ = load_for_inference(out, torch.device("cpu"), "auto", "lm", "to test", False, decode=True)
+        assert model.tok_embeddings.weight.dtype == torch.bfloat16
 
 
 def test_generate_and_score_load_quantized_files_with_no_flag(tmp_path):
