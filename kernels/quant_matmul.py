@@ -223,6 +223,9 @@ def quant_matmul_triton(
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
+    # the kernels index the weight, its scales and zero points row-major with unit inner strides
+    qweight, scales = qweight.contiguous(), scales.contiguous()
+    zeros = zeros.contiguous() if zeros is not None else None
     M, N = x2.shape[0], qweight.shape[0]
     cfg = dict((DECODE if M <= 16 else PREFILL)[scheme])
     cfg.update(config or {})

@@ -153,6 +153,10 @@ class CheckpointMeta:
         if role is not None and (role not in ROLES or args.head != "scalar"):
             raise UserError(f"{source}: damaged checkpoint header (role {role!r} for a {args.head!r} head)")
         quant = QuantSpec.from_json(meta["quantization"], source) if "quantization" in meta else None
+        g = quant.group_size if quant is not None else None
+        if g and (args.dim % g or args.hidden_dim % g):
+            raise UserError(f"{source}: damaged checkpoint header (quantization: group size {g} does not divide dim "
+                            f"{args.dim} and hidden_dim {args.hidden_dim})")  # fmt: skip
         return cls(args, tok, lineage, role, quant)
 
 

@@ -440,7 +440,7 @@ config_command(
         "head": "Quantize the output layer too (a language model's untied head).",
         "calibration": "Text, JSONL text or token JSONL for GPTQ to correct rounding on (else round to nearest).",
         "calibration_format": "auto (.jsonl files and stdin are JSONL, other files text), text or jsonl.",
-        "calibration_field": "Text field of calibration JSONL records (records with tokens use those).",
+        "calibration_field": "Text field of calibration JSONL records [default: text] (records with tokens use those).",
         "calibration_samples": "Calibration sequences GPTQ sees.",
         "calibration_len": "Tokens per calibration sequence [default: 512, or the model's context if shorter].",
         "damp": "GPTQ's damping: this fraction of the mean of diag(X^T X) added to its diagonal.",

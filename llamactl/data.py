@@ -649,13 +649,12 @@ def read_documents(path: str, fmt: str, field: str | None) -> list[tuple[str, st
 
 def document_ids(docs: list[tuple[str, str | list]], tokenizer, vocab_size: int) -> list[list[int]]:
     """Each document as token ids: text encoded with a BOS in front, ids checked against the vocabulary."""
+    from llamactl.jsonl import check_token_ids
+
     out = []
     for where, doc in docs:
         if isinstance(doc, str):
             out.append(tokenizer.encode(doc, bos=True))
             continue
-        bad = [t for t in doc if type(t) is not int or not 0 <= t < vocab_size]
-        if bad:
-            raise UserError(f"{where}: field 'tokens' holds {bad[0]!r}, not a token id in [0, {vocab_size})")
-        out.append(doc)
+        out.append(check_token_ids(doc, vocab_size, where))
     return out

@@ -193,7 +193,7 @@ def open_output(path: str) -> Iterator[IO[str]]:
 
 
 def input_kind(path: str, fmt: str) -> str:
-    """"text" or "jsonl" for an input under ``--format fmt``: auto makes .jsonl files and stdin JSONL."""
+    """ "text" or "jsonl" for an input under ``--format fmt``: auto makes .jsonl files and stdin JSONL."""
     if fmt != "auto":
         return fmt
     return "jsonl" if path == "-" or path.endswith(".jsonl") else "text"
@@ -211,3 +211,12 @@ def decode_text(data: bytes, name: str, lineno: int) -> str:
         line = lineno + text.count("\n", 0, nul)
         raise UserError(f"{name}:{line}: binary data (a NUL byte), not text; is this the right file?")
     return text
+
+
+def check_token_ids(ids: list, vocab: int, where: str) -> list[int]:
+    """``ids`` (a record's field 'tokens'), refused with the first entry that is no token id of a ``vocab``-token
+    model."""
+    for j, t in enumerate(ids):
+        if type(t) is not int or not 0 <= t < vocab:
+            raise UserError(f"{where}: field 'tokens'[{j}] is {t!r}, not a token id in [0, {vocab})")
+    return ids

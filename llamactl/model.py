@@ -275,7 +275,10 @@ class Transformer(nn.Module):
 
     @property
     def output_weight(self) -> torch.Tensor:
-        return self.tok_embeddings.weight if self.args.tie_embeddings else self.output.weight
+        if self.args.tie_embeddings:
+            return self.tok_embeddings.weight
+        assert isinstance(self.output, nn.Linear), "a quantized output layer has no float weight for a loss to use"
+        return self.output.weight
 
     def init_weights(self, seed: int | None = None) -> None:
         """Fresh weights for pretraining: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layers)."""

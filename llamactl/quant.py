@@ -45,7 +45,7 @@ class QuantSpec:
         out = []
         if self.scheme not in SCHEMES:
             out.append(f"scheme {self.scheme!r} is not one of {', '.join(SCHEMES)}")
-        elif self.scheme == "int4" and self.group_size not in GROUP_SIZES:
+        elif self.scheme == "int4" and (type(self.group_size) is not int or self.group_size not in GROUP_SIZES):
             out.append(f"int4 group size {self.group_size!r} is not one of {', '.join(map(str, GROUP_SIZES))}")
         elif self.scheme == "int8" and self.group_size is not None:
             out.append("int8 is per output channel and takes no group size")
@@ -53,6 +53,8 @@ class QuantSpec:
             out.append(f"method {self.method!r} is not one of {', '.join(METHODS)}")
         if type(self.head) is not bool:
             out.append(f"head {self.head!r} is not true or false")
+        if not isinstance(self.source_sha256, str):
+            out.append(f"source_sha256 {self.source_sha256!r} is not text")
         return out
 
     def to_json(self) -> str:
@@ -186,7 +188,9 @@ def quantize_rtn(weight: torch.Tensor, spec: QuantSpec) -> Quantized:
     return out
 
 
-def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, damp: float = 0.01) -> Quantized:
+def quantize_gptq(
+    weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, damp: float = 0.01, name: str | None = None
+) -> Quantized:
     """GPTQ (Frantar et al., 2022): quantize the columns of W (N, K) one at a time, in input order, each time
     spreading the rounding error over the columns not yet quantized so as to minimise ||X W^T - X Q^T||^2 over the
     calibration inputs X, whose statistics are ``hessian`` = X^T X (K, K).
@@ -202,8 +206,18 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    H += damp * torch.diagonal(H).mean() * torch.eye(K, device=H.device)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    eye, mean = torch.eye(K, device=H.device), torch.diagonal(H).mean()
+    for more in (1, 10, 100):  # an ill-conditioned X^T X gets more damping before it is given up
+        try:
+            U = torch.linalg.cholesky(
+                torch.cholesky_inverse(torch.linalg.cholesky(H + damp * more * mean * eye)), upper=True
+            )
+            break
+        except torch.linalg.LinAlgError:
+            continue
+    else:
+        raise UserError(f"GPTQ: the calibration inputs of {name or 'a layer'} are too degenerate to invert X^T X even "
+                        f"damped by {100 * damp}; give more varied calibration text or a larger --damp")  # fmt: skip
     levels = torch.empty(N, K, dtype=torch.int16, device=W.device)
     if spec.scheme == "int8":
         scales = quantize_int8(W)[1]
@@ -263,21 +277,26 @@ def linear_names(args, spec: QuantSpec) -> list[str]:
 
 
 class _Inputs:
-    """X^T X of the inputs each watched linear layer receives, accumulated over forward passes (fp32)."""
+    """X^T X of the inputs each watched linear layer receives, accumulated over forward passes (fp32). Layers fed the
+    same tensor (wq, wk, wv; w1, w3) share one product."""
 
-    def __init__(self, modules: dict[str, nn.Linear]):
+    def __init__(self, modules: dict[str, nn.Module]):
         self.h: dict[str, torch.Tensor] = {}
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # the latest input and its X^T X
         self.hooks = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-            xtx = x.t() @ x
+            if self.last is None or self.last[0] is not inputs[0]:
+                x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+                self.last = (inputs[0], x.t() @ x)
+            xtx = self.last[1]
             self.h[name] = self.h[name] + xtx if name in self.h else xtx
 
         return hook
 
     def close(self) -> None:
+        self.last = None
         for h in self.hooks:
             h.remove()
 
@@ -301,19 +320,16 @@ def quantize_calibrated(
 
     def quantize(modules: dict[str, nn.Linear], h: dict[str, torch.Tensor]) -> None:
         for name, m in modules.items():
-            q = quantize_gptq(m.weight.data, h[name], spec, damp)
+            q = quantize_gptq(m.weight.data, h[name], spec, damp, name)
             m.weight.data.copy_(q.dequantized(spec.scheme).to(m.weight.dtype))
             out[name] = q
             report(name, q)
 
     with torch.no_grad():
         hs = [model.tok_embeddings(sequences[i : i + batch_size].to(device)) for i in range(0, S, batch_size)]
+        names = linear_names(model.args, spec)
         for i, layer in enumerate(model.layers):
-            modules = {
-                f"layers.{i}.{kind}.{n}": getattr(getattr(layer, kind), n)
-                for kind, names in (("attention", ("wq", "wk", "wv", "wo")), ("feed_forward", ("w1", "w2", "w3")))
-                for n in names
-            }
+            modules = {n: model.get_submodule(n) for n in names if n.startswith(f"layers.{i}.")}
             watch = _Inputs(modules)
             run_block(layer, hs)
             watch.close()

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from llamactl.model import Transformer
-from llamactl.quant import QuantLinear, QuantSpec
+from llamactl.quant import QuantLinear, QuantSpec, linear_names
 
 
 def swap_linears(model: nn.Module, make: Callable[[str, nn.Module], nn.Module | None]) -> list[str]:
@@ -43,8 +43,10 @@ def quantize_linears(model: Transformer, spec: QuantSpec) -> list[str]:
     """The linear layers a quantized checkpoint stores quantized, as ``QuantLinear``s: every projection of every
     block, and the output head when ``spec.head`` (never the scalar head of a reward model: one row)."""
 
+    names = set(linear_names(model.args, spec))
+
     def make(name: str, m: nn.Module) -> nn.Module | None:
-        if name.startswith("layers.") or (name == "output" and spec.head):
+        if name in names:
             return QuantLinear(m.in_features, m.out_features, spec.scheme, spec.group_size, device=m.weight.device)
         return None
 

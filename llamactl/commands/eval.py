@@ -178,10 +178,14 @@ def run(cfg: EvalConfig) -> dict:
     spans.sort(key=lambda s: s[2] - s[1], reverse=True)  # longest windows first: a batch's rows pad little
     docs = [torch.tensor(ids, dtype=torch.long) for ids in docs]
 
-    models = [load_for_inference(cfg.model, device, cfg.dtype, "lm", "to evaluate", need_tokenizer=has_text)[0]]
+    dtype, ref = cfg.dtype, None
     if cfg.reference is not None:
         ref, _ = load_for_inference(cfg.reference, device, cfg.dtype, "lm", "as the --reference", need_tokenizer=False)
-        models.append(ref)
+        # both in one dtype, the reference's under auto: the KL is then the model's difference alone (a quantized
+        # model would otherwise run in bf16 on a CPU against an fp32 reference)
+        dtype = DTYPE_NAMES[ref.tok_embeddings.weight.dtype] if cfg.dtype == "auto" else cfg.dtype
+    models = [load_for_inference(cfg.model, device, dtype, "lm", "to evaluate", need_tokenizer=has_text)[0]]
+    models += [ref] if ref is not None else []
     chunk = max(1, LOGIT_ELEMENTS // meta.args.vocab_size)
     nll = [0.0] * len(models)
     kls: list[torch.Tensor] = []

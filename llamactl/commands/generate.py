@@ -35,7 +35,7 @@ class GenerateConfig(SamplingFlags):
 
 def prompt_ids(rec: dict, where: str, tokenizer, vocab_size: int, max_len: int, writes: tuple[str, ...]) -> list[int]:
     """The prompt of one record as token ids, checked; ``writes``: the fields the result adds, refused on input."""
-    from llamactl.jsonl import check_free, field
+    from llamactl.jsonl import check_free, check_token_ids, field
 
     if ("prompt" in rec) == ("tokens" in rec):
         raise UserError(f"{where}: give exactly one of the fields 'prompt' (text) and 'tokens' (ids)")
@@ -49,9 +49,7 @@ def prompt_ids(rec: dict, where: str, tokenizer, vocab_size: int, max_len: int, 
         ids = field(rec, "tokens", list, where)
         if not ids:
             raise UserError(f"{where}: field 'tokens' is empty")
-        bad = [t for t in ids if type(t) is not int or not 0 <= t < vocab_size]
-        if bad:
-            raise UserError(f"{where}: field 'tokens' holds {bad[0]!r}, not a token id in [0, {vocab_size})")
+        check_token_ids(ids, vocab_size, where)
     if len(ids) >= max_len:
         raise UserError(f"{where}: prompt of {len(ids)} tokens leaves no room in the context of {max_len}")
     return ids

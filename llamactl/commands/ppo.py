@@ -409,6 +409,8 @@ def run(cfg: PPOConfig) -> dict:
 
     cfg.validate()
     base = read_checked_meta(cfg.model, "lm", "as the policy ppo trains", train=True)
+    # the value model starts from --rm's weights and is trained
+    read_checked_meta(cfg.rm, None, "as the value model ppo starts from --rm", need_tokenizer=False, train=True)
     d, device, say, use_bf16 = T.start(cfg, "ppo")
     if cfg.prompts_per_iteration % d.world or cfg.minibatch_size % (cfg.batch_size * d.world):
         raise UserError(f"--minibatch-size {cfg.minibatch_size} is not a multiple of --batch-size x processes = "
@@ -439,8 +441,6 @@ def run(cfg: PPOConfig) -> dict:
         return T.finished_run(cfg.output, ckpt, start_step, steps, d.main, "ppo", files)
 
     value_meta = help_rm.meta
-    if value_meta.quant is not None:  # the value model starts from --rm's weights and is trained
-        read_checked_meta(cfg.rm, "scalar", "as the value model ppo starts from --rm", train=True)
     need = 16 * (base.args.num_params() + value_meta.args.num_params()) // d.world + 2 * rope_bytes(base.args)
     check_memory(need, "training a policy and a value model", cfg.model, device)
     seed_everything(cfg.seed)

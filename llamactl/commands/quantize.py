@@ -22,7 +22,7 @@ class QuantizeConfig:
     head: bool = False
     calibration: str | None = None
     calibration_format: str = "auto"
-    calibration_field: str = "text"
+    calibration_field: str | None = None  # "text" unless given
     calibration_samples: int = 128
     calibration_len: int | None = None  # 512, or the model's context if shorter
     damp: float = 0.01
@@ -42,11 +42,16 @@ class QuantizeConfig:
         elif self.scheme == "int4" and self.group_size is not None and self.group_size not in GROUP_SIZES:
             problems.append(f"--group-size {self.group_size} is not one of {', '.join(map(str, GROUP_SIZES))}")
         calibrated = {"calibration_samples": 128, "calibration_len": None, "damp": 0.01, "seed": 0}
-        calibrated |= {"calibration_format": "auto", "calibration_field": "text"}
+        calibrated |= {"calibration_format": "auto", "calibration_field": None, "device": "auto"}
         if self.calibration is None:
             changed = [k for k, v in calibrated.items() if getattr(self, k) != v]
             if changed:
-                problems.append(f"--{changed[0].replace('_', '-')} tunes GPTQ, which needs --calibration DATA")
+                problems.append(f"--{changed[0].replace('_', '-')} is for GPTQ, which needs --calibration DATA")
+        elif self.calibration_field is not None:
+            from llamactl.jsonl import input_kind
+
+            if input_kind(self.calibration, self.calibration_format) == "text":
+                problems.append(f"--calibration-field names a JSONL field; --calibration {self.calibration} is text")
         if self.calibration_format not in ("auto", "text", "jsonl"):
             problems.append(f"--calibration-format {self.calibration_format!r} is not one of auto, text, jsonl")
         if self.calibration_samples < 1 or (self.calibration_len is not None and self.calibration_len < 2):
@@ -73,7 +78,7 @@ def _calibration_sequences(cfg: QuantizeConfig, tokenizer, vocab: int, context: 
     length = cfg.calibration_len or min(512, context)
     if length > context:
         raise UserError(f"--calibration-len {length} is longer than the model's context {context}")
-    raw = read_documents(cfg.calibration, cfg.calibration_format, cfg.calibration_field)
+    raw = read_documents(cfg.calibration, cfg.calibration_format, cfg.calibration_field or "text")
     if tokenizer is None and any(isinstance(doc, str) for _, doc in raw):
         raise UserError(f"{cfg.model}: has no tokenizer to read calibration text with (give token JSONL)")
     docs = document_ids(raw, tokenizer, vocab)
@@ -84,6 +89,9 @@ def _calibration_sequences(cfg: QuantizeConfig, tokenizer, vocab: int, context: 
             f"{cfg.calibration}: {ids.numel()} tokens of calibration text; one sequence of --calibration-len "
             f"{length} needs more"
         )
+    if n < cfg.calibration_samples:
+        print(f"quantize: {cfg.calibration} holds {n} windows of {length} tokens, fewer than --calibration-samples "
+              f"{cfg.calibration_samples}: GPTQ uses all {n}", file=sys.stderr)  # fmt: skip
     gen = torch.Generator().manual_seed(cfg.seed)
     pick = torch.randperm(n, generator=gen)[: cfg.calibration_samples].sort().values
     windows = ids[: n * length].view(n, length)
@@ -101,6 +109,7 @@ def run(cfg: QuantizeConfig) -> dict:
         CheckpointMeta,
         TensorPlan,
         build_model,
+        check_state,
         checkpoint_files,
         load_tensors,
         make_lineage,
@@ -109,7 +118,8 @@ def run(cfg: QuantizeConfig) -> dict:
         sha256_file,
     )
     from llamactl.device import resolve_device
-    from llamactl.quant import Quantized, QuantSpec, linear_names, quantize_calibrated, quantize_rtn
+    from llamactl.model import Transformer
+    from llamactl.quant import Quantized, QuantLinear, QuantSpec, linear_names, quantize_calibrated, quantize_rtn
     from llamactl.tokenizer import Tokenizer
 
     cfg.validate()
@@ -130,6 +140,9 @@ def run(cfg: QuantizeConfig) -> dict:
         if bad:
             raise UserError(f"{cfg.model}: int4 --group-size {group} does not divide the input dims of its linear "
                             f"layers ({', '.join(bad)}); choose a group size that does")  # fmt: skip
+    tensors = load_tensors(cfg.model)  # memory-mapped
+    with torch.device("meta"):
+        check_state(cfg.model, Transformer(args).state_dict(), tensors)
     method = "gptq" if cfg.calibration else "rtn"
     tokenizer = Tokenizer(meta.tokenizer, cfg.model) if meta.tokenizer is not None else None
     sequences = None
@@ -137,7 +150,6 @@ def run(cfg: QuantizeConfig) -> dict:
         sequences = _calibration_sequences(cfg, tokenizer, args.vocab_size, args.max_seq_len)
     source_sha = ",".join(sha256_file(f) for f in checkpoint_files(cfg.model))
     spec = QuantSpec(cfg.scheme, group, method, cfg.head, source_sha)
-    tensors = load_tensors(cfg.model)  # memory-mapped
     names = linear_names(args, spec)
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     errors: dict[str, dict] = {}
@@ -161,7 +173,8 @@ def run(cfg: QuantizeConfig) -> dict:
             if n not in cache:
                 cache.clear()
                 cache[n] = quantize_rtn(tensors[f"{n}.weight"], spec)
-                report(n, cache[n])
+                if n not in errors:  # (the writer asks for a layer's scales before its levels: see below)
+                    report(n, cache[n])
             return cache[n]
 
         produce = {n: (lambda n=n: rtn(n)) for n in names}
@@ -172,13 +185,15 @@ def run(cfg: QuantizeConfig) -> dict:
         if name not in produce:
             plans.append(TensorPlan(key, tuple(t.shape), t.dtype, lambda t=t: t))
             continue
-        N, K = t.shape
-        shapes = {"qweight": ((N, K), torch.int8)} if cfg.scheme == "int8" else {"qweight": ((N, K // 2), torch.uint8)}
-        shapes["scales"] = ((N,), torch.float16) if cfg.scheme == "int8" else ((N, K // group), torch.float16)
-        if cfg.scheme == "int4":
-            shapes["zeros"] = ((N, K // group), torch.uint8)
-        for part, (shape, dtype) in shapes.items():
-            plans.append(TensorPlan(f"{name}.{part}", shape, dtype, lambda n=name, p=part: produce[n]().tensors[p]))
+        layer = QuantLinear(t.shape[1], t.shape[0], spec.scheme, spec.group_size, device="meta")  # the format's tensors
+        for part, b in layer.named_buffers():
+            plans.append(
+                TensorPlan(f"{name}.{part}", tuple(b.shape), b.dtype, lambda n=name, p=part: produce[n]().tensors[p])
+            )
+    # Wider elements first, so that every tensor starts aligned to its element size (the data section starts 8-byte
+    # aligned, and safetensors packs tensors back to back). Round to nearest then makes each layer twice (once for
+    # its fp16 scales, once for its 1-byte levels): cheap, and it keeps one layer in memory at a time.
+    plans.sort(key=lambda p: -torch.empty((), dtype=p.dtype).element_size())
     lineage = make_lineage("quantize", cfg.argv, checkpoint_files(cfg.model), meta.lineage, scheme=spec.describe())
     out_meta = CheckpointMeta(args, meta.tokenizer, lineage, meta.role, spec)
     written = save_plans(cfg.output, plans, out_meta)

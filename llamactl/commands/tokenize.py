@@ -570,7 +570,7 @@ class DecodeConfig:
 
 def run_decode(cfg: DecodeConfig) -> dict:
     """``{"tokens": [...]}`` records back to text in ``cfg.field``, other fields passed through."""
-    from llamactl.jsonl import dumps, open_output, read_jsonl
+    from llamactl.jsonl import check_token_ids, dumps, open_output, read_jsonl
     from llamactl.jsonl import field as get_field
     from llamactl.progress import progress
     from llamactl.tokenizer import Tokenizer
@@ -588,10 +588,7 @@ def run_decode(cfg: DecodeConfig) -> dict:
                     continue
                 lineno, rec = item
                 where = f"{_display(path)}:{lineno}"
-                ids = get_field(rec, "tokens", list, where)
-                for j, t in enumerate(ids):
-                    if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
-                        raise UserError(f"{where}: field 'tokens'[{j}] is {t!r}, not a token id in [0, {vocab})")
+                ids = check_token_ids(get_field(rec, "tokens", list, where), vocab, where)
                 check_free(rec, (cfg.field,), where, "tokens")
                 del rec["tokens"]
                 rec[cfg.field] = tokenizer.decode(ids)
