@@ -254,3 +254,25 @@ def test_damaged_files_are_one_line(source, tmp_path):
                           "quantization": json.dumps({**spec, **change})})  # fmt: skip
         proc = run_cli("convert", path, "--info")
         assert_user_error(proc, path, "damaged checkpoint header (quantization")
+
+
+def test_gptq_file_holds_the_levels_gptq_chose(source, tmp_path):
+    """The file's tensors are the Quantized results of GPTQ run on the same windows (the writer's plans, sorted by
+    element size, put every layer's tensors under the right names)."""
+    from llamactl.checkpoint import load_model
+    from llamactl.commands.quantize import _calibration_sequences
+    from llamactl.quant import quantize_calibrated
+
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(json.dumps({"tokens": [(7 * i + j) % 97 for j in range(64)]}) + "\n" for i in range(6)))
+    out = str(tmp_path / "q.safetensors")
+    cfg = QuantizeConfig(model=source, output=out, scheme="int4", group_size=64, calibration=str(data),
+                         calibration_len=32, calibration_samples=8)  # fmt: skip
+    run(cfg)
+    model, _ = load_model(source)
+    sequences = _calibration_sequences(cfg, None, 97, 64)
+    done = quantize_calibrated(model, sequences, read_meta(out).quant, cfg.damp, 8, lambda name, q: None)
+    got = load_tensors(out)
+    for name, q in done.items():
+        for part, t in q.tensors.items():
+            assert torch.equal(got[f"{name}.{part}"], t), (name, part)
