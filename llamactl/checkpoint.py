@@ -470,8 +470,9 @@ def load_for_inference(
     meta = read_checked_meta(path, head, purpose, need_tokenizer)
     tensors = load_tensors(path)  # memory-mapped
     compute = resolve_dtype(dtype, device, stored_dtype(tensors))
-    if meta.quant is not None and dtype == "auto" and device.type == "cpu" and bf16_supported(device):
-        # a quantized model runs torch's int8/int4 kernels, fast in bf16 only (quant.QuantLinear.prepare)
+    if meta.quant is not None and dtype == "auto" and device.type in ("cpu", "cuda") and bf16_supported(device):
+        # a quantized model computes in bf16 where native: torch's int8/int4 CPU kernels are fast in bf16 only
+        # (quant.QuantLinear.prepare), and the Triton kernels' bf16 dots run on tensor cores where fp32's do not
         compute = torch.bfloat16
     model = build_model(meta.args, tensors, path, device, compute, meta.quant, decode)
     return model.eval(), meta

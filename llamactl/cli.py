@@ -446,6 +446,7 @@ config_command(
         "damp": "GPTQ's damping: this fraction of the mean of diag(X^T X) added to its diagonal.",
         "seed": "Seed drawing the calibration sequences.",
         "device": "Where GPTQ runs: auto (cuda if present, else cpu), cpu, cuda or cuda:N.",
+        "shard_size": "Split the output into shards above this size (index + shards, as Hugging Face's layout).",
     },
 )
 

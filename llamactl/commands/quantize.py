@@ -28,6 +28,7 @@ class QuantizeConfig:
     damp: float = 0.01
     seed: int = 0
     device: str = "auto"
+    shard_size: str = "5GB"
     argv: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -62,6 +63,12 @@ class QuantizeConfig:
         if self.calibration is not None:
             inputs.append(("--calibration", self.calibration, "text or JSONL file", True))
         problems += io_problems(inputs, self.output)
+        from llamactl.checkpoint import parse_size
+
+        try:
+            parse_size(self.shard_size)
+        except UserError as e:
+            problems.append(str(e))
         if not self.output.endswith(".safetensors"):
             problems.append(f"-o {self.output}: a llamactl checkpoint is a .safetensors file")
         if problems:
@@ -113,6 +120,7 @@ def run(cfg: QuantizeConfig) -> dict:
         checkpoint_files,
         load_tensors,
         make_lineage,
+        parse_size,
         read_checked_meta,
         save_plans,
         sha256_file,
@@ -196,7 +204,7 @@ def run(cfg: QuantizeConfig) -> dict:
     plans.sort(key=lambda p: -torch.empty((), dtype=p.dtype).element_size())
     lineage = make_lineage("quantize", cfg.argv, checkpoint_files(cfg.model), meta.lineage, scheme=spec.describe())
     out_meta = CheckpointMeta(args, meta.tokenizer, lineage, meta.role, spec)
-    written = save_plans(cfg.output, plans, out_meta)
+    written = save_plans(cfg.output, plans, out_meta, parse_size(cfg.shard_size))
     size_in = sum(os.path.getsize(f) for f in checkpoint_files(cfg.model))
     size_out = sum(os.path.getsize(f) for f in written)
     summary = {

@@ -276,3 +276,18 @@ def test_gptq_file_holds_the_levels_gptq_chose(source, tmp_path):
     for name, q in done.items():
         for part, t in q.tensors.items():
             assert torch.equal(got[f"{name}.{part}"], t), (name, part)
+
+
+def test_sharded_output_loads_as_the_single_file(source, tmp_path):
+    one = _quantize(source, str(tmp_path / "one.safetensors"), "int8")
+    sharded = str(tmp_path / "many.safetensors")
+    run(QuantizeConfig(model=source, output=sharded, scheme="int8", shard_size="100KB"))
+    assert os.path.exists(sharded + ".index.json") and not os.path.exists(sharded)
+    assert read_meta(sharded).quant == read_meta(one).quant
+    tokens = torch.randint(0, 97, (1, 16), generator=torch.Generator().manual_seed(3))
+    logits = []
+    for path in (one, sharded):
+        model, _ = load_for_inference(path, torch.device("cpu"), "fp32", "lm", "to test", False)
+        with torch.no_grad():
+            logits.append(model(tokens))
+    assert torch.equal(logits[0], logits[1])
