@@ -383,9 +383,7 @@ def section_decode(out: str, new_tokens: int) -> None:
             nbytes = sum(w.numel() * 2 for w in packed) * 32 + head.numel() * 2
         else:
             scheme, group = spec
-            packed = [
-                (*qmm.quantize_int8(w)[:2], None) if scheme == "int8" else qmm.quantize_int4(w, group)[:3] for w in ws
-            ]
+            packed = [qmm.quantize(w, scheme, group)[:3] for w in ws]
 
             def step(packed=packed, scheme=scheme):
                 for _ in range(32):

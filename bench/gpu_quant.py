@@ -61,7 +61,7 @@ def cuda_time(fn, repeats: int = 20) -> float:
 def quantized(w: torch.Tensor, scheme: str, group: int | None):
     from llamactl.kernels import quant_matmul as qmm
 
-    return qmm.quantize_int8(w)[:2] + (None,) if scheme == "int8" else qmm.quantize_int4(w, group)[:3]
+    return qmm.quantize(w, scheme, group)[:3]
 
 
 def section_sweep(bw: float, lines: list[str]) -> None:

@@ -196,8 +196,7 @@ def make_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Ca
     wq = torch.randn(Nout, K, device=device) * 0.02
     xq = _rand(1, K, **r)
     for scheme, group in (("int8", None), ("int4", 128), ("int4", 32)):
-        quantized = qmm.quantize_int8(wq)[:2] + (None,) if scheme == "int8" else qmm.quantize_int4(wq, group)[:3]
-        qw, scales, zeros = quantized
+        qw, scales, zeros, _ = qmm.quantize(wq, scheme, group)
         nbytes = sum(t.numel() * t.element_size() for t in (qw, scales, zeros) if t is not None) + (K + Nout) * e
         name = scheme if group is None else f"{scheme}-g{group}"
         cases.append(

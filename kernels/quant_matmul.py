@@ -96,6 +96,18 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     return w.reshape(N, -1)
 
 
+def quantize(
+    w: torch.Tensor, scheme: str, group_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
+    """W (N, K) in ``scheme``, round to nearest: (qweight, scales, zeros or None for int8, max abs error)."""
+    if scheme == "int8":
+        qweight, scales, err = quantize_int8(w)
+        return qweight, scales, None, err
+    if scheme == "int4":
+        return quantize_int4(w, group_size)
+    raise ValueError(f"quantization scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
+
+
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, scheme: str) -> torch.Tensor:
     if scheme == "int8":
         return dequantize_int8(qweight, scales)

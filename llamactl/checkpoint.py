@@ -25,7 +25,7 @@ from llamactl.config import check_memory, model_args, rope_bytes
 from llamactl.errors import UserError
 from llamactl.files import atomic_path, kind_of, require_input
 from llamactl.model import ModelArgs, Transformer
-from llamactl.quant import QuantSpec
+from llamactl.quant import QuantSpec, undivided_dims
 
 FORMAT = "llamactl/1"
 ROLES = ("helpfulness", "safety", "value")  # what a scalar-head checkpoint is for (its header's "role")
@@ -153,10 +153,9 @@ class CheckpointMeta:
         if role is not None and (role not in ROLES or args.head != "scalar"):
             raise UserError(f"{source}: damaged checkpoint header (role {role!r} for a {args.head!r} head)")
         quant = QuantSpec.from_json(meta["quantization"], source) if "quantization" in meta else None
-        g = quant.group_size if quant is not None else None
-        if g and (args.dim % g or args.hidden_dim % g):
-            raise UserError(f"{source}: damaged checkpoint header (quantization: group size {g} does not divide dim "
-                            f"{args.dim} and hidden_dim {args.hidden_dim})")  # fmt: skip
+        if quant is not None and (bad := undivided_dims(args, quant.group_size)):
+            raise UserError(f"{source}: damaged checkpoint header (quantization: group size {quant.group_size} does "
+                            f"not divide {', '.join(bad)})")  # fmt: skip
         return cls(args, tok, lineage, role, quant)
 
 
@@ -465,14 +464,13 @@ def load_for_inference(
     tokenizer. ``purpose`` completes the refusal: "to chat with", "to score with" ... Quantized checkpoints load as
     such; ``decode`` readies the model for token-by-token generation (CPU packing, see ``llamactl.swap``): such a
     model cannot be trained."""
-    from llamactl.device import bf16_supported, resolve_dtype
+    from llamactl.device import resolve_dtype
 
     meta = read_checked_meta(path, head, purpose, need_tokenizer)
     tensors = load_tensors(path)  # memory-mapped
-    compute = resolve_dtype(dtype, device, stored_dtype(tensors))
-    if meta.quant is not None and dtype == "auto" and device.type in ("cpu", "cuda") and bf16_supported(device):
-        # a quantized model computes in bf16 where native: torch's int8/int4 CPU kernels are fast in bf16 only
-        # (quant.QuantLinear.prepare), and the Triton kernels' bf16 dots run on tensor cores where fp32's do not
-        compute = torch.bfloat16
+    # auto runs a quantized model as if it were stored in bf16 (bf16 where native): torch's int8/int4 CPU kernels are
+    # fast in bf16 only (quant.QuantLinear.prepare), and the Triton kernels' bf16 dots run on tensor cores
+    stored = torch.bfloat16 if meta.quant is not None else stored_dtype(tensors)
+    compute = resolve_dtype(dtype, device, stored)
     model = build_model(meta.args, tensors, path, device, compute, meta.quant, decode)
     return model.eval(), meta

@@ -23,7 +23,7 @@ from llamactl.kernels.quant_matmul import (
     dequantize,
     int4_params,
     pack_int4,
-    quantize_int4,
+    quantize,
     quantize_int8,
     unpack_int4,
 )
@@ -177,12 +177,8 @@ def _errors(w: torch.Tensor, back: torch.Tensor, h: torch.Tensor | None) -> tupl
 def quantize_rtn(weight: torch.Tensor, spec: QuantSpec) -> Quantized:
     """Round to nearest: int8 per output channel, int4 per group (``llamactl.kernels.quant_matmul``)."""
     w = weight.float()
-    if spec.scheme == "int8":
-        q, scales, _ = quantize_int8(w)
-        tensors = {"qweight": q, "scales": scales}
-    else:
-        q, scales, zeros, _ = quantize_int4(w, spec.group_size)
-        tensors = {"qweight": q, "scales": scales, "zeros": zeros}
+    q, scales, zeros, _ = quantize(w, spec.scheme, spec.group_size)
+    tensors = {"qweight": q, "scales": scales} | ({"zeros": zeros} if zeros is not None else {})
     out = Quantized(tensors, 0.0, 0.0)
     out.max_error, out.rel_error, _ = _errors(w, out.dequantized(spec.scheme), None)
     return out
@@ -256,6 +252,13 @@ def quantize_gptq(
     w = weight.float()
     out.max_error, out.rel_error, out.out_error = _errors(w, out.dequantized(spec.scheme), hessian.float())
     return out
+
+
+def undivided_dims(args, group_size: int | None) -> list[str]:
+    """The input dims of a model's block linears ("dim 4096", "hidden_dim 11008") that groups of ``group_size``
+    inputs do not divide (none for int8, whose scales are per output channel)."""
+    dims = {"dim": args.dim, "hidden_dim": args.hidden_dim}
+    return [f"{k} {v}" for k, v in dims.items() if group_size and v % group_size]
 
 
 def linear_names(args, spec: QuantSpec) -> list[str]:

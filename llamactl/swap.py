@@ -75,9 +75,7 @@ def fuse_projections(model: Transformer, tensors: dict[str, torch.Tensor]) -> di
             prefix = f"layers.{i}.{'attention' if owner is layer.attention else 'feed_forward'}"
             mods = [getattr(owner, p) for p in parts]
             setattr(owner, fused, _like(mods))
-            for key, _ in getattr(owner, fused).named_parameters(recurse=False):
-                tensors[f"{prefix}.{fused}.{key}"] = torch.cat([tensors.pop(f"{prefix}.{p}.{key}") for p in parts])
-            for key, _ in getattr(owner, fused).named_buffers(recurse=False):
+            for key in getattr(owner, fused).state_dict():  # weight, or qweight/scales/zeros
                 tensors[f"{prefix}.{fused}.{key}"] = torch.cat([tensors.pop(f"{prefix}.{p}.{key}") for p in parts])
             for p in parts:
                 delattr(owner, p)

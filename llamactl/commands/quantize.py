@@ -127,7 +127,15 @@ def run(cfg: QuantizeConfig) -> dict:
     )
     from llamactl.device import resolve_device
     from llamactl.model import Transformer
-    from llamactl.quant import Quantized, QuantLinear, QuantSpec, linear_names, quantize_calibrated, quantize_rtn
+    from llamactl.quant import (
+        Quantized,
+        QuantLinear,
+        QuantSpec,
+        linear_names,
+        quantize_calibrated,
+        quantize_rtn,
+        undivided_dims,
+    )
     from llamactl.tokenizer import Tokenizer
 
     cfg.validate()
@@ -142,12 +150,9 @@ def run(cfg: QuantizeConfig) -> dict:
     if cfg.head and args.tie_embeddings:
         raise UserError(f"{cfg.model}: --head: its output layer is the embedding table (tied), which stays as it is")
     group = cfg.group_size or (128 if cfg.scheme == "int4" else None)
-    if group is not None:
-        wide = {"dim": args.dim, "hidden_dim": args.hidden_dim}
-        bad = [f"{k} {v}" for k, v in wide.items() if v % group]
-        if bad:
-            raise UserError(f"{cfg.model}: int4 --group-size {group} does not divide the input dims of its linear "
-                            f"layers ({', '.join(bad)}); choose a group size that does")  # fmt: skip
+    if bad := undivided_dims(args, group):
+        raise UserError(f"{cfg.model}: int4 --group-size {group} does not divide the input dims of its linear "
+                        f"layers ({', '.join(bad)}); choose a group size that does")  # fmt: skip
     tensors = load_tensors(cfg.model)  # memory-mapped
     with torch.device("meta"):
         check_state(cfg.model, Transformer(args).state_dict(), tensors)

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 
+import gguf  # a runtime dependency: its absence is a failure, not a skip
 import numpy as np
 import pytest
 import sentencepiece as spm
@@ -18,8 +19,6 @@ from llamactl.commands.convert import ConvertConfig, run
 from llamactl.model import ModelArgs, Transformer
 from llamactl.quant import QuantSpec
 from llamactl.tokenizer import Tokenizer, train_bpe
-
-gguf = pytest.importorskip("gguf")
 
 LLAMA_TOKENIZER = os.path.join(FIXTURES, "llama2-tokenizer.model")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

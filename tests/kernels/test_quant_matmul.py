@@ -5,6 +5,7 @@ from llamactl.kernels.quant_matmul import (
     dequantize_int8,
     quant_matmul_ref,
     quant_matmul_triton,
+    quantize,
     quantize_int4,
     quantize_int8,
 )
@@ -80,13 +81,6 @@ SCHEMES = {"int8": ("int8", None, 200), "int4-g32": ("int4", 32, 256), "int4-g64
 SCHEMES["int4-g128"] = ("int4", 128, 256)
 
 
-def _quantized(w, name, group):
-    if name == "int8":
-        qw, scales, _ = quantize_int8(w)
-        return qw, scales, None
-    return quantize_int4(w, group)[:3]
-
-
 # The launcher's own tiles, and split-K: two partial sums over halves of K (int8's halves in whole 64-wide blocks,
 # the second one ragged at K = 200), added after.
 CONFIGS = {"default": None, "split2": dict(SPLIT_K=2, BLOCK_N=16, BLOCK_K=64)}
@@ -98,7 +92,7 @@ CONFIGS = {"default": None, "split2": dict(SPLIT_K=2, BLOCK_N=16, BLOCK_K=64)}
 def test_against_ref(scheme, M, config, dtype, device, assert_close):
     name, group, K = scheme
     w = _weight(100, K, seed=2)  # N = 100: no multiple of the column tile
-    qw, scales, zeros = (t.to(device) if t is not None else None for t in _quantized(w, name, group))
+    qw, scales, zeros = (t.to(device) if t is not None else None for t in quantize(w, name, group)[:3])
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(3)).to(device, dtype)
     if config is not None and name == "int4":
         config = {k: v for k, v in config.items() if k != "BLOCK_K"}  # int4 steps one group at a time
