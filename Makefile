@@ -41,6 +41,7 @@ demo: $(STAMP)
 # `python -P` keeps bench/ off sys.path, so a script there never shadows a module of the standard library.
 bench: $(BENCH_STAMP)
 	$(PY) -P bench/generate.py
+	$(PY) -P bench/eval.py
 	$(PY) -P bench/pretrain.py
 	$(PY) -P bench/convert_memory.py
 	$(PY) -P bench/tokenizer.py
