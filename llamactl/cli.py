@@ -300,6 +300,14 @@ TRAIN_HELP = {
     "seed": "Random seed.",
     "device": "auto (cuda if present, else cpu), cpu, cuda or cuda:N.",
     "dtype": "auto (bf16 autocast where native, else fp32), fp32 or bf16.",
+    "dry_run": "Build the model on the meta device, print each rank's memory (parameters, gradients, optimizer, "
+    "activations) for these flags and exit.",
+    "device_memory": "With --dry-run: the memory of one device (e.g. 80GB, 24GiB) to check the plan against.",
+    "lora_rank": "Train LoRA adapters of this rank on the frozen model (QLoRA on a quantized one); 0 = all weights.",
+    "lora_alpha": "LoRA scale numerator: adapters add (alpha / rank) B A x [default: twice the rank].",
+    "lora_dropout": "Dropout on the adapters' input.",
+    "lora_targets": "all, or a comma list of wq,wk,wv,wo,w1,w2,w3: the block layers that get adapters.",
+    "adapter": "An adapter file on -m/--model: continued with --lora-rank (same rank and targets), else merged.",
 }
 
 config_command(
@@ -324,6 +332,7 @@ config_command(
         "warmup": "Warmup steps (default 2000, at most a tenth of --steps).",
         "eval_every": "Validation loss every N steps (0 = never).",
         "eval_batches": "Micro-batches of the val split per evaluation.",
+        **dict.fromkeys(("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "adapter")),
     },
 )
 

@@ -27,6 +27,13 @@ class TrainFlags:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    dry_run: bool = False  # print the per-rank memory plan and exit
+    device_memory: str | None = None  # with --dry-run: whether the plan fits this much per device ("80GB")
+    lora_rank: int = 0  # 0: full fine-tuning; else LoRA adapters of this rank (QLoRA over a quantized model)
+    lora_alpha: float | None = None  # None: twice the rank
+    lora_dropout: float = 0.05
+    lora_targets: str = "all"  # "all" or a comma list of wq,wk,wv,wo,w1,w2,w3
+    adapter: str | None = None  # an adapter (adapter.safetensors) on the model: continued with --lora-rank, else merged
     argv: list[str] = field(default_factory=list)
 
 
@@ -94,6 +101,14 @@ def flag_problems(cfg) -> list[str]:
         problems.append(f"--distributed {cfg.distributed!r} is not one of ddp, fsdp")
     if cfg.dtype not in ("auto", "fp32", "bf16"):
         problems.append(f"--dtype {cfg.dtype!r}: training runs in fp32 or bf16 autocast (auto picks)")
+    if cfg.lora_rank < 0:
+        problems.append(f"--lora-rank must be >= 0, got {cfg.lora_rank}")
+    if cfg.lora_alpha is not None and cfg.lora_alpha <= 0:
+        problems.append(f"--lora-alpha must be positive, got {cfg.lora_alpha}")
+    if not 0 <= cfg.lora_dropout < 1:
+        problems.append(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.device_memory is not None and not cfg.dry_run:
+        problems.append("--device-memory goes with --dry-run (it says whether the plan fits)")
     return problems
 
 
