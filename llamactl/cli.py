@@ -303,6 +303,7 @@ TRAIN_HELP = {
     "dry_run": "Build the model on the meta device, print each rank's memory (parameters, gradients, optimizer, "
     "activations) for these flags and exit.",
     "device_memory": "With --dry-run: the memory of one device (e.g. 80GB, 24GiB) to check the plan against.",
+    "world_size": "With --dry-run: the processes to plan for [default: this run's; 1 outside torchrun].",
     "lora_rank": "Train LoRA adapters of this rank on the frozen model (QLoRA on a quantized one); 0 = all weights.",
     "lora_alpha": "LoRA scale numerator: adapters add (alpha / rank) B A x [default: twice the rank].",
     "lora_dropout": "Dropout on the adapters' input.",

@@ -29,6 +29,7 @@ class TrainFlags:
     dtype: str = "auto"
     dry_run: bool = False  # print the per-rank memory plan and exit
     device_memory: str | None = None  # with --dry-run: whether the plan fits this much per device ("80GB")
+    world_size: int | None = None  # with --dry-run: processes to plan for (None: this run's, 1 outside torchrun)
     lora_rank: int = 0  # 0: full fine-tuning; else LoRA adapters of this rank (QLoRA over a quantized model)
     lora_alpha: float | None = None  # None: twice the rank
     lora_dropout: float = 0.05
@@ -109,6 +110,10 @@ def flag_problems(cfg) -> list[str]:
         problems.append(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
     if cfg.device_memory is not None and not cfg.dry_run:
         problems.append("--device-memory goes with --dry-run (it says whether the plan fits)")
+    if cfg.world_size is not None and not cfg.dry_run:
+        problems.append("--world-size goes with --dry-run (torchrun sets a run's processes)")
+    if cfg.world_size is not None and cfg.world_size < 1:
+        problems.append(f"--world-size must be at least 1, got {cfg.world_size}")
     return problems
 
 
