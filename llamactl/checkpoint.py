@@ -28,6 +28,7 @@ from llamactl.model import ModelArgs, Transformer
 from llamactl.quant import QuantSpec, undivided_dims
 
 FORMAT = "llamactl/1"
+ADAPTER_FORMAT = "llamactl-adapter/1"  # a LoRA adapter file (``llamactl.lora``), refused where a model is read
 ROLES = ("helpfulness", "safety", "value")  # what a scalar-head checkpoint is for (its header's "role")
 ST_DTYPES = {
     torch.float32: "F32",
@@ -57,6 +58,57 @@ def sha256_file(path: str) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+SHA_CACHE_ENTRIES = 1000  # files remembered by the sha256 cache (the oldest forgotten first)
+
+
+def _sha_cache_path() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "llamactl", "sha256.json")
+
+
+def _read_sha_cache() -> dict:
+    try:
+        with open(_sha_cache_path()) as f:
+            cache = json.load(f)
+        return cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def cached_sha256(path: str) -> str:
+    """``sha256_file`` remembered by (real path, size, mtime_ns, inode) in $XDG_CACHE_HOME/llamactl/sha256.json (or
+    ~/.cache/llamactl): a file that has not changed is hashed once. A cache that cannot be read or written is only
+    a cache: the file is hashed."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    key = [st.st_size, st.st_mtime_ns, st.st_ino]
+    hit = _read_sha_cache().get(real)
+    if isinstance(hit, dict) and hit.get("stat") == key and isinstance(hit.get("sha256"), str):
+        return hit["sha256"]
+    digest = sha256_file(real)
+    cache = _read_sha_cache()  # again: another process may have added to it meanwhile
+    cache.pop(real, None)
+    cache[real] = {"stat": key, "sha256": digest}
+    cache = dict(list(cache.items())[-SHA_CACHE_ENTRIES:])
+    target = _sha_cache_path()
+    tmp = f"{target}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump(cache, f)
+        os.replace(tmp, target)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    return digest
+
+
+def model_sha256(path: str) -> str:
+    """A checkpoint's identity: the sha256 of each of its files (one .safetensors, or its index then its shards),
+    comma-joined; cached (``cached_sha256``), so a large base is hashed once, not by every command that checks it."""
+    return ",".join(cached_sha256(f) for f in checkpoint_files(path))
 
 
 @dataclass
@@ -135,6 +187,9 @@ class CheckpointMeta:
 
     @classmethod
     def from_header(cls, meta: dict[str, str], source: str) -> CheckpointMeta:
+        if meta.get("format") == ADAPTER_FORMAT:
+            raise UserError(f"{source}: is a LoRA adapter, not a model; give it with --adapter beside the model it was "
+                            f"trained on (or merge it: llamactl convert BASE --merge-adapter {source})")  # fmt: skip
         if meta.get("format") != FORMAT:
             raise UserError(f"{source}: not a llamactl checkpoint (no '{FORMAT}' format tag in its header)")
         try:
@@ -308,13 +363,18 @@ def _open_safetensors(path: str):
         raise UserError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:160]})") from None
 
 
+def safetensors_metadata(path: str) -> dict[str, str]:
+    """The ``__metadata__`` of one safetensors file's header (empty if none); damage is a one-line UserError."""
+    with _open_safetensors(path) as f:
+        return f.metadata() or {}
+
+
 def read_meta(path: str) -> CheckpointMeta:
     """Config, tokenizer and lineage of a checkpoint without touching its weights."""
     file, is_index = _resolve(path)
     if is_index:
         return CheckpointMeta.from_header(_read_index(file)["metadata"], file)
-    with _open_safetensors(file) as f:
-        return CheckpointMeta.from_header(f.metadata() or {}, file)
+    return CheckpointMeta.from_header(safetensors_metadata(file), file)
 
 
 def _read_index(file: str) -> dict:
@@ -378,9 +438,11 @@ def build_model(
     dtype: torch.dtype | None = None,
     quant: QuantSpec | None = None,
     decode: bool = False,
+    lora=None,
 ) -> Transformer:
     """A model whose parameters are ``tensors`` (assigned, not copied, when device and dtype already match), through
-    the module-swap step (``llamactl.swap``): quantized linear layers where ``quant`` says, and with ``decode`` on a
+    the module-swap step (``llamactl.swap``): quantized linear layers where ``quant`` says, LoRA adapters over them
+    where ``lora`` (a ``lora.LoraSpec``) says (``tensors`` then hold the adapters' too), and with ``decode`` on a
     CPU, fused and packed projections for inference. ``dtype`` None keeps the stored one."""
     from llamactl import swap
 
@@ -388,6 +450,10 @@ def build_model(
         model = Transformer(args)
     if quant is not None:
         swap.quantize_linears(model, quant)
+    if lora is not None:
+        from llamactl.lora import add_lora
+
+        add_lora(model, lora)
     check_state(source, model.state_dict(), tensors)
     check_memory(rope_bytes(args), f"max_seq_len {args.max_seq_len}: the rotary tables", source, device)
     compute = dtype or stored_dtype(tensors)
@@ -458,19 +524,37 @@ def load_for_inference(
     purpose: str,
     need_tokenizer: bool = True,
     decode: bool = False,
+    adapter: str | None = None,
 ) -> tuple[Transformer, CheckpointMeta]:
     """A checkpoint's model in eval mode on ``device`` (``dtype`` resolved as ``--dtype``: auto keeps the stored one
     where native), refusing with one line a model of the other ``head`` or, when ``need_tokenizer``, one without a
     tokenizer. ``purpose`` completes the refusal: "to chat with", "to score with" ... Quantized checkpoints load as
     such; ``decode`` readies the model for token-by-token generation (CPU packing, see ``llamactl.swap``): such a
-    model cannot be trained."""
+    model cannot be trained.
+
+    ``adapter``: a LoRA adapter file trained on this checkpoint (``llamactl.lora``; refused in one line otherwise).
+    A floating-point model gets it merged into its weights before it is built (inference then costs what the base
+    costs); a quantized one gets ``LoRALinear`` wrappers over its quantized layers. The meta returned is the adapted
+    model's (its head and role the adapter's)."""
     from llamactl.device import resolve_dtype
 
-    meta = read_checked_meta(path, head, purpose, need_tokenizer)
+    meta = read_checked_meta(path, None if adapter else head, purpose, need_tokenizer)
     tensors = load_tensors(path)  # memory-mapped
+    lora = None
+    if adapter is not None:
+        from llamactl import lora as lo
+
+        ameta, atensors = lo.read_adapter(adapter)
+        lo.check_base(ameta, path, meta)
+        lo.check_adapted_head(ameta, path, head, purpose)
+        if meta.quant is None:
+            tensors = lo.merged_tensors(tensors, meta, ameta, atensors, path)
+        else:
+            tensors, lora = lo.adapted_tensors(tensors, ameta, atensors), ameta.spec
+        meta = ameta.adapted(meta, merged=meta.quant is None)
     # auto runs a quantized model as if it were stored in bf16 (bf16 where native): torch's int8/int4 CPU kernels are
     # fast in bf16 only (quant.QuantLinear.prepare), and the Triton kernels' bf16 dots run on tensor cores
     stored = torch.bfloat16 if meta.quant is not None else stored_dtype(tensors)
     compute = resolve_dtype(dtype, device, stored)
-    model = build_model(meta.args, tensors, path, device, compute, meta.quant, decode)
+    model = build_model(meta.args, tensors, path, device, compute, meta.quant, decode, lora)
     return model.eval(), meta

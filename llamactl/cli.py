@@ -196,23 +196,28 @@ def config_command(
 
 
 INPUTS_HELP = "Text or JSONL files (.jsonl is JSONL unless --format says); - is stdin."
+ADAPTER_HELP = "LoRA adapter file trained on -m/--model (a quantized copy of it too), applied to it."
 FORMAT_HELP = "auto (.jsonl files and stdin are JSONL, other files text), text or jsonl."
 
 config_command(
     "convert",
     "convert",
     "ConvertConfig",
-    "Convert checkpoints: Meta, Hugging Face, llama2.c or GGUF in; llamactl, Hugging Face or GGUF (llama.cpp) out. "
-    "--info describes.",
+    "Convert checkpoints: Meta, Hugging Face, llama2.c or GGUF in; llamactl, Hugging Face or GGUF (llama.cpp) out; "
+    "--merge-adapter merges a LoRA adapter into SRC; an adapter as SRC exports for Hugging Face PEFT (--to peft). "
+    "--info describes a checkpoint or an adapter.",
     short={"output": "-o", "tokenizer": "-t"},
     arguments=("src",),
     names={"src_format": "--from"},
     flags={
-        "src": "Checkpoint file or directory.",
-        "output": "Destination file (or directory for hf).",
-        "info": "Print what SRC is (config, size, dtype, lineage).",
+        "src": "Checkpoint file or directory, or a LoRA adapter file (--to peft, --info).",
+        "output": "Destination file (or directory for hf and peft).",
+        "info": "Print what SRC is (config, size, dtype, lineage; an adapter's rank, targets and base).",
         "src_format": "auto, llamactl, meta, hf, llama2c or gguf.",
-        "to": "llamactl, hf or gguf.",
+        "to": "llamactl, hf, gguf, or peft (an adapter SRC as PEFT's adapter_config.json + adapter_model.safetensors, "
+        "for the base exported with --to hf).",
+        "merge_adapter": "LoRA adapter file trained on SRC: write SRC with it merged in (W + alpha/rank B A; a "
+        "quantized SRC gives a floating-point model).",
         "tokenizer": "SentencePiece model to attach.",
         "dtype": "keep (as stored), fp32, bf16 or fp16.",
         "shard_size": "Split llamactl output into shards above this size.",
@@ -405,6 +410,7 @@ config_command(
         "batch_size": "Dialogs scored at once.",
         "device": "auto (cuda if present, else cpu), cpu, cuda or cuda:N.",
         "dtype": "auto (the checkpoint's own where native), fp32, bf16 or fp16.",
+        "adapter": "LoRA adapter file trained on -m/--model (one that makes a language model a reward model too).",
     },
 )
 
@@ -433,6 +439,8 @@ config_command(
         "batch_size": "Windows per forward pass.",
         "device": "auto (cuda if present, else cpu), cpu, cuda or cuda:N.",
         "dtype": "auto (the checkpoint's own where native), fp32, bf16 or fp16.",
+        "adapter": ADAPTER_HELP,
+        "reference_adapter": "LoRA adapter file trained on --reference, applied to it.",
     },
 )
 
@@ -457,6 +465,7 @@ config_command(
         "seed": "Seed drawing the calibration sequences.",
         "device": "Where GPTQ runs: auto (cuda if present, else cpu), cpu, cuda or cuda:N.",
         "shard_size": "Split the output into shards above this size (index + shards, as Hugging Face's layout).",
+        "adapter": "LoRA adapter file trained on -m/--model: quantize the model with it merged in.",
     },
 )
 
@@ -484,6 +493,9 @@ config_command(
         "seed": "Random seed (rank r of torchrun uses seed + r).",
         "device": "auto (cuda if present, else cpu), cpu, cuda or cuda:N.",
         "dtype": "auto (the checkpoint's own where native), fp32, bf16 or fp16.",
+        "adapter": "LoRA adapter file trained on the policy -m/--model, applied to it.",
+        "rm_adapter": "LoRA adapter file trained on --rm (or one making a language model a reward model).",
+        "safety_rm_adapter": "LoRA adapter file trained on --safety-rm.",
     },
 )
 
@@ -510,6 +522,10 @@ config_command(
         "seed": "Random seed (each model samples with its own generator from it).",
         "device": "auto (cuda if present, else cpu), cpu, cuda or cuda:N.",
         "dtype": "auto (the checkpoint's own where native), fp32, bf16 or fp16.",
+        "adapter_a": "LoRA adapter file trained on model A, applied to it (A may be B with an adapter).",
+        "adapter_b": "LoRA adapter file trained on model B, applied to it.",
+        "rm_adapter": "LoRA adapter file trained on --rm (or one making a language model a reward model).",
+        "safety_rm_adapter": "LoRA adapter file trained on --safety-rm.",
     },
 )
 
@@ -577,6 +593,7 @@ config_command(
         "top_k": "Keep the k most likely tokens (0 = off).",
         "batch_size": "Prompts decoded together.",
         "logprobs": "Add the log-probability of each new token.",
+        "adapter": ADAPTER_HELP,
     },
 )
 
@@ -596,6 +613,7 @@ config_command(
         "output": "Where answered dialogs go (batch mode; - = stdout).",
         **SAMPLING_HELP,
         "max_new_tokens": "Most tokens of one answer.",
+        "adapter": ADAPTER_HELP,
     },
 )
 
@@ -614,6 +632,7 @@ config_command(
         "instructions": 'Instructions, JSONL {"instruction": ...} or one a line (default: built-in, seeded).',
         "finalize": "Turn sampled dialogs (with gatt_instruction) into training examples.",
         "model": "Chat model that answers every turn (prepare, sample and finalize in one go).",
+        "adapter": ADAPTER_HELP,
         **SAMPLING_HELP,
         "max_new_tokens": "Most tokens of one sampled answer.",
         "seed": "Random seed (instruction choice and sampling).",

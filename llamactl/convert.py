@@ -1,4 +1,5 @@
-"""Readers and writers of other checkpoint formats: Meta, Hugging Face, llama2.c, and GGUF (``gguf_format``).
+"""Readers and writers of other checkpoint formats: Meta, Hugging Face, llama2.c, and GGUF (``gguf_format``); a
+model with a LoRA adapter merged in; LoRA adapters out to PEFT's layout.
 
 Every reader returns a ``Source``: the model config, the tokenizer bytes when it has them, and tensor plans named
 as llamactl (Meta's) names, each produced on demand from memory-mapped inputs, so that a conversion streams
@@ -109,6 +110,21 @@ def read_llamactl(path: str) -> Source:
     tensors = load_tensors(path)
     plans = [TensorPlan(k, tuple(t.shape), t.dtype, lambda t=t: t) for k, t in tensors.items()]
     return Source(meta.args, plans, meta.tokenizer, meta.lineage, stored_dtype(tensors), meta.role, meta.quant)
+
+
+def read_merged(base: str, adapter: str) -> Source:
+    """A llamactl checkpoint with a LoRA adapter merged into it (``lora.merged_plans``: one merged layer in memory at
+    a time); the adapter must be one trained on it (``lora.check_base``). A quantized base gives a floating-point
+    model."""
+    from llamactl import lora
+
+    meta = read_meta(base)
+    ameta, atensors = lora.read_adapter(adapter)
+    lora.check_base(ameta, base, meta)
+    tensors = load_tensors(base)
+    plans = lora.merged_plans(tensors, meta, ameta, atensors, base)
+    out = ameta.adapted(meta, merged=True)
+    return Source(out.args, plans, out.tokenizer, out.lineage, stored_dtype(tensors), out.role)
 
 
 # ---------------------------------------------------------------------------------------------------- Meta
@@ -401,6 +417,65 @@ def _write_json(path: str, obj: dict) -> str:
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
     return path
+
+
+# PEFT's names for our block linears, and for the tensors an adapter may train in full (``modules_to_save``)
+PEFT_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w2": "down_proj",
+                "w3": "up_proj"}  # fmt: skip
+PEFT_EXTRA = {"score.weight": "score", "output.weight": "lm_head"}
+
+
+def write_peft(out_dir: str, meta, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> list[str]:
+    """A LoRA adapter (``lora.AdapterMeta`` and its tensors) as a directory that PEFT's ``PeftModel.from_pretrained``
+    loads onto the base exported by ``write_hf``: ``adapter_config.json`` and ``adapter_model.safetensors``. The
+    export permutes the rows of wq/wk (Hugging Face's rotary layout), so lora_B of wq/wk gets the same row
+    permutation; lora_A, which acts on the inputs, none. A scalar head trained beside the adapter goes to
+    ``modules_to_save`` (``LlamaForSequenceClassification``'s ``score``)."""
+    from llamactl.lora import adapter_names
+
+    unsupported = [e for e in meta.extra if e not in PEFT_EXTRA]
+    if unsupported:
+        raise UserError(f"{meta.path}: trains {unsupported[0]!r} in full beside its adapters, which PEFT's layout "
+                        f"has no place for (it keeps {', '.join(PEFT_EXTRA)}); merge it instead: llamactl convert "
+                        f"BASE --merge-adapter {meta.path}")  # fmt: skip
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"{out_dir}: exists and is not a directory (--to peft writes a directory)")
+    os.makedirs(out_dir, exist_ok=True)
+    args, plans = meta.args, []
+    for name in adapter_names(args, meta.spec):
+        hf = "base_model.model." + llamactl_to_hf_name(f"{name}.weight").removesuffix(".weight")
+        heads = {"wq": args.n_heads, "wk": args.n_kv_heads}.get(name.rsplit(".", 1)[1], 0)
+        a, b = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
+        plans.append(TensorPlan(f"{hf}.lora_A.weight", tuple(a.shape), dtype or a.dtype, lambda a=a: a))
+        produce = (lambda b=b, h=heads: permute_to_hf(b, h)) if heads else (lambda b=b: b)
+        plans.append(TensorPlan(f"{hf}.lora_B.weight", tuple(b.shape), dtype or b.dtype, produce))
+    for name in meta.extra:
+        t = tensors[name]
+        plans.append(TensorPlan(f"base_model.model.{llamactl_to_hf_name(name)}", tuple(t.shape), dtype or t.dtype,
+                                lambda t=t: t))  # fmt: skip
+    plans = [TensorPlan(p.name, p.shape, p.dtype, lambda p=p: p.produce().to(p.dtype)) for p in plans]
+    weights = os.path.join(out_dir, "adapter_model.safetensors")
+    write_safetensors(weights, plans, {"format": "pt"})
+    stale = os.path.join(out_dir, "adapter_model.bin")  # an earlier export's would be loaded instead
+    if os.path.isfile(stale):
+        os.unlink(stale)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS" if args.head == "scalar" else "CAUSAL_LM",
+        "base_model_name_or_path": None,
+        "r": meta.spec.rank,
+        "lora_alpha": meta.spec.alpha,
+        "lora_dropout": meta.spec.dropout,
+        "target_modules": [PEFT_TARGETS[t] for t in meta.spec.targets],
+        "modules_to_save": [PEFT_EXTRA[e] for e in meta.extra] or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+    }
+    return [weights, _write_json(os.path.join(out_dir, "adapter_config.json"), config)]
 
 
 # ---------------------------------------------------------------------------------------------------- llama2.c

@@ -78,8 +78,8 @@ class QuantSpec:
 
 
 class QuantLinear(nn.Module):
-    """A weight-only quantized ``nn.Linear`` (no bias, inference only): ``qweight``, ``scales`` and, for int4,
-    ``zeros`` in the formats of ``llamactl.kernels.quant_matmul``.
+    """A weight-only quantized ``nn.Linear`` (no bias, frozen: gradients flow to its input only, for QLoRA):
+    ``qweight``, ``scales`` and, for int4, ``zeros`` in the formats of ``llamactl.kernels.quant_matmul``.
 
     On CUDA it runs the Triton kernels (through ``ops.quant_matmul``). On a CPU, ``prepare`` converts the weight once
     to torch's own weight-packed layouts: ``_weight_int8pack_mm`` for int8, ``_weight_int4pack_mm_for_cpu`` for int4.
@@ -140,6 +140,11 @@ class QuantLinear(nn.Module):
             self._cpu = ("int4", packed, scale_zero.to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:  # QLoRA: adapters train through the frozen layer
+            return _QuantLinearGrad.apply(x, self)
+        return self._matmul(x)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self._cpu is None or x.device.type != "cpu":
             return ops.quant_matmul(x, self.qweight, self.scales, self.zeros, self.scheme)
         shape = x.shape
@@ -149,6 +154,22 @@ class QuantLinear(nn.Module):
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self._cpu[1], self.group_size, self._cpu[2].to(x.dtype))
         return y.view(*shape[:-1], self.out_features)
+
+
+class _QuantLinearGrad(torch.autograd.Function):
+    """A ``QuantLinear``'s forward with a gradient for its input: dx = dy @ dequant(W), in fp32, then x's dtype (the
+    kernels and torch's packed CPU ops have no backward; the weight, frozen, gets none)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
+        ctx.layer, ctx.x_dtype = layer, x.dtype
+        return layer._matmul(x)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        layer = ctx.layer
+        w = dequantize(layer.qweight, layer.scales, layer.zeros, layer.scheme)  # (N, K) fp32
+        return (dy.float() @ w).to(ctx.x_dtype), None
 
 
 @dataclass

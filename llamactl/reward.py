@@ -39,12 +39,12 @@ class Scorer:
     """A loaded reward model: ``score(token lists)`` gives one scalar per sequence, read at its last token, in
     batches of ``batch_size`` sequences packed into rows (attention kept inside each)."""
 
-    def __init__(self, path: str, device: torch.device, dtype: str, batch_size: int = 8):
+    def __init__(self, path: str, device: torch.device, dtype: str, batch_size: int = 8, adapter: str | None = None):
         from llamactl.checkpoint import load_for_inference
         from llamactl.tokenizer import Tokenizer
 
         self.path, self.batch_size, self.device = path, batch_size, device
-        self.model, self.meta = load_for_inference(path, device, dtype, "scalar", "to score with")
+        self.model, self.meta = load_for_inference(path, device, dtype, "scalar", "to score with", adapter=adapter)
         self.tokenizer = Tokenizer(self.meta.tokenizer, path)
         self.role = self.meta.role
 
@@ -107,13 +107,15 @@ def shaped_reward(helpful: torch.Tensor, safety: torch.Tensor | None, is_safety:
 
 
 class Judge:
-    """The helpfulness reward model and, optionally, the safety one: each answer's scores and the hybrid R_c."""
+    """The helpfulness reward model and, optionally, the safety one: each answer's scores and the hybrid R_c. Each
+    may come with a LoRA adapter file (``rm_adapter``, ``safety_adapter``)."""
 
-    def __init__(self, rm: str, safety_rm: str | None, device, dtype: str, batch_size: int):
+    def __init__(self, rm: str, safety_rm: str | None, device, dtype: str, batch_size: int,
+                 rm_adapter: str | None = None, safety_adapter: str | None = None):  # fmt: skip
         from llamactl.reward import Scorer
 
-        self.helpful = Scorer(rm, device, dtype, batch_size)
-        self.safety = Scorer(safety_rm, device, dtype, batch_size) if safety_rm is not None else None
+        self.helpful = Scorer(rm, device, dtype, batch_size, rm_adapter)
+        self.safety = Scorer(safety_rm, device, dtype, batch_size, safety_adapter) if safety_rm is not None else None
 
     @property
     def scorers(self) -> list[tuple[str, object]]:

@@ -8,7 +8,8 @@ only ever materialised in the form that runs:
   ``QuantLinear`` whose tensors are the file's ``qweight``/``scales``/``zeros``;
 - ``decode`` on a CPU: q, k, v and w1, w3 are fused into one projection each (their tensors concatenated on the way
   in), and each floating-point projection becomes a ``PackedLinear`` holding oneDNN's blocked copy of its weight;
-- LoRA (later): the same step wraps a linear with its adapter.
+- ``lora`` (``llamactl.lora.add_lora``): a ``LoRALinear`` wraps each target linear (over a quantized one too), its
+  adapter's tensors beside the base's; CPU decode fuses the wrapped projections with their adapters.
 
 Modules with a ``prepare(dtype)`` method finish their work once the tensors are assigned (packing).
 """
@@ -20,6 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from llamactl.lora import LoRALinear
 from llamactl.model import Transformer
 from llamactl.quant import QuantLinear, QuantSpec, linear_names
 
@@ -65,6 +67,10 @@ def fuse_projections(model: Transformer, tensors: dict[str, torch.Tensor]) -> di
     """Fuse wq, wk, wv into ``wqkv`` and w1, w3 into ``w13`` in every block of a meta model; returns the tensors with
     the parts' tensors concatenated along the output dim (weights, quantized weights, scales and zero points alike).
 
+    Parts wrapped in ``LoRALinear``s fuse into one ``LoRALinear`` over the fused base: its A is the parts' A stacked
+    (sum of ranks, in), its B block-diagonal (sum of outs, sum of ranks), so each part's rows see only its own
+    adapter; a part without one contributes rows of zeros.
+
     NOTE: three fewer calls per layer, ~0.5 ms of a 60M-preset decode step on this 2-core CPU."""
     tensors = dict(tensors)
     for i, layer in enumerate(model.layers):
@@ -74,9 +80,24 @@ def fuse_projections(model: Transformer, tensors: dict[str, torch.Tensor]) -> di
         ):
             prefix = f"layers.{i}.{'attention' if owner is layer.attention else 'feed_forward'}"
             mods = [getattr(owner, p) for p in parts]
-            setattr(owner, fused, _like(mods))
-            for key in getattr(owner, fused).state_dict():  # weight, or qweight/scales/zeros
+            base = _like([m.base if isinstance(m, LoRALinear) else m for m in mods])
+            for key in base.state_dict():  # weight, or qweight/scales/zeros
                 tensors[f"{prefix}.{fused}.{key}"] = torch.cat([tensors.pop(f"{prefix}.{p}.{key}") for p in parts])
+            adapted = [(p, m) for p, m in zip(parts, mods, strict=True) if isinstance(m, LoRALinear)]
+            if adapted:
+                assert len({m.scale for _, m in adapted}) == 1, "the parts' adapters scale alike (one spec)"
+                base = LoRALinear(base, sum(m.rank for _, m in adapted), adapted[0][1].scale)
+                a = [tensors.pop(f"{prefix}.{p}.lora_A") for p, _ in adapted]
+                b = {p: tensors.pop(f"{prefix}.{p}.lora_B") for p, _ in adapted}
+                block = torch.zeros(base.out_features, base.rank, dtype=a[0].dtype)
+                row = col = 0
+                for p, m in zip(parts, mods, strict=True):
+                    if p in b:
+                        block[row : row + m.out_features, col : col + m.rank] = b[p]
+                        col += m.rank
+                    row += m.out_features
+                tensors[f"{prefix}.{fused}.lora_A"], tensors[f"{prefix}.{fused}.lora_B"] = torch.cat(a), block
+            setattr(owner, fused, base)
             for p in parts:
                 delattr(owner, p)
     return tensors

@@ -33,6 +33,7 @@ class ChatConfig(SamplingFlags):
     batch: bool = False  # JSONL in, JSONL out, even on a terminal
     input: str = "-"
     output: str = "-"
+    adapter: str | None = None  # a LoRA adapter trained on the model
 
     def validate(self) -> None:
         from llamactl.files import io_problems
@@ -42,6 +43,7 @@ class ChatConfig(SamplingFlags):
         problems += io_problems(
             [
                 ("-m/--model", self.model, "checkpoint", False),
+                ("--adapter", self.adapter, "adapter file", False),
                 ("--load", self.load, "dialog JSONL file", False),
                 ("-i/--input", self.input, "dialogs JSONL file", True),
             ],
@@ -64,8 +66,9 @@ class Chatter:
 
     @classmethod
     def load(cls, path: str, device, dtype: str, max_new_tokens: int, temperature: float, top_p: float, seed,
-             purpose: str = "to chat with"):  # fmt: skip
-        """``device`` a --device name or a torch.device; ``purpose`` completes the refusal of a reward model."""
+             purpose: str = "to chat with", adapter: str | None = None):  # fmt: skip
+        """``device`` a --device name or a torch.device; ``purpose`` completes the refusal of a reward model;
+        ``adapter`` a LoRA adapter file on the model."""
         import torch
 
         from llamactl.checkpoint import load_for_inference
@@ -74,10 +77,16 @@ class Chatter:
         from llamactl.tokenizer import Tokenizer
 
         dev = device if isinstance(device, torch.device) else resolve_device(device)
-        model, meta = load_for_inference(path, dev, dtype, "lm", purpose, decode=True)
+        model, meta = load_for_inference(path, dev, dtype, "lm", purpose, decode=True, adapter=adapter)
         params = SamplingParams(max_new_tokens, temperature, top_p, min_new_tokens=1)
         generator = torch.Generator(device=dev).manual_seed(seed)
         return cls(model, Tokenizer(meta.tokenizer, path), params, generator, path, meta)
+
+    @classmethod
+    def of(cls, cfg):
+        """The model of a command's config: its model, adapter, device, dtype and sampling flags."""
+        return cls.load(cfg.model, cfg.device, cfg.dtype, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed,
+                        adapter=cfg.adapter)  # fmt: skip
 
     @property
     def context(self) -> int:
@@ -113,7 +122,7 @@ class Chatter:
 def answer_turns(cfg, records: list[tuple[str, dict]]) -> Chatter:
     """Answer every user turn of each record's dialog in turn order, batched across dialogs, each answer seeing the
     answers sampled before it (gatt-augment's sampler). The records' messages are replaced in place."""
-    chat = Chatter.load(cfg.model, cfg.device, cfg.dtype, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
+    chat = Chatter.of(cfg)
     from llamactl.chat_format import encode_dialog
 
     dialogs = []
@@ -176,7 +185,7 @@ def run_batch(cfg: ChatConfig) -> int:
     from llamactl.commands.generate import BATCH_WAIT_S
     from llamactl.jsonl import batches, dumps, open_output, parsed_records
 
-    chat = Chatter.load(cfg.model, cfg.device, cfg.dtype, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
+    chat = Chatter.of(cfg)
 
     def parse(where: str, rec: dict):
         try:
@@ -205,8 +214,7 @@ class Session:
         from llamactl.model import KVCache
 
         self.cfg = cfg
-        self.chat = Chatter.load(cfg.model, cfg.device, cfg.dtype, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                                 cfg.seed)  # fmt: skip
+        self.chat = Chatter.of(cfg)
         weight = self.chat.model.tok_embeddings.weight
         self.cache = KVCache(self.chat.model.args, 1, self.chat.context, weight.device, weight.dtype)
         self.system = cfg.system

@@ -44,6 +44,10 @@ class CompareConfig(SamplingFlags):
     output: str = "-"
     keep: str | None = None
     tie_margin: float = 0.0
+    adapter_a: str | None = None  # LoRA adapters trained on model A, model B, the reward model, the safety one
+    adapter_b: str | None = None
+    rm_adapter: str | None = None
+    safety_rm_adapter: str | None = None
 
     def validate(self) -> None:
         from llamactl.files import check_output, io_problems, overlaps, same_file
@@ -52,11 +56,17 @@ class CompareConfig(SamplingFlags):
         problems = sampling_problems(self)
         if self.tie_margin < 0:
             problems.append(f"--tie-margin must be >= 0, got {self.tie_margin}")
+        if self.safety_rm_adapter is not None and self.safety_rm is None:
+            problems.append("--safety-rm-adapter goes on a --safety-rm, and none is given")
         inputs = [
             ("-a/--model-a", self.model_a, "checkpoint", False),
             ("-b/--model-b", self.model_b, "checkpoint", False),
             ("--rm", self.rm, "checkpoint", False),
             ("--safety-rm", self.safety_rm, "checkpoint", False),
+            ("--adapter-a", self.adapter_a, "adapter file", False),
+            ("--adapter-b", self.adapter_b, "adapter file", False),
+            ("--rm-adapter", self.rm_adapter, "adapter file", False),
+            ("--safety-rm-adapter", self.safety_rm_adapter, "adapter file", False),
             ("-i/--input", self.input, "prompts JSONL file", True),
         ]
         problems += io_problems(inputs, self.output)
@@ -120,8 +130,9 @@ def run(cfg: CompareConfig) -> dict:
 
     cfg.validate()
     device = resolve_device(cfg.device)
-    models = [load_policy(path, device, cfg.dtype, cfg) for path in (cfg.model_a, cfg.model_b)]
-    judge = Judge(cfg.rm, cfg.safety_rm, device, cfg.dtype, 2 * cfg.batch_size)
+    pairs = ((cfg.model_a, cfg.adapter_a), (cfg.model_b, cfg.adapter_b))
+    models = [load_policy(path, device, cfg.dtype, cfg, adapter) for path, adapter in pairs]
+    judge = Judge(cfg.rm, cfg.safety_rm, device, cfg.dtype, 2 * cfg.batch_size, cfg.rm_adapter, cfg.safety_rm_adapter)
     for (_, meta), path in zip(models, (cfg.model_a, cfg.model_b), strict=True):
         judge.check_fits(meta.tokenizer, path)
     prompts = read_prompts(cfg.input, KEEP_WRITES if cfg.keep is not None else ())
@@ -164,6 +175,9 @@ def run(cfg: CompareConfig) -> dict:
     summary = {"model_a": cfg.model_a, "model_b": cfg.model_b, "rm": cfg.rm, "safety_rm": cfg.safety_rm,
                "tie_margin": cfg.tie_margin, "ci_method": "Wilson 95% on win_rate_ties_half",
                **rows(list(range(len(prompts))))}  # fmt: skip
+    for key in ("adapter_a", "adapter_b", "rm_adapter", "safety_rm_adapter"):
+        if getattr(cfg, key) is not None:
+            summary[key] = getattr(cfg, key)
     named = sorted({c for c in categories if c is not None})
     summary["categories"] = {c: rows([i for i, ci in enumerate(categories) if ci == c]) for c in named}
     if cfg.keep is not None:

@@ -1,5 +1,6 @@
-"""``llamactl convert``: checkpoints between Meta, Hugging Face, llama2.c, GGUF and llamactl formats; ``--info``
-describes."""
+"""``llamactl convert``: checkpoints between Meta, Hugging Face, llama2.c, GGUF and llamactl formats; a LoRA
+adapter merged into its base (``--merge-adapter``) or exported for PEFT (``--to peft``); ``--info`` describes a
+checkpoint or an adapter."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from llamactl.errors import UserError
 
 DTYPE_CHOICES = ("keep", "fp32", "bf16", "fp16")
+TARGETS = ("llamactl", "hf", "gguf", "peft")  # --to
 
 
 @dataclass
@@ -23,6 +25,7 @@ class ConvertConfig:
     dtype: str = "keep"  # keep: each tensor as stored
     shard_size: str = "5GB"
     gguf_type: str | None = None  # None: each tensor's own dtype (f32, f16, bf16)
+    merge_adapter: str | None = None  # a LoRA adapter to merge into SRC (its base)
     argv: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -41,8 +44,24 @@ class ConvertConfig:
             problems.append("-o/--output is required (or --info to describe SRC)")
         if self.src_format not in ("auto", *FORMATS):
             problems.append(f"--from {self.src_format!r} is not one of auto, {', '.join(FORMATS)}")
-        if self.to not in ("llamactl", "hf", "gguf"):
-            problems.append(f"--to {self.to!r} is not one of llamactl, hf, gguf")
+        if self.to not in TARGETS:
+            problems.append(f"--to {self.to!r} is not one of {', '.join(TARGETS)}")
+        if self.to == "peft":
+            given = [flag for flag, on in (("--merge-adapter", self.merge_adapter is not None),
+                                           ("--tokenizer", self.tokenizer is not None),
+                                           ("--shard-size", self.shard_size != "5GB")) if on]  # fmt: skip
+            if given:
+                problems.append(f"{', '.join(given)}: --to peft exports an adapter file as it is (only --dtype "
+                                "applies)")  # fmt: skip
+        if self.merge_adapter is not None:
+            if self.info:
+                problems.append("--merge-adapter writes a model; --info describes SRC (or the adapter: convert "
+                                "--info ADAPTER)")  # fmt: skip
+            if self.src_format not in ("auto", "llamactl"):
+                problems.append(f"--merge-adapter merges into a llamactl checkpoint; --from {self.src_format}: convert "
+                                "it to llamactl first")  # fmt: skip
+            if problem := input_problem(self.merge_adapter, "adapter file"):
+                problems.append(f"--merge-adapter {problem}")
         if self.gguf_type is not None and self.gguf_type not in GGUF_TYPES:
             problems.append(f"--gguf-type {self.gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
         if self.gguf_type is not None and self.to != "gguf" and not self.info:
@@ -54,7 +73,7 @@ class ConvertConfig:
         if self.dtype not in DTYPE_CHOICES:
             problems.append(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
         if self.output is not None:
-            if problem := check_output(self.output, "-o/--output", directory=self.to == "hf"):
+            if problem := check_output(self.output, "-o/--output", directory=self.to in ("hf", "peft")):
                 problems.append(problem)
             elif self.to == "llamactl" and not self.output.endswith(".safetensors"):
                 problems.append(f"-o {self.output}: a llamactl checkpoint is a .safetensors file")
@@ -62,8 +81,9 @@ class ConvertConfig:
                 problems.append(f"-o {self.output}: --to gguf writes a .gguf file")
             else:
                 inputs = [("", f) for f in _input_files(self.src)] + [("--tokenizer", self.tokenizer or "")]
+                inputs.append(("--merge-adapter", self.merge_adapter or ""))
                 problems += overlaps([("-o/--output", self.output)], inputs)
-                if self.to == "hf":  # the export rewrites its directory's weight, config and tokenizer files
+                if self.to in ("hf", "peft"):  # the export rewrites its directory's weight, config and tokenizer files
                     inside = [p for _, p in inputs if p and same_file(os.path.dirname(os.path.abspath(p)), self.output)]
                     problems += [
                         f"-o/--output {self.output} holds the input {p}; export to another directory" for p in inside
@@ -76,6 +96,45 @@ class ConvertConfig:
             problems.append(str(e))
         if problems:
             raise UserError("; ".join(problems))
+
+
+def config_line(a) -> str:
+    return (f"dim={a.dim} n_layers={a.n_layers} n_heads={a.n_heads} n_kv_heads={a.n_kv_heads} "
+            f"hidden_dim={a.hidden_dim} vocab_size={a.vocab_size} max_seq_len={a.max_seq_len} "
+            f"norm_eps={a.norm_eps} rope_theta={a.rope_theta}")  # fmt: skip
+
+
+def lineage_lines(lineage: dict) -> list[str]:
+    """A lineage as --info prints it: the command that made the file, then each parent's."""
+    lines, depth = [], 0
+    while lineage:
+        step = f" step={lineage['step']}" if "step" in lineage else ""
+        inputs = ", ".join(f"{i['path']} (sha256 {i['sha256'][:12]})" for i in lineage.get("inputs", []))
+        lines.append(
+            f"{'lineage' if depth == 0 else 'from':12} llamactl {lineage.get('command', '?')}"
+            f" v{lineage.get('llamactl', '?')}{step}" + (f" <- {inputs}" if inputs else "")
+        )
+        lineage, depth = lineage.get("parent"), depth + 1
+    return lines
+
+
+def describe_adapter(meta, tensors: dict, path: str) -> str:
+    """What --info says of a LoRA adapter file."""
+    extra = sum(tensors[e].numel() for e in meta.extra)
+    lora = sum(t.numel() for t in tensors.values()) - extra
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+    source = f", quantized from sha256 {meta.base_source_sha256[:12]}" if meta.base_source_sha256 else ""
+    return "\n".join([
+        f"adapter      {path}",
+        f"lora         {meta.spec.describe()}",
+        f"parameters   {lora:,} in {len(tensors) - len(meta.extra)} adapter tensors"
+        + (f", {extra:,} in {', '.join(meta.extra)} (trained in full)" if meta.extra else ""),
+        f"dtype        {', '.join(dtypes)}",
+        f"makes        {meta.describe_model()}",
+        f"base         sha256 {meta.base_sha256[:12]}{source}",
+        f"base config  {config_line(meta.base_args)}",
+        *lineage_lines(meta.lineage),
+    ])  # fmt: skip
 
 
 def describe(src, path: str) -> str:
@@ -94,9 +153,7 @@ def describe(src, path: str) -> str:
         ),  # fmt: skip
         f"head         {a.head}{' (tied to embeddings)' if a.tie_embeddings else ''}"
         + (f", {src.role} {'model' if src.role == 'value' else 'reward model'}" if src.role else ""),
-        f"config       dim={a.dim} n_layers={a.n_layers} n_heads={a.n_heads} n_kv_heads={a.n_kv_heads} "
-        f"hidden_dim={a.hidden_dim} vocab_size={a.vocab_size} max_seq_len={a.max_seq_len} "
-        f"norm_eps={a.norm_eps} rope_theta={a.rope_theta}",
+        f"config       {config_line(a)}",
         *(f"{key:12} {text}" for key, text in src.details),
     ]
     if src.tokenizer is not None:
@@ -106,17 +163,7 @@ def describe(src, path: str) -> str:
         lines.append(f"tokenizer    SentencePiece, {tok.vocab_size} pieces, bos={tok.bos_id} eos={tok.eos_id}")
     else:
         lines.append("tokenizer    none (attach one with convert --tokenizer)")
-    lineage = src.lineage
-    depth = 0
-    while lineage:
-        step = f" step={lineage['step']}" if "step" in lineage else ""
-        inputs = ", ".join(f"{i['path']} (sha256 {i['sha256'][:12]})" for i in lineage.get("inputs", []))
-        lines.append(
-            f"{'lineage' if depth == 0 else 'from':12} llamactl {lineage.get('command', '?')}"
-            f" v{lineage.get('llamactl', '?')}{step}" + (f" <- {inputs}" if inputs else "")
-        )
-        lineage, depth = lineage.get("parent"), depth + 1
-    return "\n".join(lines)
+    return "\n".join(lines + lineage_lines(src.lineage))
 
 
 def run(cfg: ConvertConfig) -> list[str]:
@@ -129,7 +176,16 @@ def run(cfg: ConvertConfig) -> list[str]:
     from llamactl.model import Transformer
 
     cfg.validate()
-    src = cv.read_source(cfg.src, cfg.src_format)
+    from llamactl.lora import is_adapter
+
+    if cfg.src_format in ("auto", "llamactl") and is_adapter(cfg.src):
+        return _convert_adapter(cfg)
+    if cfg.to == "peft":
+        raise UserError(f"{cfg.src}: --to peft exports a LoRA adapter file, and this is a model checkpoint")
+    if cfg.merge_adapter is not None:
+        src = cv.read_merged(cfg.src, cfg.merge_adapter)
+    else:
+        src = cv.read_source(cfg.src, cfg.src_format)
     if cfg.to == "gguf" and not cfg.tokenizer:  # with --tokenizer, checked once it is attached
         _refuse_gguf_export(src, cfg.src)
     if cfg.tokenizer:
@@ -171,9 +227,25 @@ def run(cfg: ConvertConfig) -> list[str]:
     shard_size = parse_size(cfg.shard_size)
     if cfg.to == "hf":
         return cv.write_hf(cfg.output, src, shard_size)
-    inputs = source_files(cfg.src) + ([cfg.tokenizer] if cfg.tokenizer else [])
+    inputs = source_files(cfg.src) + [p for p in (cfg.merge_adapter, cfg.tokenizer) if p]
     lineage = make_lineage("convert", cfg.argv or sys.argv[1:], inputs, parent=src.lineage or None)
     return cv.save_plans(cfg.output, src.plans, CheckpointMeta(src.args, src.tokenizer, lineage, src.role), shard_size)
+
+
+def _convert_adapter(cfg: ConvertConfig) -> list[str]:
+    """SRC is a LoRA adapter: --info describes it, --to peft exports it; nothing else applies."""
+    from llamactl.convert import write_peft
+    from llamactl.device import DTYPES
+    from llamactl.lora import read_adapter
+
+    meta, tensors = read_adapter(cfg.src)
+    if cfg.info:
+        print(describe_adapter(meta, tensors, cfg.src))
+        return []
+    if cfg.to != "peft" or cfg.merge_adapter is not None or cfg.tokenizer is not None:
+        raise UserError(f"{cfg.src}: is a LoRA adapter: --to peft exports it, --info describes it, llamactl convert "
+                        f"BASE --merge-adapter {cfg.src} merges it into the model it was trained on")  # fmt: skip
+    return write_peft(cfg.output, meta, tensors, DTYPES[cfg.dtype] if cfg.dtype != "keep" else None)
 
 
 def _refuse_gguf_export(src, path: str, tokenizer: str | None = None) -> None:

@@ -54,6 +54,8 @@ class EvalConfig:
     batch_size: int = 8
     device: str = "auto"
     dtype: str = "auto"
+    adapter: str | None = None  # a LoRA adapter trained on the model
+    reference_adapter: str | None = None  # one trained on the reference
 
     def validate(self) -> None:
         from llamactl.commands.tokenize import FORMATS
@@ -74,7 +76,11 @@ class EvalConfig:
                             "would go unscored")  # fmt: skip
         if self.batch_size < 1:
             problems.append(f"--batch-size must be at least 1, got {self.batch_size}")
-        problems += io_problems([("--data", self.data, "file", True)], self.output)
+        if self.reference_adapter is not None and self.reference is None:
+            problems.append("--reference-adapter goes on a --reference, and none is given")
+        inputs = [("--data", self.data, "file", True), ("--adapter", self.adapter, "adapter file", False)]
+        problems += io_problems(inputs + [("--reference-adapter", self.reference_adapter, "adapter file", False)],
+                                self.output)  # fmt: skip
         models = [("-m/--model", self.model)] + ([("--reference", self.reference)] if self.reference else [])
         # checkpoints are checked when read (a sharded one is its index); here only that -o is none of them
         paths = [(flag, p) for flag, m in models for p in (m, m + ".index.json")]
@@ -180,11 +186,13 @@ def run(cfg: EvalConfig) -> dict:
 
     dtype, ref = cfg.dtype, None
     if cfg.reference is not None:
-        ref, _ = load_for_inference(cfg.reference, device, cfg.dtype, "lm", "as the --reference", need_tokenizer=False)
+        ref, _ = load_for_inference(cfg.reference, device, cfg.dtype, "lm", "as the --reference", need_tokenizer=False,
+                                    adapter=cfg.reference_adapter)  # fmt: skip
         # both in one dtype, the reference's under auto: the KL is then the model's difference alone (a quantized
         # model would otherwise run in bf16 on a CPU against an fp32 reference)
         dtype = DTYPE_NAMES[ref.tok_embeddings.weight.dtype] if cfg.dtype == "auto" else cfg.dtype
-    models = [load_for_inference(cfg.model, device, dtype, "lm", "to evaluate", need_tokenizer=has_text)[0]]
+    models = [load_for_inference(cfg.model, device, dtype, "lm", "to evaluate", need_tokenizer=has_text,
+                                 adapter=cfg.adapter)[0]]  # fmt: skip
     models += [ref] if ref is not None else []
     chunk = max(1, LOGIT_ELEMENTS // meta.args.vocab_size)
     nll = [0.0] * len(models)
@@ -218,6 +226,7 @@ def run(cfg: EvalConfig) -> dict:
 
     summary = {
         "model": cfg.model,
+        **({"adapter": cfg.adapter} if cfg.adapter is not None else {}),
         "data": cfg.data,
         "documents": sum(len(ids) >= 2 for ids in docs),
         "documents_skipped": sum(len(ids) < 2 for ids in docs),
@@ -233,6 +242,7 @@ def run(cfg: EvalConfig) -> dict:
         kl = torch.cat(kls).double().sort().values
         summary |= {
             "reference": cfg.reference,
+            **({"reference_adapter": cfg.reference_adapter} if cfg.reference_adapter is not None else {}),
             "reference_nll_mean": nll[1] / total,
             "reference_perplexity": _exp(nll[1] / total),
             "kl_mean": float(kl.mean()),

@@ -17,7 +17,7 @@ from llamactl.flags import SamplingFlags
 INSTRUCTION_FIELD = "gatt_instruction"
 
 
-SAMPLING = ("max_new_tokens", "temperature", "top_p", "batch_size", "device", "dtype")  # the flags only -m uses
+SAMPLING = ("max_new_tokens", "temperature", "top_p", "batch_size", "device", "dtype", "adapter")  # only -m uses
 
 
 @dataclass(kw_only=True)
@@ -28,6 +28,7 @@ class GattConfig(SamplingFlags):
     instructions: str | None = None  # JSONL {"instruction": ...} or one per line; None: the built-in generator
     finalize: bool = False
     model: str | None = None
+    adapter: str | None = None  # a LoRA adapter trained on the model
     max_new_tokens: int = 128
 
     def validate(self) -> None:
@@ -48,6 +49,7 @@ class GattConfig(SamplingFlags):
                 ("-i/--input", self.input, "dialogs JSONL file", True),
                 ("--instructions", self.instructions, "instructions file", False),
                 ("-m/--model", self.model, "checkpoint", False),
+                ("--adapter", self.adapter, "adapter file", False),
             ],
             self.output,
         )

@@ -20,13 +20,16 @@ class GenerateConfig(SamplingFlags):
     top_p: float = 0.95
     top_k: int = 0
     logprobs: bool = False
+    adapter: str | None = None  # a LoRA adapter trained on the model
 
     def validate(self) -> None:
         from llamactl.files import io_problems, overlaps
         from llamactl.flags import sampling_problems
 
         problems = sampling_problems(self)
-        problems += io_problems([("-i/--input", self.input, "file", True)], self.output)
+        problems += io_problems(
+            [("-i/--input", self.input, "file", True), ("--adapter", self.adapter, "adapter file", False)], self.output
+        )
         model = [("-m/--model", self.model), ("-m/--model", self.model + ".index.json")]  # checked when loaded
         problems += overlaps([("-o/--output", self.output)], model)
         if problems:
@@ -85,7 +88,7 @@ def run(cfg: GenerateConfig) -> int:
     cfg.validate()
     device = resolve_device(cfg.device)
     model, meta = load_for_inference(
-        cfg.model, device, cfg.dtype, "lm", "to generate with", need_tokenizer=False, decode=True
+        cfg.model, device, cfg.dtype, "lm", "to generate with", need_tokenizer=False, decode=True, adapter=cfg.adapter
     )
     dtype = model.tok_embeddings.weight.dtype
     tokenizer = Tokenizer(meta.tokenizer, cfg.model) if meta.tokenizer is not None else None

@@ -2,7 +2,8 @@
 
 Round to nearest by default; with ``--calibration``, GPTQ on that text (``llamactl.quant.quantize_gptq``). Each
 layer's error goes to stderr as it is done; the output's header says the scheme, the group size, the method and the
-source's sha256, so nothing else is needed to load it.
+source's sha256, so nothing else is needed to load it. With ``--adapter`` the model quantized is the checkpoint with
+that LoRA adapter merged in (``lora.merged_tensors``); the source's identity is then the base's and the adapter's.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class QuantizeConfig:
     seed: int = 0
     device: str = "auto"
     shard_size: str = "5GB"
+    adapter: str | None = None  # a LoRA adapter trained on the model, merged in before quantizing
     argv: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -59,7 +61,7 @@ class QuantizeConfig:
             problems.append("--calibration-samples must be at least 1 and --calibration-len at least 2")
         if not 0 < self.damp < 1:
             problems.append(f"--damp {self.damp} must be between 0 and 1 (a fraction of the mean diagonal)")
-        inputs = [("-m/--model", self.model, "checkpoint", False)]
+        inputs = [("-m/--model", self.model, "checkpoint", False), ("--adapter", self.adapter, "adapter file", False)]
         if self.calibration is not None:
             inputs.append(("--calibration", self.calibration, "text or JSONL file", True))
         problems += io_problems(inputs, self.output)
@@ -116,14 +118,15 @@ def run(cfg: QuantizeConfig) -> dict:
         CheckpointMeta,
         TensorPlan,
         build_model,
+        cached_sha256,
         check_state,
         checkpoint_files,
         load_tensors,
         make_lineage,
+        model_sha256,
         parse_size,
         read_checked_meta,
         save_plans,
-        sha256_file,
     )
     from llamactl.device import resolve_device
     from llamactl.model import Transformer
@@ -143,6 +146,16 @@ def run(cfg: QuantizeConfig) -> dict:
     if meta.quant is not None:
         raise UserError(f"{cfg.model}: is already quantized ({meta.quant.describe()}); quantize the checkpoint it was "
                         "made from")  # fmt: skip
+    tensors = load_tensors(cfg.model)  # memory-mapped
+    source_sha = model_sha256(cfg.model)
+    if cfg.adapter is not None:
+        from llamactl import lora
+
+        ameta, atensors = lora.read_adapter(cfg.adapter)
+        lora.check_base(ameta, cfg.model, meta)
+        tensors = lora.merged_tensors(tensors, meta, ameta, atensors, cfg.model)
+        meta = ameta.adapted(meta, merged=True)
+        source_sha += "+" + cached_sha256(cfg.adapter)  # the merged model exists as these two files only
     args = meta.args
     if cfg.head and args.head != "lm":
         raise UserError(f"{cfg.model}: --head quantizes a language model's output layer; this model's head is a "
@@ -153,7 +166,6 @@ def run(cfg: QuantizeConfig) -> dict:
     if bad := undivided_dims(args, group):
         raise UserError(f"{cfg.model}: int4 --group-size {group} does not divide the input dims of its linear "
                         f"layers ({', '.join(bad)}); choose a group size that does")  # fmt: skip
-    tensors = load_tensors(cfg.model)  # memory-mapped
     with torch.device("meta"):
         check_state(cfg.model, Transformer(args).state_dict(), tensors)
     method = "gptq" if cfg.calibration else "rtn"
@@ -161,7 +173,6 @@ def run(cfg: QuantizeConfig) -> dict:
     sequences = None
     if cfg.calibration:
         sequences = _calibration_sequences(cfg, tokenizer, args.vocab_size, args.max_seq_len)
-    source_sha = ",".join(sha256_file(f) for f in checkpoint_files(cfg.model))
     spec = QuantSpec(cfg.scheme, group, method, cfg.head, source_sha)
     names = linear_names(args, spec)
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
@@ -207,7 +218,8 @@ def run(cfg: QuantizeConfig) -> dict:
     # aligned, and safetensors packs tensors back to back). Round to nearest then makes each layer twice (once for
     # its fp16 scales, once for its 1-byte levels): cheap, and it keeps one layer in memory at a time.
     plans.sort(key=lambda p: -torch.empty((), dtype=p.dtype).element_size())
-    lineage = make_lineage("quantize", cfg.argv, checkpoint_files(cfg.model), meta.lineage, scheme=spec.describe())
+    inputs = checkpoint_files(cfg.model) + ([cfg.adapter] if cfg.adapter else [])
+    lineage = make_lineage("quantize", cfg.argv, inputs, meta.lineage, scheme=spec.describe())
     out_meta = CheckpointMeta(args, meta.tokenizer, lineage, meta.role, spec)
     written = save_plans(cfg.output, plans, out_meta, parse_size(cfg.shard_size))
     size_in = sum(os.path.getsize(f) for f in checkpoint_files(cfg.model))

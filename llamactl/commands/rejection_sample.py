@@ -59,6 +59,9 @@ class RejectionSampleConfig(SamplingFlags):
     temperature: float = 1.0
     top_p: float = 1.0
     batch_size: int = 4  # prompts at once: batch_size * k rows decode together
+    adapter: str | None = None  # LoRA adapters trained on the policy, the reward model, the safety reward model
+    rm_adapter: str | None = None
+    safety_rm_adapter: str | None = None
 
     def validate(self) -> None:
         from llamactl.files import io_problems
@@ -71,11 +74,16 @@ class RejectionSampleConfig(SamplingFlags):
             problems.append(f"--keep {self.keep!r} is not one of {', '.join(KEEPS)}")
         if self.pool is not None and self.keep == "all":
             problems.append("--pool keeps one answer per prompt; --keep all writes every sample: give one of them")
+        if self.safety_rm_adapter is not None and self.safety_rm is None:
+            problems.append("--safety-rm-adapter goes on a --safety-rm, and none is given")
         problems += io_problems(
             [
                 ("-m/--model", self.model, "checkpoint", False),
                 ("--rm", self.rm, "checkpoint", False),
                 ("--safety-rm", self.safety_rm, "checkpoint", False),
+                ("--adapter", self.adapter, "adapter file", False),
+                ("--rm-adapter", self.rm_adapter, "adapter file", False),
+                ("--safety-rm-adapter", self.safety_rm_adapter, "adapter file", False),
                 ("-i/--input", self.input, "prompts JSONL file", True),
                 ("--pool", self.pool, "JSONL file", True),
             ],
@@ -88,13 +96,19 @@ class RejectionSampleConfig(SamplingFlags):
 # ---------------------------------------------------------------------------------------- prompts and policies
 
 
-def load_policy(path: str, device, dtype: str, cfg):
-    """A language model to sample answers from, as a ``chat.Chatter``, and its checkpoint's header."""
+def load_policy(path: str, device, dtype: str, cfg, adapter: str | None = None):
+    """A language model (with a LoRA ``adapter`` file) to sample answers from, as a ``chat.Chatter``, and its
+    header."""
     from llamactl.commands.chat import Chatter
 
     chat = Chatter.load(path, device, dtype, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed,
-                        purpose="to sample answers from")  # fmt: skip
+                        purpose="to sample answers from", adapter=adapter)  # fmt: skip
     return chat, chat.meta
+
+
+def policy_name(model: str, adapter: str | None) -> str:
+    """How an output record names the policy that sampled it."""
+    return model if adapter is None else f"{model} --adapter {adapter}"
 
 
 # -------------------------------------------------------------------------------------------------- the judge
@@ -175,7 +189,7 @@ def records(prompt: Prompt, texts: list[str], scores: list, cfg: RejectionSample
     if cfg.keep == "all":
         return [
             {**prompt.rec, "messages": [*prompt.messages, {"role": "assistant", "content": text}], "score": s,
-             "sample": j, "best": j == chosen, "sampled_by": cfg.model}
+             "sample": j, "best": j == chosen, "sampled_by": policy_name(cfg.model, cfg.adapter)}
             for j, (text, s) in enumerate(zip(texts, scores, strict=True)) if s is not None
         ]  # fmt: skip
     pooled = pool.get(dialog_key(prompt.messages))
@@ -189,7 +203,7 @@ def records(prompt: Prompt, texts: list[str], scores: list, cfg: RejectionSample
         return []
     answer = {"role": "assistant", "content": texts[chosen]}
     return [{**prompt.rec, "messages": [*prompt.messages, answer], "score": scores[chosen], "scores": scores,
-             "sampled_by": cfg.model, "pooled_from": None}]  # fmt: skip
+             "sampled_by": policy_name(cfg.model, cfg.adapter), "pooled_from": None}]  # fmt: skip
 
 
 def run(cfg: RejectionSampleConfig) -> int:
@@ -210,9 +224,10 @@ def run(cfg: RejectionSampleConfig) -> int:
     if d.world > 1 and streams(cfg.input):
         raise UserError(f"-i/--input {display_name(cfg.input)}: under torchrun every rank reads the prompts; give a "
                         "file")  # fmt: skip
-    chat, meta = load_policy(cfg.model, device, cfg.dtype, cfg)
+    chat, meta = load_policy(cfg.model, device, cfg.dtype, cfg, cfg.adapter)
     chat.generator.manual_seed(cfg.seed + d.rank)  # each rank its own draws
-    judge = Judge(cfg.rm, cfg.safety_rm, device, cfg.dtype, cfg.batch_size * cfg.k)
+    judge = Judge(cfg.rm, cfg.safety_rm, device, cfg.dtype, cfg.batch_size * cfg.k, cfg.rm_adapter,
+                  cfg.safety_rm_adapter)  # fmt: skip
     judge.check_fits(meta.tokenizer, cfg.model)
     prompts = read_prompts(cfg.input, WRITES[cfg.keep])
     for p in prompts:

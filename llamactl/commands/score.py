@@ -21,13 +21,18 @@ class ScoreConfig:
     batch_size: int = 16
     device: str = "auto"
     dtype: str = "auto"
+    adapter: str | None = None  # a LoRA adapter trained on the model (making it a reward model, or trained further)
 
     def validate(self) -> None:
         from llamactl.files import io_problems
 
         problems = [] if self.batch_size >= 1 else [f"--batch-size must be at least 1, got {self.batch_size}"]
         problems += io_problems(
-            [("-m/--model", self.model, "checkpoint", False), ("-i/--input", self.input, "JSONL file", True)],
+            [
+                ("-m/--model", self.model, "checkpoint", False),
+                ("--adapter", self.adapter, "adapter file", False),
+                ("-i/--input", self.input, "JSONL file", True),
+            ],
             self.output,
         )
         if problems:
@@ -65,7 +70,7 @@ def run(cfg: ScoreConfig) -> int:
     from llamactl.reward import Scorer
 
     cfg.validate()
-    scorer = Scorer(cfg.model, resolve_device(cfg.device), cfg.dtype, cfg.batch_size)
+    scorer = Scorer(cfg.model, resolve_device(cfg.device), cfg.dtype, cfg.batch_size, cfg.adapter)
 
     def parse(where: str, rec: dict):
         check_free(rec, ("score", "score_prob"), where)
