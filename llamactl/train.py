@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import json
 import math
 import os
@@ -22,14 +23,13 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from llamactl.checkpoint import CheckpointMeta, plan_from_tensors, read_safetensors, save_plans, write_safetensors
+from llamactl.checkpoint import CheckpointMeta
 from llamactl.errors import Interrupted, UserError
 from llamactl.files import atomic_path, fsync_dir
 from llamactl.jsonl import dumps, parse_record
@@ -37,8 +37,8 @@ from llamactl.model import ModelArgs, Transformer
 
 LATEST = "latest"
 TRAINER_JSON = "trainer.json"
-TRAINER_TENSORS = "trainer.safetensors"
-TRAINER_FORMAT = "llamactl-trainer/1"
+DCP_DIR = "dcp"
+TRAINER_FORMAT = "llamactl-trainer/2"
 
 
 # ------------------------------------------------------------------------------------------------ distributed
@@ -80,22 +80,69 @@ def all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
     return x
 
 
-def wrap_model(model: Transformer, strategy: str, d: Dist, device: torch.device) -> torch.nn.Module:
-    """DDP or FSDP2 (``fully_shard`` per block, then the root) across the process group; as is for one process."""
-    if d.world == 1:
-        return model
-    if strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
+def shard(model: torch.nn.Module, d: Dist, device: torch.device, bf16: bool) -> None:
+    """FSDP2 on a model still on the meta device: ``fully_shard`` on every transformer block, then on each
+    transformer (the root, or each model of a container such as ppo's policy and value), so each rank will allocate
+    only its shard of each parameter (``materialize``). With ``bf16``, FSDP2's mixed precision: parameters
+    all-gathered and computed in bf16, gradients reduced in fp32, fp32 master weights in the shards. ``hidden``,
+    ``logits`` and ``scores`` gather like ``forward`` (the generation engine calls them)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    from llamactl.model import TransformerBlock
 
     mesh = init_device_mesh(device.type, (d.world,))
-    for layer in model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    kwargs = {"mesh": mesh, **({"mp_policy": policy} if policy else {})}
+    models = [m for m in model.modules() if isinstance(m, Transformer)]
+    for m in model.modules():
+        if isinstance(m, TransformerBlock):
+            fully_shard(m, **kwargs)
+    for m in models:
+        fully_shard(m, **kwargs)
+        for method in ("hidden", "logits", "scores"):
+            register_fsdp_forward_method(m, method)
+
+
+def local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(this rank's local tensor, first row, end row) of a parameter: an FSDP2 shard holds rows [start, stop) of
+    dim 0 (``torch.chunk``'s split: ceil(n / world) rows a rank, the last ones short or empty); a plain tensor all."""
+    if not hasattr(t, "to_local"):
+        return t, 0, t.shape[0] if t.dim() else 0
+    local = t.to_local()
+    n, world = t.shape[0], t.device_mesh.size()
+    start = min(n, t.device_mesh.get_local_rank() * -(-n // world))
+    assert local.shape[0] == min(-(-n // world), n - start), f"unexpected shard of {tuple(t.shape)}"
+    return local, start, start + local.shape[0]
+
+
+def materialize(
+    model: torch.nn.Module, sources: dict[str, dict[str, torch.Tensor] | None], seed: int, device, skip=frozenset()
+) -> None:
+    """Allocate a meta-device (possibly sharded) model on ``device`` and fill what each rank holds: a parameter or
+    buffer under prefix P gets its rows from ``sources[P]`` (a checkpoint's memory-mapped tensors: only these rows
+    are read) or, where the source is None or lacks it (LoRA's adapters), from the seeded ``init_rows``. Names in
+    ``skip`` are left for a checkpoint to fill. No rank ever holds a whole parameter it does not own."""
+    from llamactl.model import Transformer, init_rows
+
+    model.to_empty(device=device)
+    roots = {n + "." if n else "": m for n, m in model.named_modules() if isinstance(m, Transformer)}
+    persistent = set(model.state_dict())
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if name in skip or name not in persistent:
+                continue
+            prefix = max((p for p in sources if name.startswith(p)), key=len)
+            key, src = name[len(prefix) :], sources[prefix]
+            local, start, stop = local_rows(t)
+            if src is not None and key in src:
+                local.copy_(src[key][start:stop] if t.dim() else src[key])
+            else:
+                owner = max((p for p in roots if name.startswith(p)), key=len)
+                n_layers = roots[owner].args.n_layers
+                local.copy_(init_rows(name[len(owner) :], tuple(t.shape), seed, n_layers, start, stop))
+    for m in roots.values():
+        m.reset_rope(device)
 
 
 @contextlib.contextmanager
@@ -106,44 +153,15 @@ def grad_sync(wrapped: torch.nn.Module, sync: bool):
     elif hasattr(wrapped, "no_sync"):  # DDP
         with wrapped.no_sync():
             yield
-    elif hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
-        wrapped.set_requires_gradient_sync(False)
+    else:  # FSDP2: each sharded model (ppo has two) holds its gradients unreduced
+        roots = [m for m in wrapped.modules() if hasattr(m, "set_requires_gradient_sync")]
+        for m in roots:
+            m.set_requires_gradient_sync(False)
         try:
             yield
         finally:
-            wrapped.set_requires_gradient_sync(True)
-    else:
-        yield
-
-
-def full_model_state(model: torch.nn.Module, d: Dist) -> dict[str, torch.Tensor]:
-    """The whole (unsharded) model state on CPU, on every rank's call; only rank 0 gets the tensors."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    if d.world == 1:
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=opts)
-
-
-def full_optim_state(model: torch.nn.Module, optim: torch.optim.Optimizer, d: Dist) -> dict:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_optimizer_state_dict(model, optim, options=opts)
-
-
-def load_full_state(model: torch.nn.Module, optim: torch.optim.Optimizer, model_sd: dict, optim_sd: dict, d: Dist):
-    """Load whole-model states (as saved by any number of ranks) into a model sharded or replicated over ``d``."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=d.world > 1)
-    set_model_state_dict(model, model_sd, options=opts)
-    set_optimizer_state_dict(model, optim, optim_sd, options=opts)
+            for m in roots:
+                m.set_requires_gradient_sync(True)
 
 
 # ------------------------------------------------------------------------------------------------ optimisation
@@ -209,26 +227,34 @@ def flops_per_token(a: ModelArgs, seq_len: int) -> float:
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
-def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
-    """Every RNG's state: the JSON-able ones (Python, NumPy) and the tensors (torch, CUDA)."""
+def rng_state() -> dict:
+    """Every RNG of this process (Python, NumPy, torch, CUDA) as JSON."""
+    import base64
+
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    plain = {"python": [version, list(internal), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
-    tensors = {"rng/torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors.update({f"rng/cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return plain, tensors
+    b64 = lambda t: base64.b64encode(t.numpy().tobytes()).decode()  # noqa: E731
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+        "torch": b64(torch.get_rng_state()),
+        "cuda": [b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
 
 
-def set_rng_state(plain: dict, tensors: dict[str, torch.Tensor]) -> None:
-    version, internal, gauss = plain["python"]
+def set_rng_state(state: dict) -> None:
+    import base64
+
+    def tensor(text: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(text, validate=True)), dtype=torch.uint8)
+
+    version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = plain["numpy"]
+    name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(tensors["rng/torch"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda/")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    torch.set_rng_state(tensor(state["torch"]))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensor(s) for s in state["cuda"]])
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
@@ -251,23 +277,9 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return folder
 
 
-def save_trainer_state(folder: str, state: dict, optim_sd: dict) -> None:
-    """``trainer.json`` and ``trainer.safetensors`` in ``folder``: ``state`` (step, settings ...), the optimizer's
-    state dict (per-parameter tensors by parameter name, hyperparameters as JSON) and every RNG."""
-    rng, tensors = rng_state()
-    for fqn, per_param in optim_sd["state"].items():
-        for key, value in per_param.items():
-            assert isinstance(value, torch.Tensor), f"optimizer state {fqn}.{key} is {type(value).__name__}"
-            tensors[f"optimizer/{fqn}/{key}"] = value
-    write_safetensors(os.path.join(folder, TRAINER_TENSORS), plan_from_tensors(tensors), {"format": TRAINER_FORMAT})
-    doc = {"format": TRAINER_FORMAT, **state, "param_groups": optim_sd["param_groups"], "rng": rng}
-    with atomic_path(os.path.join(folder, TRAINER_JSON)) as tmp, open(tmp, "w") as f:
-        json.dump(doc, f)
-
-
 def load_trainer_state(folder: str) -> dict:
-    """What ``save_trainer_state`` wrote: the state with ``optimizer`` (a state dict) and ``rng_tensors`` added.
-    Damage (a truncated or altered file) is one UserError naming the file."""
+    """``trainer.json`` of a checkpoint (step, config, settings, the optimizer's hyperparameters, the names of the
+    trained tensors, the world that saved it); damage is one UserError naming the file."""
     path = os.path.join(folder, TRAINER_JSON)
     with open(path, "rb") as f:
         raw = f.read()
@@ -275,69 +287,68 @@ def load_trainer_state(folder: str) -> dict:
         state = json.loads(raw)
     except (ValueError, RecursionError) as e:
         raise UserError(f"{path}: damaged trainer state (not JSON: {str(e)[:120]})") from None
+    if isinstance(state, dict) and state.get("format") == "llamactl-trainer/1":
+        raise UserError(f"{folder}: written by an older llamactl (whole-model trainer state); start a new run")
     problem = _trainer_state_problem(state)
     if problem:
         raise UserError(f"{path}: damaged trainer state ({problem})")
-    per_param: dict[str, dict[str, torch.Tensor]] = {}
-    rng_tensors = {}
-    for key, t in read_safetensors(os.path.join(folder, TRAINER_TENSORS)).items():
-        if key.startswith("optimizer/"):
-            fqn, _, name = key.removeprefix("optimizer/").rpartition("/")
-            per_param.setdefault(fqn, {})[name] = t
-        elif key.startswith("rng/"):
-            rng_tensors[key] = t
-    if "rng/torch" not in rng_tensors:
-        raise UserError(f"{os.path.join(folder, TRAINER_TENSORS)}: damaged trainer state (no torch RNG state)")
     # JSON has no tuples; torch's optimizers keep hyperparameters such as betas as tuples
-    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()} for g in
-              state.pop("param_groups")]  # fmt: skip
-    return {**state, "optimizer": {"state": per_param, "param_groups": groups}, "rng_tensors": rng_tensors}
+    state["param_groups"] = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+                             for g in state["param_groups"]]  # fmt: skip
+    return state
 
 
-def optimizer_state_problem(model: torch.nn.Module, optim: torch.optim.Optimizer, optim_sd: dict) -> str | None:
-    """Whether a loaded optimizer state dict is this optimizer's (same parameter groups, moments of the parameters'
-    shapes): loading another one would not fail, it would silently restart the moments."""
+def optimizer_state_problem(model: torch.nn.Module, optim: torch.optim.Optimizer, groups: list[dict]) -> str | None:
+    """Whether a checkpoint's optimizer parameter groups are this optimizer's: loading other ones would not fail,
+    it would silently restart the moments of the parameters it does not name."""
     name_of = {id(p): n for n, p in model.named_parameters()}
     want = [sorted(name_of[id(p)] for p in g["params"]) for g in optim.param_groups]
-    got = [sorted(map(str, g["params"])) for g in optim_sd["param_groups"]]
+    got = [sorted(map(str, g["params"])) for g in groups]
     if want != got:
         return "its optimizer's parameter groups are not this model's"
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    for fqn, per_param in optim_sd["state"].items():
-        if fqn not in shapes:
-            return f"optimizer state for {fqn!r}, which this model does not have"
-        for key, t in per_param.items():
-            if t.dim() and tuple(t.shape) != shapes[fqn]:
-                return f"optimizer state {fqn}/{key} has shape {tuple(t.shape)}, the parameter {shapes[fqn]}"
     return None
 
 
 def _trainer_state_problem(state: object) -> str | None:
     if not isinstance(state, dict) or state.get("format") != TRAINER_FORMAT:
         return f"no format tag {TRAINER_FORMAT!r}"
-    kinds = {"step": int, "model_args": dict, "settings": dict, "param_groups": list, "rng": dict}
+    kinds = {"step": int, "model_args": dict, "settings": dict, "param_groups": list, "trained": list, "world": int}
     for key, kind in kinds.items():
         if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
             return f"{key!r} is missing or not {kind.__name__}"
-    if state["step"] < 0:
-        return f"step {state['step']}"
+    if state["step"] < 0 or state["world"] < 1:
+        return f"step {state['step']}, world {state['world']}"
     if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in state["param_groups"]):
         return "'param_groups' are not objects with 'params'"
-    py, nump = state["rng"].get("python"), state["rng"].get("numpy")
-    if not (isinstance(py, list) and len(py) == 3 and isinstance(py[1], list)):
-        return "the Python RNG state is malformed"
-    if not (isinstance(nump, list) and len(nump) == 5 and isinstance(nump[1], list)):
-        return "the NumPy RNG state is malformed"
+    if not all(isinstance(n, str) for n in state["trained"]):
+        return "'trained' is not a list of tensor names"
     return None
 
 
-Parts = dict[str, tuple[str, CheckpointMeta]]  # file name -> (state-dict prefix, what the file says of itself)
+Parts = dict[str, tuple[str, object]]  # file name -> (state-dict prefix, what the file says of itself)
 
 
-def checkpoint_parts(meta: CheckpointMeta | Parts | None) -> Parts:
-    """The model files of a checkpoint: ``model.safetensors`` for one model, or one file per part of a model made of
-    several (ppo: the policy in ``model.safetensors``, its value model in ``value.safetensors``)."""
-    return meta if isinstance(meta, dict) else {"model.safetensors": ("", meta)}
+def checkpoint_parts(meta) -> Parts:
+    """The files a run writes at its end: ``model.safetensors`` for one model (a ``CheckpointMeta``), an adapter
+    (a ``lora.AdapterMeta``: ``adapter.safetensors``), or one file per part of a model made of several (ppo: the
+    policy, its value model)."""
+    if isinstance(meta, dict):
+        return meta
+    return {"model.safetensors" if isinstance(meta, CheckpointMeta) else "adapter.safetensors": ("", meta)}
+
+
+def trained_state(model: torch.nn.Module, optim: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model state, optimizer state) of what training changes, sharded as the model is: the trainable parameters
+    (a LoRA run's adapters and head, not its frozen base) and their AdamW moments. Every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optim)
+    trained = {n for n, p in _unwrapped(model).named_parameters() if p.requires_grad}
+    return {k: v for k, v in msd.items() if k in trained}, osd
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "no_sync") else model  # DDP keeps the model in .module
 
 
 def save_checkpoint(
@@ -345,37 +356,143 @@ def save_checkpoint(
     step: int,
     model: torch.nn.Module,
     optim: torch.optim.Optimizer,
-    meta: CheckpointMeta | Parts,
     trainer_state: dict,
     d: Dist,
     keep: int,
-) -> str | None:
-    """Write ``step-NNNNNNN/`` atomically and point ``latest`` at it; all ranks call, rank 0 writes."""
-    model_sd = full_model_state(model, d)
-    optim_sd = full_optim_state(model, optim, d)
-    if not d.main:
-        return None
+) -> str:
+    """Write ``step-NNNNNNN/`` and point ``latest`` at it: every rank writes its own shards in parallel through
+    ``torch.distributed.checkpoint`` (safetensors files, ``dcp/``) and its RNGs (``rng-R.json``); rank 0 then
+    writes ``trainer.json``, renames the folder into place and replaces ``latest``. A kill at any point leaves the
+    previous checkpoint as ``latest``."""
+    import torch.distributed.checkpoint as dcp
+
     name = f"step-{step:07d}"
     final = os.path.join(run_dir, name)
     tmp = os.path.join(run_dir, f".{name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for file, (prefix, part_meta) in checkpoint_parts(meta).items():
-        part_meta.lineage = {**part_meta.lineage, "step": step}
-        part = {k[len(prefix) :]: v for k, v in model_sd.items() if k.startswith(prefix)}
-        save_plans(os.path.join(tmp, file), plan_from_tensors(part), part_meta)
-    save_trainer_state(tmp, {**trainer_state, "step": step}, optim_sd)
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier(d)
+    msd, osd = trained_state(model, optim)
+    # one file per block on each rank: DCP's safetensors writer builds each file in memory before writing it, so a
+    # save holds one block's shard at a time, not the rank's whole shard (70B on 8 ranks: 105 GB)
+    keys = [f"model.{k}" for k in msd] + [f"optim.{p}.{k}" for p, per in osd["state"].items() for k in per]
+    files = {k: int(m.group(1)) + 2 if (m := re.search(r"\.layers\.(\d+)\.", k)) else 1 for k in keys}
+    writer = dcp.HuggingFaceStorageWriter(os.path.join(tmp, DCP_DIR), fqn_to_index_mapping=files,
+                                          save_distributed=True)  # fmt: skip
+    with single_process_dcp(d):
+        dcp.save({"model": msd, "optim": osd["state"]}, storage_writer=writer, no_dist=d.world == 1)
+    with atomic_path(os.path.join(tmp, f"rng-{d.rank}.json")) as t, open(t, "w") as f:
+        json.dump(rng_state(), f)
     fault_point("checkpoint-written", step)
-    fsync_dir(tmp)  # each file is on disk already (atomic_path); now the folder's entries
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    fsync_dir(run_dir)
-    with atomic_path(os.path.join(run_dir, LATEST)) as t, open(t, "w") as f:
-        f.write(name + "\n")
-    steps = sorted(n for n in os.listdir(run_dir) if n.startswith("step-") and n != name)
-    for old in steps[: max(0, len(steps) - (keep - 1))] if keep > 0 else []:
-        shutil.rmtree(os.path.join(run_dir, old), ignore_errors=True)
+    barrier(d)
+    if d.main:
+        doc = {"format": TRAINER_FORMAT, **trainer_state, "step": step, "world": d.world,
+               "param_groups": osd["param_groups"], "trained": sorted(msd)}  # fmt: skip
+        with atomic_path(os.path.join(tmp, TRAINER_JSON)) as t, open(t, "w") as f:
+            json.dump(doc, f)
+        fsync_dir(os.path.join(tmp, DCP_DIR))
+        fsync_dir(tmp)  # each file is on disk already (DCP and atomic_path fsync); now the folder's entries
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        fsync_dir(run_dir)
+        with atomic_path(os.path.join(run_dir, LATEST)) as t, open(t, "w") as f:
+            f.write(name + "\n")
+        steps = sorted(n for n in os.listdir(run_dir) if n.startswith("step-") and n != name)
+        for old in steps[: max(0, len(steps) - (keep - 1))] if keep > 0 else []:
+            shutil.rmtree(os.path.join(run_dir, old), ignore_errors=True)
+    barrier(d)
     return final
+
+
+@contextlib.contextmanager
+def single_process_dcp(d: Dist):
+    """DCP in one process, without its warning that no process group exists (that is the intent)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        if d.world == 1:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+def barrier(d: Dist) -> None:
+    if d.world > 1:
+        dist.barrier()
+
+
+def load_checkpoint(folder: str, state: dict, model: torch.nn.Module, optim: torch.optim.Optimizer, d: Dist,
+                    say) -> None:  # fmt: skip
+    """Load a checkpoint saved by any number of ranks into this run's (sharded or replicated) model and optimizer:
+    DCP reads, on each rank, only the parts of the saved shards that overlap its own. Each rank takes the RNGs of
+    the rank of its number if the saving run had one."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    problem = optimizer_state_problem(_unwrapped(model), optim, state["param_groups"])
+    msd, osd = trained_state(model, optim)  # initialises the optimizer's moments, which the load overwrites
+    if not problem and sorted(msd) != sorted(state["trained"]):
+        problem = "it trained other tensors than this run trains"
+    if problem:
+        raise UserError(f"{folder}: the trainer state does not fit this run ({problem})")
+    try:
+        loaded = {"model": msd, "optim": osd["state"]}
+        reader = dcp.HuggingFaceStorageReader(os.path.join(folder, DCP_DIR))
+        with single_process_dcp(d):
+            dcp.load(loaded, storage_reader=reader, no_dist=d.world == 1)
+        set_state_dict(model, optim, model_state_dict=loaded["model"],
+                       optim_state_dict={"state": loaded["optim"], "param_groups": state["param_groups"]})  # fmt: skip
+    except Exception as e:  # DCP wraps a damaged or missing shard in its own exception types
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:160]
+        raise UserError(f"{folder}: the trainer state cannot be loaded ({reason})") from None
+    rng = os.path.join(folder, f"rng-{d.rank}.json")
+    if os.path.isfile(rng):
+        try:
+            with open(rng) as f:
+                set_rng_state(json.load(f))
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise UserError(f"{rng}: damaged RNG state ({str(e)[:120]})") from None
+    elif d.rank >= state["world"]:
+        say(f"{folder} was saved by {state['world']} processes: ranks from {state['world']} on keep seeded RNGs")
+
+
+def export_parts(folder: str, run_dir: str, meta) -> list[str]:
+    """The run's final files from checkpoint ``folder`` (``checkpoint_parts``: model.safetensors, or adapters),
+    written by streaming one tensor at a time out of the saved shards: never a whole-model gather. Returns paths."""
+    import torch.distributed.checkpoint as dcp
+
+    from llamactl.checkpoint import TensorPlan, save_plans
+
+    root = os.path.join(folder, DCP_DIR)
+    saved = dcp.HuggingFaceStorageReader(root).read_metadata().state_dict_metadata
+    step = load_trainer_state(folder)["step"]
+
+    def one(key: str, size, dtype) -> torch.Tensor:
+        out = {key: torch.empty(size, dtype=dtype)}
+        with single_process_dcp(Dist()):
+            dcp.load(out, storage_reader=dcp.HuggingFaceStorageReader(root), no_dist=True)
+        return out[key]
+
+    written = []
+    for file, (prefix, part_meta) in checkpoint_parts(meta).items():
+        keys = [k for k in saved if k.startswith("model." + prefix)]
+        path = os.path.join(run_dir, file)
+        if isinstance(part_meta, CheckpointMeta):
+            part_meta.lineage = {**part_meta.lineage, "step": step}
+            plans = [
+                TensorPlan(k[len("model." + prefix) :], tuple(saved[k].size), saved[k].properties.dtype,
+                           lambda k=k: one(k, saved[k].size, saved[k].properties.dtype))
+                for k in keys
+            ]  # fmt: skip
+            save_plans(path, plans, part_meta)
+        else:  # an adapter: a few MB, read whole
+            from llamactl import lora
+
+            part_meta.lineage = {**part_meta.lineage, "step": step}
+            tensors = {k[len("model." + prefix) :]: one(k, saved[k].size, saved[k].properties.dtype) for k in keys}
+            lora.save_adapter(path, tensors, part_meta)
+        written.append(path)
+    return written
 
 
 def clean_partial(run_dir: str) -> None:
@@ -501,7 +618,6 @@ def fit(
     optim: torch.optim.Optimizer,
     cfg: LoopConfig,
     run_dir: str,
-    meta: CheckpointMeta | Parts,
     trainer_state: dict,
     d: Dist,
     device: torch.device,
@@ -535,7 +651,7 @@ def fit(
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
 
     def save(step: int) -> None:
-        save_checkpoint(run_dir, step, wrapped, optim, meta, trainer_state, d, cfg.keep)
+        save_checkpoint(run_dir, step, wrapped, optim, trainer_state, d, cfg.keep)
 
     def evaluate() -> dict[str, float]:
         model.eval()
@@ -657,41 +773,55 @@ def open_run(run_dir: str, resume: bool, args: ModelArgs, settings: dict) -> tup
     return ckpt, state
 
 
+def build_wrapped(
+    model: torch.nn.Module,
+    sources: dict[str, dict[str, torch.Tensor] | None],
+    seed: int,
+    d: Dist,
+    device: torch.device,
+    distributed: str,
+    bf16: bool,
+    skip=frozenset(),
+) -> torch.nn.Module:
+    """A meta-device model sharded (FSDP2 under torchrun with ``fsdp``) before any weight exists, then materialised
+    (``materialize``), then wrapped in DDP under torchrun with ``ddp``; returns the wrapped model (the model itself
+    for FSDP2 and one process)."""
+    fsdp = d.world > 1 and distributed == "fsdp"
+    if fsdp:
+        shard(model, d, device, bf16)
+    materialize(model, sources, seed, device, skip)
+    if d.world > 1 and not fsdp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
+    return model
+
+
 def prepare(
-    model: Transformer,
+    model: torch.nn.Module,
+    sources: dict[str, dict[str, torch.Tensor] | None],
+    seed: int,
     ckpt: str | None,
     state: dict | None,
     d: Dist,
     device: torch.device,
     distributed: str,
+    bf16: bool,
     lr: float,
     weight_decay: float,
     compile: bool = False,
-    meta: CheckpointMeta | Parts | None = None,
+    say=lambda message: None,
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.nn.Module]:
-    """Move the model to its device, wrap it (DDP/FSDP2), make the optimizer and, resuming, load the checkpoint's
-    model and optimizer state and RNGs. Returns (wrapped, optimizer, forward: the wrapped model, compiled if asked)."""
-    from llamactl.checkpoint import load_tensors
-
-    parts = checkpoint_parts(meta)  # None: one model in model.safetensors
-    model.to(device)
-    wrapped = wrap_model(model, distributed, d, device)
+    """A model built on the meta device made trainable: sharded (FSDP2 under torchrun with ``fsdp``) before any
+    weight exists, materialised shard by shard (``materialize``: ``sources`` per state-dict prefix, None for a seeded
+    fresh start), wrapped in DDP under torchrun with ``ddp``, with its optimizer; resuming, the checkpoint's trained
+    tensors, optimizer state and RNGs are loaded, whatever number of ranks saved them. Returns (wrapped, optimizer,
+    forward: the wrapped model, compiled if asked)."""
+    restored = frozenset(state["trained"]) if state is not None else frozenset()
+    wrapped = build_wrapped(model, sources, seed, d, device, distributed, bf16, restored)
     optim = make_optimizer(model, lr, weight_decay, fused=not (d.world > 1 and distributed == "fsdp"))
     if state is not None:
-        model_sd = {
-            prefix + k: v
-            for file, (prefix, _) in parts.items()
-            for k, v in load_tensors(os.path.join(ckpt, file)).items()
-        }
-        problem = optimizer_state_problem(model, optim, state["optimizer"])
-        if problem:
-            raise UserError(f"{ckpt}: the trainer state does not fit this run ({problem})")
-        try:
-            load_full_state(wrapped, optim, model_sd, state["optimizer"], d)
-            set_rng_state(state["rng"], state["rng_tensors"])
-        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
-            reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
-            raise UserError(f"{ckpt}: the trainer state does not fit this run ({reason})") from None
+        load_checkpoint(ckpt, state, wrapped, optim, d, say)
     return wrapped, optim, torch.compile(wrapped) if compile else wrapped
 
 
@@ -703,12 +833,10 @@ def start_run_dir(run_dir: str, d: Dist) -> None:
         clean_partial(run_dir)
 
 
-def conclude(run_dir: str, result: dict, d: Dist, name: str, files: Iterable[str] = ("model.safetensors",)) -> str:
+def conclude(run_dir: str, result: dict, d: Dist, name: str, meta) -> str:
     """After ``fit``: a stopped run says how to continue and raises Interrupted (exit 128 + the signal, as any command
-    stopped by one); a finished one gets its final model as ``RUN/model.safetensors`` (a hard link to the last
-    checkpoint's, no second copy). Returns that checkpoint."""
-    from llamactl.files import link_or_copy
-
+    stopped by one); a finished one gets its final files (``RUN/model.safetensors``, or its adapters) streamed out
+    of its last checkpoint by rank 0. Returns that checkpoint."""
     if result["stopped"]:
         if d.main:
             print(
@@ -718,17 +846,13 @@ def conclude(run_dir: str, result: dict, d: Dist, name: str, files: Iterable[str
         raise Interrupted(result["stopped"])
     final = latest_checkpoint(run_dir)
     if d.main:
-        for file in files:
-            link_or_copy(os.path.join(final, file), os.path.join(run_dir, file))
+        export_parts(final, run_dir, meta)
+    barrier(d)
     return final
 
 
-def finished_run(
-    run_dir: str, ckpt: str, step: int, steps: int, main: bool, name: str, files: Iterable[str] = ("model.safetensors",)
-) -> dict:
-    """--resume of a run that has done its --steps: say so with its last losses, and make sure its model is out."""
-    from llamactl.files import link_or_copy
-
+def finished_run(run_dir: str, ckpt: str, step: int, steps: int, d: Dist, name: str, meta) -> dict:
+    """--resume of a run that has done its --steps: say so with its last losses, and make sure its files are out."""
     last: dict = {"loss": None, "val_loss": None}
     metrics = os.path.join(run_dir, "metrics.jsonl")
     if os.path.isfile(metrics):
@@ -737,9 +861,9 @@ def finished_run(
                 with contextlib.suppress(ValueError, AttributeError):
                     row = json.loads(line)
                     last.update({k: row[k] for k in ("loss", "val_loss") if isinstance(row.get(k), (int, float))})
-    if main:
-        for file in files:
-            link_or_copy(os.path.join(ckpt, file), os.path.join(run_dir, file))
+    if d.main:
+        if not all(os.path.isfile(os.path.join(run_dir, f)) for f in checkpoint_parts(meta)):
+            export_parts(ckpt, run_dir, meta)  # the run was stopped after its last save, before writing them
         losses = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in last.items() if v is not None)
         print(
             f"llamactl {name}: {run_dir} is complete at step {step} of {steps}"
@@ -747,6 +871,7 @@ def finished_run(
             + "; nothing to do (a longer run needs a new -o)",
             file=sys.stderr,
         )
+    barrier(d)
     return {"step": step, "checkpoint": ckpt, **last}
 
 
@@ -762,8 +887,6 @@ def autocast_bf16(dtype: str, device: torch.device) -> bool:
 def start(cfg, command: str):
     """What every training command does first: its device (under torchrun, this rank's), the process group, its
     stderr notes (rank 0 only) and whether it autocasts to bf16. Returns (dist, device, say, bf16)."""
-    import functools
-
     from llamactl.device import resolve_device
 
     d, device = init_distributed(resolve_device(cfg.device))
@@ -821,7 +944,6 @@ def finetune(
     ``make_task()``'s batches, and the final model. ``meta`` is what the checkpoints say of themselves (config,
     tokenizer, lineage, role); ``loop`` the LoopConfig values the command resolved (accum, lr, warmup, ...).
     Returns ``fit``'s result with the final checkpoint, or the finished run's summary on a --resume past its end."""
-    from llamactl.checkpoint import build_model
     from llamactl.config import check_memory, rope_bytes
     from llamactl.device import seed_everything
 
@@ -829,23 +951,36 @@ def finetune(
     ckpt, state = open_run(cfg.output, cfg.resume, args, settings)
     start_step = state["step"] if state else 0
     if ckpt and start_step >= steps:
-        return finished_run(cfg.output, ckpt, start_step, steps, d.main, name)
+        return finished_run(cfg.output, ckpt, start_step, steps, d, name, meta)
     # parameters, gradients and AdamW's two moments in fp32, and the rotary tables, before any is allocated
     need = 16 * args.num_params() // d.world + rope_bytes(args)
     check_memory(need, f"fine-tuning {args.num_params():,} parameters", source, device)
     seed_everything(cfg.seed)
-    # fp32 master weights, whatever the checkpoint stores (bf16 autocast does the compute where it pays)
-    model = build_model(args, tensors, source, "cpu", torch.float32)
+    model = meta_model(args, tensors, source)
     model.grad_checkpointing = cfg.activation_checkpointing
+    # fp32 master weights, whatever the checkpoint stores (bf16 autocast, or FSDP2's bf16 compute, where it pays)
     wrapped, optim, forward = prepare(
-        model, ckpt, state, d, device, cfg.distributed, loop["lr"], cfg.weight_decay, cfg.compile
-    )
+        model, {"": tensors}, cfg.seed, ckpt, state, d, device, cfg.distributed, loop["bf16"], loop["lr"],
+        cfg.weight_decay, cfg.compile, functools.partial(say, d, name),
+    )  # fmt: skip
     start_run_dir(cfg.output, d)
     trainer_state = {"model_args": args.to_dict(), "settings": settings}
     eval_every = cfg.eval_every or (steps if cfg.val_fraction > 0 else 0)
     loop_cfg = LoopConfig.from_flags(cfg, steps=steps, eval_every=eval_every, name=name, **loop)
     result = fit(
-        make_task(), model, wrapped, optim, loop_cfg, cfg.output, meta, trainer_state, d, device, start_step,
-        forward, metrics_resume=ckpt is not None,
+        make_task(), model, wrapped, optim, loop_cfg, cfg.output, trainer_state, d, device, start_step, forward,
+        metrics_resume=ckpt is not None,
     )  # fmt: skip
-    return {**result, "checkpoint": conclude(cfg.output, result, d, name)}
+    return {**result, "checkpoint": conclude(cfg.output, result, d, name, meta)}
+
+
+def meta_model(args: ModelArgs, tensors: dict[str, torch.Tensor] | None, source: str) -> Transformer:
+    """A model of ``args`` on the meta device, for ``prepare``; ``tensors`` (a checkpoint's) are checked to be its
+    state (names, shapes) before anything is allocated."""
+    from llamactl.checkpoint import check_state
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    if tensors is not None:
+        check_state(source, model.state_dict(), tensors)
+    return model

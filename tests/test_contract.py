@@ -92,7 +92,7 @@ def world(tmp_path_factory) -> dict[str, str]:
     for name, damage in {
         "run_truncated": lambda d: _truncate(os.path.join(d, "trainer.json"), 40),
         "run_empty_json": lambda d: _truncate(os.path.join(d, "trainer.json"), 0),
-        "run_garbage": lambda d: Path(d, "trainer.safetensors").write_bytes(b"\x00garbage" * 10),
+        "run_garbage": lambda d: [Path(f).write_bytes(b"\x00garbage" * 10) for f in Path(d, "dcp").iterdir()],
         "run_pickle": lambda d: (os.unlink(os.path.join(d, "trainer.json")), Path(d, "trainer.pt").write_bytes(b"x")),
         "run_wrong_state": lambda d: _edit_json(
             os.path.join(d, "trainer.json"), step=1, param_groups=[{"params": ["nope"]}]
@@ -449,7 +449,8 @@ TABLE: list[tuple] = [
      ["trainer.json", "damaged trainer state"]),
     ("pretrain:resume-empty-state", f"pretrain {{shards}} -o {{run_empty_json}} {RESUME}",
      ["trainer.json", "damaged trainer state"]),
-    ("pretrain:resume-garbage-tensors", f"pretrain {{shards}} -o {{run_garbage}} {RESUME}", ["trainer.safetensors"]),
+    ("pretrain:resume-garbage-tensors", f"pretrain {{shards}} -o {{run_garbage}} {RESUME}",
+     ["step-0000002", "cannot be loaded"]),
     ("pretrain:resume-old-pickle", f"pretrain {{shards}} -o {{run_pickle}} {RESUME}", ["trainer.pt"]),
     ("pretrain:resume-wrong-state", f"pretrain {{shards}} -o {{run_wrong_state}} {RESUME}", ["does not fit"]),
     ("pretrain:resume-bad-latest", f"pretrain {{shards}} -o {{run_latest}} {RESUME}", ["latest"]),
@@ -706,11 +707,7 @@ def test_resume_never_unpickles(world, tmp_path):
     proc = run_cli("pretrain", world["shards"], "-o", run, "--resume", *PRETRAIN_FLAGS)
     assert proc.returncode == 2 and "trainer.pt" in proc.stderr, proc.stderr
     assert not marker.exists()
-    assert sorted(os.listdir(os.path.join(world["run"], "step-0000002"))) == [
-        "model.safetensors",
-        "trainer.json",
-        "trainer.safetensors",
-    ]
+    assert sorted(os.listdir(os.path.join(world["run"], "step-0000002"))) == ["dcp", "rng-0.json", "trainer.json"]
 
 
 def test_resuming_a_finished_run_says_it_is_complete(world):

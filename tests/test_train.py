@@ -50,15 +50,26 @@ class MaskedTask(T.Task):
 def _fit(run_dir: str, accum: int, optimizer: str, steps: int) -> None:
     d, device = T.init_distributed(torch.device("cpu"))
     torch.manual_seed(0)
-    model = Transformer(ARGS)
-    model.init_weights(0)
-    wrapped = T.wrap_model(model, "ddp", d, device)
+    model = T.meta_model(ARGS, None, "test")
+    wrapped = T.build_wrapped(model, {"": None}, 0, d, device, "ddp", bf16=False)
     if optimizer == "sgd":
         optim = torch.optim.SGD(model.parameters(), lr=0.5)
     else:
         optim = T.make_optimizer(model, 1e-2, 0.1, fused=False)
     loop = T.LoopConfig(steps=steps, accum=accum, lr=optim.param_groups[0]["lr"], warmup=0, min_lr_ratio=1.0)
-    T.fit(MaskedTask(accum), model, wrapped, optim, loop, run_dir, CheckpointMeta(ARGS), {}, d, device)
+    T.fit(
+        MaskedTask(accum),
+        model,
+        wrapped,
+        optim,
+        loop,
+        run_dir,
+        {"model_args": ARGS.to_dict(), "settings": {}},
+        d,
+        device,
+    )
+    if d.main:
+        T.export_parts(T.latest_checkpoint(run_dir), run_dir, CheckpointMeta(ARGS))
 
 
 def _worker(rank: int, world: int, port: int, run_dir: str, accum: int, optimizer: str, steps: int) -> None:
@@ -72,7 +83,8 @@ def _worker(rank: int, world: int, port: int, run_dir: str, accum: int, optimize
 
 
 def _final_weights(run_dir: str, steps: int) -> dict[str, torch.Tensor]:
-    return read_safetensors(os.path.join(run_dir, f"step-{steps:07d}", "model.safetensors"))
+    assert T.latest_checkpoint(run_dir).endswith(f"step-{steps:07d}")
+    return read_safetensors(os.path.join(run_dir, "model.safetensors"))
 
 
 def _free_port() -> int:

@@ -398,10 +398,8 @@ def _whiten_masked(x: torch.Tensor, mask: torch.Tensor, d) -> torch.Tensor:
 
 
 def run(cfg: PPOConfig) -> dict:
-    import copy
-
     from llamactl import train as T
-    from llamactl.checkpoint import CheckpointMeta, build_model, load_tensors, make_lineage, read_checked_meta
+    from llamactl.checkpoint import CheckpointMeta, load_tensors, make_lineage, read_checked_meta
     from llamactl.config import check_memory, rope_bytes
     from llamactl.device import seed_everything
     from llamactl.reward import Scorer
@@ -434,27 +432,34 @@ def run(cfg: PPOConfig) -> dict:
     steps = cfg.iterations * steps_per_iteration
     accum = cfg.minibatch_size // (cfg.batch_size * d.world)
     settings = run_settings(cfg, beta, lr)
-    files = ("model.safetensors", "value.safetensors")
-    ckpt, state = T.open_run(cfg.output, cfg.resume, base.args, settings)
-    start_step = state["step"] if state else 0
-    if ckpt and start_step >= steps:
-        return T.finished_run(cfg.output, ckpt, start_step, steps, d.main, "ppo", files)
-
     value_meta = help_rm.meta
-    need = 16 * (base.args.num_params() + value_meta.args.num_params()) // d.world + 2 * rope_bytes(base.args)
-    check_memory(need, "training a policy and a value model", cfg.model, device)
-    seed_everything(cfg.seed)
-    policy = build_model(base.args, load_tensors(cfg.model), cfg.model, "cpu", torch.float32)
-    value = build_model(value_meta.args, load_tensors(cfg.rm), cfg.rm, "cpu", torch.float32)
-    reference = copy.deepcopy(policy).to(device).eval().requires_grad_(False)  # fp32, run under the same autocast
-    model = ActorCritic(policy, value)
     lineage = make_lineage("ppo", cfg.argv or sys.argv[1:], [cfg.model, cfg.rm, cfg.prompts], parent=base.lineage)
     parts = {
         "model.safetensors": ("policy.", CheckpointMeta(base.args, base.tokenizer, lineage)),
         "value.safetensors": ("value.", CheckpointMeta(value_meta.args, value_meta.tokenizer, dict(lineage), "value")),
     }
-    wrapped, optim, forward = T.prepare(model, ckpt, state, d, device, cfg.distributed, lr, cfg.weight_decay,
-                                        cfg.compile, parts)  # fmt: skip
+    ckpt, state = T.open_run(cfg.output, cfg.resume, base.args, settings)
+    start_step = state["step"] if state else 0
+    if ckpt and start_step >= steps:
+        return T.finished_run(cfg.output, ckpt, start_step, steps, d, "ppo", parts)
+
+    need = 16 * (base.args.num_params() + value_meta.args.num_params()) // d.world + 2 * rope_bytes(base.args)
+    check_memory(need, "training a policy and a value model", cfg.model, device)
+    seed_everything(cfg.seed)
+    policy_tensors, value_tensors = load_tensors(cfg.model), load_tensors(cfg.rm)
+    policy = T.meta_model(base.args, policy_tensors, cfg.model)
+    value = T.meta_model(value_meta.args, value_tensors, cfg.rm)
+    model = ActorCritic(policy, value)
+    wrapped, optim, forward = T.prepare(
+        model, {"policy.": policy_tensors, "value.": value_tensors}, cfg.seed, ckpt, state, d, device,
+        cfg.distributed, use_bf16, lr, cfg.weight_decay, cfg.compile, say,
+    )  # fmt: skip
+    # the reference policy: the starting weights, frozen (fp32, run under the same autocast), sharded as the policy
+    reference = T.meta_model(base.args, None, cfg.model)
+    if d.world > 1 and cfg.distributed == "fsdp":
+        T.shard(reference, d, device, use_bf16)
+    T.materialize(reference, {"": policy_tensors}, cfg.seed, device)
+    reference.eval().requires_grad_(False)
     T.start_run_dir(cfg.output, d)
     task = PPOTask(cfg, prompts, (policy, value, reference), (help_rm, safety_rm), d, device, beta, use_bf16)
     say(f"{len(prompts)} prompts; {cfg.iterations} iterations of {cfg.prompts_per_iteration} samples, "
@@ -467,9 +472,9 @@ def run(cfg: PPOConfig) -> dict:
     loop.save_every = cfg.save_every * steps_per_iteration
     loop.eval_every = 0
     trainer_state = {"model_args": base.args.to_dict(), "settings": settings}
-    result = T.fit(task, model, wrapped, optim, loop, cfg.output, parts, trainer_state, d, device, start_step,
-                   forward, metrics_resume=ckpt is not None)  # fmt: skip
-    final = T.conclude(cfg.output, result, d, "ppo", files)
+    result = T.fit(task, model, wrapped, optim, loop, cfg.output, trainer_state, d, device, start_step, forward,
+                   metrics_resume=ckpt is not None)  # fmt: skip
+    final = T.conclude(cfg.output, result, d, "ppo", parts)
     last = task.history[-1] if task.history else {}
     if last:
         say(f"iteration {last['iteration']}: reward {last['reward_raw']:.4f}, KL {last['kl']:.4f}; policy in "

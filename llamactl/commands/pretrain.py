@@ -97,7 +97,6 @@ def run(cfg: PretrainConfig) -> dict:
     from llamactl.config import check_memory, rope_bytes
     from llamactl.data import Windows, WindowsTask
     from llamactl.device import seed_everything
-    from llamactl.model import Transformer
     from llamactl.shards import INDEX_NAME, open_shards
 
     cfg.validate()
@@ -106,7 +105,7 @@ def run(cfg: PretrainConfig) -> dict:
     val_split = data.splits.get("val")
     if cfg.eval_every and val_split is None:
         raise UserError(f"{cfg.data}: no 'val' split to evaluate on; encode with --val-fraction, or --eval-every 0")
-    d, device, _, use_bf16 = T.start(cfg, "pretrain")
+    d, device, say, use_bf16 = T.start(cfg, "pretrain")
     args = model_args(cfg, data.vocab_size)
     micro_tokens = cfg.batch_size * cfg.seq_len * d.world
     global_tokens = cfg.global_batch_tokens or micro_tokens
@@ -126,26 +125,25 @@ def run(cfg: PretrainConfig) -> dict:
     warmup = cfg.warmup if cfg.warmup is not None else min(2000, cfg.steps // 10)
 
     settings = run_settings(cfg, global_tokens)
+    tok = data.load_tokenizer()
+    lineage = make_lineage("pretrain", cfg.argv or sys.argv[1:], [os.path.join(cfg.data, INDEX_NAME)])
+    meta = CheckpointMeta(args, tok.model_bytes, lineage)
     ckpt, state = T.open_run(cfg.output, cfg.resume, args, settings)
     start_step = state["step"] if state else 0
     if ckpt and start_step >= cfg.steps:
-        return T.finished_run(cfg.output, ckpt, start_step, cfg.steps, d.main, "pretrain")
+        return T.finished_run(cfg.output, ckpt, start_step, cfg.steps, d, "pretrain", meta)
 
     # parameters, gradients and AdamW's two moments in fp32, and the rotary tables, before any is allocated
     need = 16 * args.num_params() // d.world + rope_bytes(args)
     check_memory(need, f"training {args.num_params():,} parameters", f"--preset {cfg.preset}", device)
     seed_everything(cfg.seed)
-    model = Transformer(args)
-    model.init_weights(cfg.seed)
+    model = T.meta_model(args, None, f"--preset {cfg.preset}")
     model.grad_checkpointing = cfg.activation_checkpointing
     wrapped, optim, forward = T.prepare(
-        model, ckpt, state, d, device, cfg.distributed, lr, cfg.weight_decay, cfg.compile
-    )
+        model, {"": None}, cfg.seed, ckpt, state, d, device, cfg.distributed, use_bf16, lr, cfg.weight_decay,
+        cfg.compile, say,
+    )  # fmt: skip
     T.start_run_dir(cfg.output, d)
-
-    tok = data.load_tokenizer()
-    lineage = make_lineage("pretrain", cfg.argv or sys.argv[1:], [os.path.join(cfg.data, INDEX_NAME)])
-    meta = CheckpointMeta(args, tok.model_bytes, lineage)
     trainer_state = {"model_args": args.to_dict(), "settings": settings}
 
     task = WindowsTask(windows, cfg.batch_size, accum, device, val_windows, cfg.eval_batches if cfg.eval_every else 0)
@@ -154,12 +152,12 @@ def run(cfg: PretrainConfig) -> dict:
         flops_per_token=T.flops_per_token(args, cfg.seq_len), name="pretrain",
     )  # fmt: skip
     result = T.fit(
-        task, model, wrapped, optim, loop, cfg.output, meta, trainer_state, d, device, start_step, forward,
+        task, model, wrapped, optim, loop, cfg.output, trainer_state, d, device, start_step, forward,
         metrics_resume=ckpt is not None,
     )  # fmt: skip
     step = result["step"]
     last = {"loss": result["loss"], "val_loss": result.get("val_loss")}
-    final = T.conclude(cfg.output, result, d, "pretrain")
+    final = T.conclude(cfg.output, result, d, "pretrain", meta)
     if d.main:
         baseline = unigram_loss(train_split, val_split, args.vocab_size) if val_split is not None else None
         last["unigram_val_loss"] = baseline

@@ -64,14 +64,15 @@ def _run_subprocess(cfg: PretrainConfig, fault: str | None = None) -> int:
 
 
 def test_trains_and_writes_a_self_describing_model(shards, tmp_path):
-    summary = run(_cfg(shards, tmp_path / "run", steps=12))
+    # 20 steps: after 12 the loss had fallen by 1.01 and 0.98 nats under two initialisations, too near the bound
+    summary = run(_cfg(shards, tmp_path / "run", steps=20))
     curve = _curve(tmp_path / "run")
-    assert [r["step"] for r in curve] == list(range(1, 13))
+    assert [r["step"] for r in curve] == list(range(1, 21))
     assert curve[-1]["loss"] < curve[0]["loss"] - 1.0  # a real signal, far above noise on this repetitive text
     assert "val_loss" in curve[3] and summary["val_loss"] == pytest.approx(curve[-1]["val_loss"], abs=1e-6)
     assert 0 < summary["unigram_val_loss"] < 10.4  # below uniform over 32000 (ln 32000 = 10.37)
     model, meta = load_model(str(tmp_path / "run" / "model.safetensors"))
-    assert meta.lineage["command"] == "pretrain" and meta.lineage["step"] == 12
+    assert meta.lineage["command"] == "pretrain" and meta.lineage["step"] == 20
     assert meta.tokenizer is not None and model.args.vocab_size == 32000 and model.args.dim == 32
 
 
