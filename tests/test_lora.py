@@ -428,6 +428,17 @@ def test_cli_refuses_in_one_line_and_writes_nothing(world, tmp_path, argv, needl
     assert os.listdir(tmp_path) == [], os.listdir(tmp_path)  # no output, no temporary file
 
 
+def test_convert_info_describes_an_adapter(world):
+    proc = run_cli("convert", "--info", world["rm_adapter"])
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"adapter      {world['rm_adapter']}"
+    assert "lora         rank 2, alpha 4 (scale 2), dropout 0, targets wq,wk,wv,wo,w1,w2,w3" in lines
+    assert "makes        a helpfulness reward model (scalar head)" in lines
+    assert f"base         sha256 {sha256_file(world['model'])[:12]}" in lines
+    assert any(line.startswith("parameters") and "32 in score.weight (trained in full)" in line for line in lines)
+
+
 def test_save_adapter_refuses_tensors_that_do_not_fit_its_header(base, tmp_path):
     meta = AdapterMeta.of_base(LoraSpec(2, 4.0, 0.0, ("wq",)), base, read_meta(base))
     with pytest.raises(AssertionError, match="is missing"):

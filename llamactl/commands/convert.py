@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from llamactl.errors import UserError
 
 DTYPE_CHOICES = ("keep", "fp32", "bf16", "fp16")
-TARGETS = ("llamactl", "hf", "gguf", "peft")  # --to
+TO_FORMATS = ("llamactl", "hf", "gguf", "peft")  # --to
 
 
 @dataclass
@@ -44,8 +44,8 @@ class ConvertConfig:
             problems.append("-o/--output is required (or --info to describe SRC)")
         if self.src_format not in ("auto", *FORMATS):
             problems.append(f"--from {self.src_format!r} is not one of auto, {', '.join(FORMATS)}")
-        if self.to not in TARGETS:
-            problems.append(f"--to {self.to!r} is not one of {', '.join(TARGETS)}")
+        if self.to not in TO_FORMATS:
+            problems.append(f"--to {self.to!r} is not one of {', '.join(TO_FORMATS)}")
         if self.to == "peft":
             given = [flag for flag, on in (("--merge-adapter", self.merge_adapter is not None),
                                            ("--tokenizer", self.tokenizer is not None),
