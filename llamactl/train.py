@@ -127,10 +127,10 @@ def materialize(
 
     model.to_empty(device=device)
     roots = {n + "." if n else "": m for n, m in model.named_modules() if isinstance(m, Transformer)}
-    persistent = set(model.state_dict())
     with torch.no_grad():
-        for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            if name in skip or name not in persistent:
+        # by state-dict name (a LoRA wrapper's base weight is ``wq.weight`` there, as in the checkpoint)
+        for name, t in model.state_dict(keep_vars=True).items():
+            if name in skip:
                 continue
             prefix = max((p for p in sources if name.startswith(p)), key=len)
             key, src = name[len(prefix) :], sources[prefix]
@@ -930,8 +930,9 @@ def finetune(
     *,
     name: str,
     meta: CheckpointMeta,
+    base: CheckpointMeta,
     tensors: dict[str, torch.Tensor],
-    source: str,
+    continued: dict[str, torch.Tensor] | None,
     settings: dict,
     steps: int,
     make_task,
@@ -939,30 +940,32 @@ def finetune(
     device: torch.device,
     **loop,
 ) -> dict:
-    """A fine-tuning run from a checkpoint's ``tensors`` to ``cfg.output``, after the command has read its data: the
-    resume checks, the memory check, fp32 master weights, the wrapped model and optimizer, ``fit`` over
-    ``make_task()``'s batches, and the final model. ``meta`` is what the checkpoints say of themselves (config,
-    tokenizer, lineage, role); ``loop`` the LoopConfig values the command resolved (accum, lr, warmup, ...).
-    Returns ``fit``'s result with the final checkpoint, or the finished run's summary on a --resume past its end."""
-    from llamactl.config import check_memory, rope_bytes
+    """A fine-tuning run of ``cfg.model`` (header ``base``; ``tensors`` as the command prepared them, see
+    ``base_weights``) to ``cfg.output``, after the command has read its data: the resume checks, the memory check,
+    the model (every weight trained in fp32 master copies, or with ``--lora-rank`` LoRA adapters on the frozen base,
+    a scalar head trained in full), the wrapped model and optimizer, ``fit`` over ``make_task()``'s batches, and
+    the final files (``model.safetensors``, or ``adapter.safetensors``). ``meta`` is what the trained model says of
+    itself (config, tokenizer, lineage, role); ``continued`` an adapter's tensors that LoRA training continues;
+    ``loop`` the LoopConfig values the command resolved (accum, lr, warmup, ...). Returns ``fit``'s result with the
+    final checkpoint, or the finished run's summary on a --resume past its end."""
+    from llamactl.config import check_memory
     from llamactl.device import seed_everything
 
     args = meta.args
+    model, out_meta = trainee(cfg, cfg.model, meta, base, tensors, loop["bf16"])
+    settings = {**settings, "lora": out_meta.spec.to_json() if cfg.lora_rank else None}
     ckpt, state = open_run(cfg.output, cfg.resume, args, settings)
     start_step = state["step"] if state else 0
     if ckpt and start_step >= steps:
-        return finished_run(cfg.output, ckpt, start_step, steps, d, name, meta)
-    # parameters, gradients and AdamW's two moments in fp32, and the rotary tables, before any is allocated
-    need = 16 * args.num_params() // d.world + rope_bytes(args)
-    check_memory(need, f"fine-tuning {args.num_params():,} parameters", source, device)
+        return finished_run(cfg.output, ckpt, start_step, steps, d, name, out_meta)
+    check_memory(training_bytes(model, d), f"fine-tuning {args.num_params():,} parameters", cfg.model, device)
     seed_everything(cfg.seed)
-    model = meta_model(args, tensors, source)
     model.grad_checkpointing = cfg.activation_checkpointing
-    # fp32 master weights, whatever the checkpoint stores (bf16 autocast, or FSDP2's bf16 compute, where it pays)
     wrapped, optim, forward = prepare(
-        model, {"": tensors}, cfg.seed, ckpt, state, d, device, cfg.distributed, loop["bf16"], loop["lr"],
-        cfg.weight_decay, cfg.compile, functools.partial(say, d, name),
+        model, {"": {**tensors, **(continued or {})}}, cfg.seed, ckpt, state, d, device, cfg.distributed,
+        loop["bf16"], loop["lr"], cfg.weight_decay, cfg.compile, functools.partial(say, d, name),
     )  # fmt: skip
+    ready_quantized(model, loop["bf16"])
     start_run_dir(cfg.output, d)
     trainer_state = {"model_args": args.to_dict(), "settings": settings}
     eval_every = cfg.eval_every or (steps if cfg.val_fraction > 0 else 0)
@@ -971,16 +974,99 @@ def finetune(
         make_task(), model, wrapped, optim, loop_cfg, cfg.output, trainer_state, d, device, start_step, forward,
         metrics_resume=ckpt is not None,
     )  # fmt: skip
-    return {**result, "checkpoint": conclude(cfg.output, result, d, name, meta)}
+    return {**result, "checkpoint": conclude(cfg.output, result, d, name, out_meta)}
 
 
-def meta_model(args: ModelArgs, tensors: dict[str, torch.Tensor] | None, source: str) -> Transformer:
-    """A model of ``args`` on the meta device, for ``prepare``; ``tensors`` (a checkpoint's) are checked to be its
-    state (names, shapes) before anything is allocated."""
+def output_name(cfg) -> str:
+    """The file a training command's run ends with."""
+    return "adapter.safetensors" if cfg.lora_rank else "model.safetensors"
+
+
+def lora_spec(cfg):
+    """The LoRA adapters ``--lora-rank/--lora-alpha/--lora-dropout/--lora-targets`` ask for."""
+    from llamactl.lora import LoraSpec, parse_targets
+
+    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else 2.0 * cfg.lora_rank
+    return LoraSpec(cfg.lora_rank, float(alpha), cfg.lora_dropout, parse_targets(cfg.lora_targets))
+
+
+def trainee(cfg, path: str, meta: CheckpointMeta, base: CheckpointMeta, tensors: dict[str, torch.Tensor], bf16: bool):
+    """(the meta-device model to train from checkpoint ``path``, what its final file says of itself). Full
+    fine-tuning trains every weight (``meta``: a model checkpoint). With ``--lora-rank`` the block linears of the
+    target kinds get adapters and the rest is frozen (kept quantized when ``base`` is: QLoRA; kept in bf16 when
+    training in bf16, as no master copy of it is needed), a scalar head trained in full; the result is an adapter
+    of ``path``."""
+    from llamactl import lora
+
+    if not cfg.lora_rank:
+        return meta_model(meta.args, tensors, path), meta
+    spec = lora_spec(cfg)
+    model = meta_model(meta.args, tensors, path, base.quant)
+    lora.add_lora(model, spec)
+    extra = ("score.weight",) if meta.args.head == "scalar" else ()
+    for prefix, m in model.named_modules():
+        for key, p in list(m.named_parameters(recurse=False)):
+            if f"{prefix}.{key}".lstrip(".") in extra:
+                p.requires_grad_(True)
+            elif bf16 and not key.startswith("lora_") and p.is_floating_point():
+                setattr(m, key, torch.nn.Parameter(p.to(torch.bfloat16), requires_grad=False))
+    return model, lora.AdapterMeta.of_base(spec, path, base, extra, meta.lineage, meta.role)
+
+
+def training_bytes(model: torch.nn.Module, d: Dist) -> int:
+    """What a rank holds of a model it trains, before any is allocated: the weights as stored (frozen ones
+    included), and for each trained one an fp32 gradient and AdamW's two fp32 moments; sharded over ``d`` (the
+    activations come on top: ``--dry-run`` estimates them)."""
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    total += sum(12 * p.numel() for p in model.parameters() if p.requires_grad)
+    return total // d.world + sum(t.numel() * t.element_size() for t in model.buffers() if not t.is_floating_point())
+
+
+def ready_quantized(model: torch.nn.Module, bf16: bool) -> None:
+    """A QLoRA base's quantized layers pick their kernels once their tensors are in place."""
+    from llamactl.quant import QuantLinear
+
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.prepare(torch.bfloat16 if bf16 else torch.float32)
+
+
+def base_weights(cfg, base: CheckpointMeta, head: str | None, purpose: str):
+    """``cfg.model``'s tensors for a training command (memory-mapped), with ``--adapter``: merged into them for full
+    fine-tuning (the merged model in memory), or, with ``--lora-rank``, kept apart to continue training (same rank
+    and targets). Returns (tensors, header of the model they make, the continued adapter's tensors or None)."""
+    from llamactl import lora
+    from llamactl.checkpoint import load_tensors
+
+    tensors = load_tensors(cfg.model)
+    if cfg.adapter is None:
+        return tensors, base, None
+    adapter, adapter_tensors = lora.read_adapter(cfg.adapter)
+    lora.check_base(adapter, cfg.model, base)
+    if head is not None:
+        lora.check_adapted_head(adapter, cfg.model, head, purpose)
+    if not cfg.lora_rank:
+        merged = lora.merged_tensors(tensors, base, adapter, adapter_tensors, cfg.model)
+        return merged, adapter.adapted(base, merged=True), None
+    spec = lora_spec(cfg)
+    if (adapter.spec.rank, adapter.spec.targets) != (spec.rank, spec.targets):
+        have, want = ",".join(adapter.spec.targets), ",".join(spec.targets)
+        raise UserError(f"{cfg.adapter}: has rank {adapter.spec.rank} on {have}; --lora-rank {spec.rank} "
+                        f"--lora-targets {want} cannot continue it")  # fmt: skip
+    return tensors, base, adapter_tensors
+
+
+def meta_model(args: ModelArgs, tensors: dict[str, torch.Tensor] | None, source: str, quant=None) -> Transformer:
+    """A model of ``args`` on the meta device, for ``prepare``, its linears quantized as ``quant`` says (a QLoRA
+    base); ``tensors`` (a checkpoint's) are checked to be its state (names, shapes) before anything is allocated."""
     from llamactl.checkpoint import check_state
 
     with torch.device("meta"):
         model = Transformer(args)
+    if quant is not None:
+        from llamactl.swap import quantize_linears
+
+        quantize_linears(model, quant)
     if tensors is not None:
         check_state(source, model.state_dict(), tensors)
     return model

@@ -121,6 +121,20 @@ class ActorCritic(torch.nn.Module):
         return self.policy(tokens, targets, mask, output="logprobs"), self.value(tokens, output="scores")
 
 
+class AdaptersOff:
+    """The reference policy of a LoRA run: the policy called with its adapters off (the frozen base it started
+    from), so the reference costs no memory."""
+
+    def __init__(self, policy: torch.nn.Module):
+        self.policy = policy
+
+    def __call__(self, *args, **kwargs):
+        from llamactl.lora import adapters_disabled
+
+        with adapters_disabled(self.policy):
+            return self.policy(*args, **kwargs)
+
+
 def encode_prompts(path: str, tokenizer, context: int, max_new_tokens: int) -> list:
     """The prompt records of ``path`` (``data.read_prompts``: a dialog ending with the user's turn, or ``prompt``
     text; ``is_safety`` optional) with their chat-format tokens, each checked to leave room for an answer."""
@@ -406,9 +420,11 @@ def run(cfg: PPOConfig) -> dict:
     from llamactl.tokenizer import Tokenizer
 
     cfg.validate()
-    base = read_checked_meta(cfg.model, "lm", "as the policy ppo trains", train=True)
+    base = read_checked_meta(cfg.model, "lm", "as the policy ppo trains", train=not cfg.lora_rank)
+    policy_tensors, adapted, continued = T.base_weights(cfg, base, "lm", "as the policy ppo trains")
     # the value model starts from --rm's weights and is trained
-    read_checked_meta(cfg.rm, None, "as the value model ppo starts from --rm", need_tokenizer=False, train=True)
+    rm_meta = read_checked_meta(cfg.rm, None, "as the value model ppo starts from --rm", need_tokenizer=False,
+                                train=not cfg.lora_rank)  # fmt: skip
     d, device, say, use_bf16 = T.start(cfg, "ppo")
     if cfg.prompts_per_iteration % d.world or cfg.minibatch_size % (cfg.batch_size * d.world):
         raise UserError(f"--minibatch-size {cfg.minibatch_size} is not a multiple of --batch-size x processes = "
@@ -433,33 +449,41 @@ def run(cfg: PPOConfig) -> dict:
     accum = cfg.minibatch_size // (cfg.batch_size * d.world)
     settings = run_settings(cfg, beta, lr)
     value_meta = help_rm.meta
-    lineage = make_lineage("ppo", cfg.argv or sys.argv[1:], [cfg.model, cfg.rm, cfg.prompts], parent=base.lineage)
-    parts = {
-        "model.safetensors": ("policy.", CheckpointMeta(base.args, base.tokenizer, lineage)),
-        "value.safetensors": ("value.", CheckpointMeta(value_meta.args, value_meta.tokenizer, dict(lineage), "value")),
-    }
+    inputs = [cfg.model, cfg.rm, cfg.prompts] + ([cfg.adapter] if cfg.adapter else [])
+    lineage = make_lineage("ppo", cfg.argv or sys.argv[1:], inputs, parent=adapted.lineage)
+    value_tensors = load_tensors(cfg.rm)
+    policy, policy_out = T.trainee(cfg, cfg.model, CheckpointMeta(adapted.args, base.tokenizer, lineage), base,
+                                   policy_tensors, use_bf16)  # fmt: skip
+    value_out_meta = CheckpointMeta(value_meta.args, value_meta.tokenizer, dict(lineage), "value")
+    value, value_out = T.trainee(cfg, cfg.rm, value_out_meta, rm_meta, value_tensors, use_bf16)
+    if cfg.lora_rank:  # adapters of --model and --rm
+        parts = {"adapter.safetensors": ("policy.", policy_out), "value-adapter.safetensors": ("value.", value_out)}
+    else:
+        parts = {"model.safetensors": ("policy.", policy_out), "value.safetensors": ("value.", value_out)}
+    settings = {**settings, "lora": T.lora_spec(cfg).to_json() if cfg.lora_rank else None}
     ckpt, state = T.open_run(cfg.output, cfg.resume, base.args, settings)
     start_step = state["step"] if state else 0
     if ckpt and start_step >= steps:
         return T.finished_run(cfg.output, ckpt, start_step, steps, d, "ppo", parts)
 
-    need = 16 * (base.args.num_params() + value_meta.args.num_params()) // d.world + 2 * rope_bytes(base.args)
+    model = ActorCritic(policy, value)
+    need = T.training_bytes(model, d) + 2 * rope_bytes(base.args)
     check_memory(need, "training a policy and a value model", cfg.model, device)
     seed_everything(cfg.seed)
-    policy_tensors, value_tensors = load_tensors(cfg.model), load_tensors(cfg.rm)
-    policy = T.meta_model(base.args, policy_tensors, cfg.model)
-    value = T.meta_model(value_meta.args, value_tensors, cfg.rm)
-    model = ActorCritic(policy, value)
+    policy_sources = {**policy_tensors, **(continued or {})}
     wrapped, optim, forward = T.prepare(
-        model, {"policy.": policy_tensors, "value.": value_tensors}, cfg.seed, ckpt, state, d, device,
+        model, {"policy.": policy_sources, "value.": value_tensors}, cfg.seed, ckpt, state, d, device,
         cfg.distributed, use_bf16, lr, cfg.weight_decay, cfg.compile, say,
     )  # fmt: skip
-    # the reference policy: the starting weights, frozen (fp32, run under the same autocast), sharded as the policy
-    reference = T.meta_model(base.args, None, cfg.model)
-    if d.world > 1 and cfg.distributed == "fsdp":
-        T.shard(reference, d, device, use_bf16)
-    T.materialize(reference, {"": policy_tensors}, cfg.seed, device)
-    reference.eval().requires_grad_(False)
+    T.ready_quantized(model, use_bf16)
+    if cfg.lora_rank:  # the reference policy is the frozen base: the policy with its adapters off, no second copy
+        reference = AdaptersOff(policy)
+    else:  # the starting weights, frozen (fp32, run under the same autocast), sharded as the policy
+        reference = T.meta_model(adapted.args, None, cfg.model)
+        if d.world > 1 and cfg.distributed == "fsdp":
+            T.shard(reference, d, device, use_bf16)
+        T.materialize(reference, {"": policy_tensors}, cfg.seed, device)
+        reference.eval().requires_grad_(False)
     T.start_run_dir(cfg.output, d)
     task = PPOTask(cfg, prompts, (policy, value, reference), (help_rm, safety_rm), d, device, beta, use_bf16)
     say(f"{len(prompts)} prompts; {cfg.iterations} iterations of {cfg.prompts_per_iteration} samples, "
@@ -478,5 +502,5 @@ def run(cfg: PPOConfig) -> dict:
     last = task.history[-1] if task.history else {}
     if last:
         say(f"iteration {last['iteration']}: reward {last['reward_raw']:.4f}, KL {last['kl']:.4f}; policy in "
-               f"{cfg.output}/model.safetensors")  # fmt: skip
+               f"{cfg.output}/{T.output_name(cfg)}")  # fmt: skip
     return {"step": result["step"], "checkpoint": final, "iterations": result["step"] // steps_per_iteration, **last}

@@ -55,12 +55,13 @@ def run(cfg: SFTConfig) -> dict:
     """Fine-tune; returns a summary (final step, last train and validation loss, checkpoint path)."""
 
     from llamactl import train as T
-    from llamactl.checkpoint import CheckpointMeta, load_tensors, make_lineage, read_checked_meta
+    from llamactl.checkpoint import CheckpointMeta, make_lineage, read_checked_meta
     from llamactl.data import RowsTask, encode_for_sft, pack_rows, split_val
     from llamactl.tokenizer import Tokenizer
 
     cfg.validate()
-    base = read_checked_meta(cfg.model, "lm", "to fine-tune with sft", train=True)
+    base = read_checked_meta(cfg.model, "lm", "to fine-tune with sft", train=not cfg.lora_rank)
+    tensors, adapted, continued = T.base_weights(cfg, base, "lm", "to fine-tune with sft")
     tok = Tokenizer(base.tokenizer, cfg.model)
     seq_len = min(cfg.seq_len, base.args.max_seq_len)
     d, device, say, use_bf16 = T.start(cfg, "sft")
@@ -89,10 +90,11 @@ def run(cfg: SFTConfig) -> dict:
 
     global_batch, accum, steps, warmup = T.plan_schedule(cfg, len(rows), d, "rows", say)
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR
-    lineage = make_lineage("sft", cfg.argv or sys.argv[1:], [cfg.model, cfg.data], parent=base.lineage)
+    inputs = [cfg.model, cfg.data] + ([cfg.adapter] if cfg.adapter else [])
+    lineage = make_lineage("sft", cfg.argv or sys.argv[1:], inputs, parent=adapted.lineage)
     result = T.finetune(
-        cfg, name="sft", meta=CheckpointMeta(base.args, base.tokenizer, lineage), tensors=load_tensors(cfg.model),
-        source=cfg.model, settings=run_settings(cfg, global_batch, steps), steps=steps, d=d, device=device,
+        cfg, name="sft", meta=CheckpointMeta(adapted.args, base.tokenizer, lineage), base=base, tensors=tensors,
+        continued=continued, settings=run_settings(cfg, global_batch, steps), steps=steps, d=d, device=device,
         make_task=lambda: RowsTask(rows, cfg.batch_size, accum, device, cfg.seed, val_rows),
         accum=accum, lr=lr, warmup=warmup, bf16=use_bf16, tokens_per_step=global_batch * seq_len,
         flops_per_token=T.flops_per_token(base.args, seq_len),
@@ -101,7 +103,7 @@ def run(cfg: SFTConfig) -> dict:
         return result
     last = {"loss": result["loss"], "val_loss": result.get("val_loss")}
     val = f", val loss {last['val_loss']:.4f}" if last["val_loss"] is not None else ""
-    say(f"step {result['step']}, train loss {last['loss']:.4f}{val}; model in {cfg.output}/model.safetensors")
+    say(f"step {result['step']}, train loss {last['loss']:.4f}{val}; {T.output_name(cfg)} in {cfg.output}")
     return {
         "step": result["step"],
         "checkpoint": result["checkpoint"],

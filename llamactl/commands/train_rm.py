@@ -81,15 +81,16 @@ def read_pairs(path: str, margin: str) -> list:
 def run(cfg: TrainRMConfig) -> dict:
     """Train; returns a summary (final step, last train loss, held-out loss and accuracy, checkpoint path)."""
     from llamactl import train as T
-    from llamactl.checkpoint import load_tensors, make_lineage, read_checked_meta
+    from llamactl.checkpoint import make_lineage, read_checked_meta
     from llamactl.data import PairsTask, encode_pairs, split_val
     from llamactl.model import PRESETS
     from llamactl.reward import reward_init
     from llamactl.tokenizer import Tokenizer
 
     cfg.validate()
-    base = read_checked_meta(cfg.model, None, "to train a reward model from", train=True)
-    if base.args.head == "scalar" and base.role not in (None, cfg.kind):
+    base = read_checked_meta(cfg.model, None, "to train a reward model from", train=not cfg.lora_rank)
+    tensors, adapted, continued = T.base_weights(cfg, base, None, "to train a reward model from")
+    if adapted.args.head == "scalar" and adapted.role not in (None, cfg.kind):
         raise UserError(f"{cfg.model}: is a {base.role} model; --kind {cfg.kind} would train it into another kind")
     tok = Tokenizer(base.tokenizer, cfg.model)
     seq_len = min(cfg.seq_len, base.args.max_seq_len)
@@ -112,11 +113,12 @@ def run(cfg: TrainRMConfig) -> dict:
     shape_70b = {k: PRESETS["llama2-70b"][k] for k in ("dim", "n_layers")}
     is_70b = {k: getattr(base.args, k) for k in shape_70b} == shape_70b
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR_70B if is_70b else DEFAULT_LR
-    meta, tensors = reward_init(base, load_tensors(cfg.model))
+    meta, tensors = reward_init(adapted, tensors)
     meta.role = cfg.kind
-    meta.lineage = make_lineage("train-rm", cfg.argv or sys.argv[1:], [cfg.model, cfg.data], parent=base.lineage)
+    inputs = [cfg.model, cfg.data] + ([cfg.adapter] if cfg.adapter else [])
+    meta.lineage = make_lineage("train-rm", cfg.argv or sys.argv[1:], inputs, parent=adapted.lineage)
     result = T.finetune(
-        cfg, name="train-rm", meta=meta, tensors=tensors, source=cfg.model,
+        cfg, name="train-rm", meta=meta, base=base, tensors=tensors, continued=continued,
         settings=run_settings(cfg, global_batch, steps), steps=steps, d=d, device=device,
         make_task=lambda: PairsTask(train_set, cfg.batch_size, accum, device, cfg.seed, cfg.pack, val_set),
         accum=accum, lr=lr, warmup=warmup, bf16=use_bf16, unit="pairs", units_per_step=global_batch,
@@ -125,5 +127,5 @@ def run(cfg: TrainRMConfig) -> dict:
         return result
     val = result.get("val_accuracy")
     held = f", held-out accuracy {val:.1%} (loss {result['val_loss']:.4f})" if val is not None else ""
-    say(f"step {result['step']}, train loss {result['loss']:.4f}{held}; model in {cfg.output}/model.safetensors")
+    say(f"step {result['step']}, train loss {result['loss']:.4f}{held}; {T.output_name(cfg)} in {cfg.output}")
     return {k: v for k, v in result.items() if k != "stopped"} | {"pairs": len(train_set)}
