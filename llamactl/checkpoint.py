@@ -550,7 +550,7 @@ def load_for_inference(
         if meta.quant is None:
             tensors = lo.merged_tensors(tensors, meta, ameta, atensors, path)
         else:
-            tensors, lora = lo.adapted_tensors(tensors, ameta, atensors), ameta.spec
+            tensors, lora = lo.adapted_tensors(tensors, meta, ameta, atensors, path), ameta.spec
         meta = ameta.adapted(meta, merged=meta.quant is None)
     # auto runs a quantized model as if it were stored in bf16 (bf16 where native): torch's int8/int4 CPU kernels are
     # fast in bf16 only (quant.QuantLinear.prepare), and the Triton kernels' bf16 dots run on tensor cores

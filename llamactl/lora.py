@@ -146,7 +146,7 @@ class LoRALinear(nn.Module):
         self.base = base.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.scale = rank, scale
-        device = next(iter(base.state_dict().values())).device
+        device = next(iter(base.state_dict().values())).device  # a weight, or a quantized layer's levels
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, device=device, dtype=torch.float32))
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
@@ -154,17 +154,13 @@ class LoRALinear(nn.Module):
         self.reset_parameters()
         self.register_state_dict_post_hook(_base_names_out)
 
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+    def reset_parameters(self) -> None:
         """A as PEFT's default (and ``nn.Linear``'s): Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in),
         1/sqrt(in)); B zeros. A no-op on the meta device."""
         if self.lora_A.device.type == "meta":
             return
         with torch.no_grad():
-            if generator is None:
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            else:  # the same bound, drawn from a generator the caller seeds
-                bound = 1 / math.sqrt(self.in_features)
-                self.lora_A.copy_(torch.rand(self.lora_A.shape, generator=generator) * 2 * bound - bound)
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             self.lora_B.zero_()
 
     def extra_repr(self) -> str:
@@ -214,7 +210,7 @@ def add_lora(model: Transformer, spec: LoraSpec) -> list[str]:
     for p in model.parameters():
         p.requires_grad_(False)
     wanted = set(adapter_names(model.args, spec))
-    assert all(model.get_submodule(n) is not None for n in wanted), "add_lora needs the unfused model"
+    assert all(b.attention.wqkv is None and b.feed_forward.w13 is None for b in model.layers), "an unfused model"
     return swap_linears(
         model, lambda name, m: LoRALinear(m, spec.rank, spec.scale, spec.dropout) if name in wanted else None
     )
@@ -495,10 +491,19 @@ def merged_tensors(
 
 
 def adapted_tensors(
-    base_tensors: dict[str, torch.Tensor], adapter_meta: AdapterMeta, adapter_tensors: dict[str, torch.Tensor]
+    base_tensors: dict[str, torch.Tensor],
+    base_meta: CheckpointMeta,
+    adapter_meta: AdapterMeta,
+    adapter_tensors: dict[str, torch.Tensor],
+    source: str = "the base",
 ) -> dict[str, torch.Tensor]:
     """The tensors of a wrapped (unmerged) adapted model: the base's, without those the adapted model lacks (a
     language-model head under a scalar one) or the extras replace, and the adapter's."""
+    if base_meta.quant is not None:
+        quantized = set(linear_names(base_meta.args, base_meta.quant))
+        if stored := [e for e in adapter_meta.extra if e.removesuffix(".weight") in quantized]:
+            raise UserError(f"{adapter_meta.path or 'the adapter'}: trains {stored[0]} in full, which {source} stores "
+                            "quantized; apply it to the floating-point model")  # fmt: skip
     with torch.device("meta"):  # the adapted model's modules decide what of the base stays
         modules = {k.split(".")[0] for k in Transformer(adapter_meta.args).state_dict()}
     kept = {k: v for k, v in base_tensors.items() if k.split(".")[0] in modules and k not in adapter_meta.extra}

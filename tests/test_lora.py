@@ -4,6 +4,7 @@ file and its checks, and the CLI's one-line refusals."""
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from pathlib import Path
@@ -141,10 +142,13 @@ def test_adapters_disabled_gives_the_base_model():
     for _, m in model.named_modules():
         if isinstance(m, LoRALinear):
             _randomize(m, 0)
+    reference = copy.deepcopy(model)  # (as ppo copies its policy): the wrappers copy with their names
+    assert list(reference.state_dict()) == list(model.state_dict())
     with torch.no_grad():
         assert not torch.allclose(model(x), base)
         with adapters_disabled(model):
             torch.testing.assert_close(model(x), base, rtol=0, atol=0)
+            assert not torch.allclose(reference(x), base)  # the copy's adapters stay on
         assert not torch.allclose(model(x), base)
 
 
