@@ -108,6 +108,14 @@ def flag_problems(cfg) -> list[str]:
         problems.append(f"--lora-alpha must be positive, got {cfg.lora_alpha}")
     if not 0 <= cfg.lora_dropout < 1:
         problems.append(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.lora_rank:
+        from llamactl.errors import UserError
+        from llamactl.lora import parse_targets
+
+        try:
+            parse_targets(cfg.lora_targets)
+        except UserError as e:
+            problems.append(str(e))
     if cfg.device_memory is not None and not cfg.dry_run:
         problems.append("--device-memory goes with --dry-run (it says whether the plan fits)")
     if cfg.world_size is not None and not cfg.dry_run:

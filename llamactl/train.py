@@ -196,8 +196,9 @@ def matmul_peak_flops(dtype: torch.dtype, device: torch.device, min_seconds: flo
     machine was still busy (start-up, another process) understated the peak and put MFU above 100%.
     """
     n = 2048 if device.type == "cpu" else 8192
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(0)  # not the global RNG: a resumed run restored that one
+    a = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    b = torch.randn(n, n, device=device, generator=gen).to(dtype)
 
     def timed() -> float:
         if device.type == "cuda":
@@ -427,7 +428,7 @@ def load_checkpoint(folder: str, state: dict, model: torch.nn.Module, optim: tor
     DCP reads, on each rank, only the parts of the saved shards that overlap its own. Each rank takes the RNGs of
     the rank of its number if the saving run had one."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     problem = optimizer_state_problem(_unwrapped(model), optim, state["param_groups"])
     msd, osd = trained_state(model, optim)  # initialises the optimizer's moments, which the load overwrites
@@ -440,7 +441,8 @@ def load_checkpoint(folder: str, state: dict, model: torch.nn.Module, optim: tor
         reader = dcp.HuggingFaceStorageReader(os.path.join(folder, DCP_DIR))
         with single_process_dcp(d):
             dcp.load(loaded, storage_reader=reader, no_dist=d.world == 1)
-        set_state_dict(model, optim, model_state_dict=loaded["model"],
+        # not strict: a LoRA run's frozen base is not in its checkpoints (the names were matched above)
+        set_state_dict(model, optim, model_state_dict=loaded["model"], options=StateDictOptions(strict=False),
                        optim_state_dict={"state": loaded["optim"], "param_groups": state["param_groups"]})  # fmt: skip
     except Exception as e:  # DCP wraps a damaged or missing shard in its own exception types
         reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:160]

@@ -215,3 +215,54 @@ def test_torchrun_two_processes_run_data_parallel(models, tmp_path):
     assert all(r["reward_whitened"] == pytest.approx(0, abs=1e-5) for r in its)
     assert all(math.isfinite(r[k]) for r in its for k in ("reward_raw", "kl", "value_loss", "entropy"))
     assert read_meta(str(tmp_path / "run" / "value.safetensors")).role == "value"
+
+
+def test_lora_ppo_writes_adapters_of_policy_and_value(models, tmp_path, monkeypatch):
+    """With --lora-rank the policy and the value model train adapters (the value head in full); the reference is the
+    policy with its adapters off: the KL starts at 0 and grows as the adapters move."""
+    import hashlib
+
+    from llamactl.lora import read_adapter
+
+    from helpers import save_reward_model
+
+    # a plain small chat model: the fixture's policy takes its logits from the head alone, which LoRA leaves frozen
+    policy = str(tmp_path / "chatty.safetensors")
+    save_chatty_model(policy, max_seq_len=64)
+    models = (policy, save_reward_model(policy, str(tmp_path / "rm.safetensors"), 0, "helpfulness"), models[2])
+    target_share_scorer(monkeypatch, _prompt_lengths(models))
+    run(_cfg(models, tmp_path / "run", iterations=3, lora_rank=4, lr=5e-2))
+    its = _iterations(tmp_path / "run")
+    assert its[0]["kl"] == pytest.approx(0, abs=1e-6) and its[-1]["kl"] > 1e-4
+    assert sorted(f for f in os.listdir(tmp_path / "run") if f.endswith(".safetensors")) == [
+        "adapter.safetensors", "value-adapter.safetensors"]  # fmt: skip
+    policy, rm, _ = models
+    sha = {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in (policy, rm)}
+    meta, _ = read_adapter(str(tmp_path / "run" / "adapter.safetensors"))
+    assert meta.base_sha256 == sha[policy] and meta.extra == () and meta.args.head == "lm"
+    meta, tensors = read_adapter(str(tmp_path / "run" / "value-adapter.safetensors"))
+    assert meta.base_sha256 == sha[rm] and meta.role == "value" and "score.weight" in tensors
+
+
+def test_adapters_off_is_the_base_model(models):
+    """The reference of a LoRA run: the policy with non-zero adapters, called through AdaptersOff, gives the log-probs
+    of the base checkpoint loaded on its own."""
+    from llamactl.checkpoint import load_model
+    from llamactl.commands.ppo import AdaptersOff
+    from llamactl.lora import LoraSpec, add_lora
+
+    policy_path = models[0]
+    base, _ = load_model(policy_path)
+    policy, _ = load_model(policy_path)
+    add_lora(policy, LoraSpec(4, 8.0, 0.0, ("wq", "wv", "w2")))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+    x = torch.randint(0, 32000, (2, 12), generator=g)
+    y = torch.randint(0, 32000, (2, 12), generator=g)
+    with torch.no_grad():
+        want = base(x, y, output="logprobs")
+        assert torch.equal(AdaptersOff(policy)(x, y, output="logprobs"), want)
+        assert not torch.allclose(policy(x, y, output="logprobs"), want)
