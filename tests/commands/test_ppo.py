@@ -222,9 +222,9 @@ def test_lora_ppo_writes_adapters_of_policy_and_value(models, tmp_path, monkeypa
     policy with its adapters off: the KL starts at 0 and grows as the adapters move."""
     import hashlib
 
-    from llamactl.lora import read_adapter
-
     from helpers import save_reward_model
+
+    from llamactl.lora import read_adapter
 
     # a plain small chat model: the fixture's policy takes its logits from the head alone, which LoRA leaves frozen
     policy = str(tmp_path / "chatty.safetensors")
