@@ -101,3 +101,19 @@ def test_a_reward_model_adapter_exports_for_sequence_classification(base, tmp_pa
         want = peft_model(tokens).logits[:, 0]  # the score at the last (non-pad) token
         torch.testing.assert_close(model(tokens)[:, -1], want, rtol=1e-5, atol=1e-5)
     assert torch.equal(load_tensors(adapter)["score.weight"], peft_model.base_model.model.score.weight.detach())
+
+
+def test_a_head_trained_in_full_goes_to_modules_to_save(base, tmp_path):
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    ours, hf = base
+    adapter, out = str(tmp_path / "a.safetensors"), str(tmp_path / "peft")
+    random_adapter(ours, adapter, LoraSpec(2, 4.0, 0.0, ("wv",)), 2, scale=0.05, extra=("output.weight",))
+    run(ConvertConfig(src=adapter, output=out, to="peft"))
+    assert json.load(open(os.path.join(out, "adapter_config.json")))["modules_to_save"] == ["lm_head"]
+    peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(hf), out).eval()
+    model, _ = load_for_inference(ours, CPU, "fp32", "lm", "", need_tokenizer=False, adapter=adapter)
+    tokens = _tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), peft_model(tokens).logits, rtol=1e-5, atol=1e-5)
