@@ -979,6 +979,50 @@ def finetune(
     return {**result, "checkpoint": conclude(cfg.output, result, d, name, out_meta)}
 
 
+def dry_run(cfg, parts: list, *, micro_batch: int, seq_len: int, sequences_per_item: int = 1, packed: bool = False):
+    """``--dry-run``: the memory plan of one rank (``llamactl.memory``) for these flags on stdout, from rank 0 only,
+    before any process group, device or weight exists; with ``--device-memory``, whether it fits. Plans for the
+    world ``--world-size`` says (else torchrun's, else one process) and the device ``--device`` names (auto: this
+    machine's)."""
+    from llamactl import memory
+
+    limit = memory.parse_memory(cfg.device_memory) if cfg.device_memory else None
+    world = cfg.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    kind, bf16 = planned_device(cfg)
+    result = memory.plan(
+        parts, micro_batch=micro_batch, seq_len=seq_len, sequences_per_item=sequences_per_item, world=world,
+        strategy=cfg.distributed, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing, device=kind,
+        packed=packed,
+    )  # fmt: skip
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(result.table(limit), flush=True)
+    return {"dry_run": True, "bytes_per_rank": result.total, "fits": None if limit is None else result.total <= limit}
+
+
+def planned_device(cfg) -> tuple[str, bool]:
+    """(cuda or cpu, bf16) a dry run plans for: ``--device`` (auto: this machine's) and ``--dtype`` (auto: bf16 on
+    CUDA, and on a CPU that runs it natively)."""
+    from llamactl.device import bf16_supported
+
+    kind = "cpu" if cfg.device == "cpu" else "cuda" if cfg.device.startswith("cuda") else None
+    kind = kind or ("cuda" if torch.cuda.is_available() else "cpu")
+    auto = kind == "cuda" or bf16_supported(torch.device("cpu"))
+    return kind, cfg.dtype == "bf16" or (cfg.dtype == "auto" and auto)
+
+
+def memory_part(cfg, args: ModelArgs, quant=None, output: str | None = None, frozen: bool = False):
+    """The ``llamactl.memory.Part`` of a model this run trains (fully, or through LoRA adapters) or only runs."""
+    from llamactl import memory
+
+    bf16 = planned_device(cfg)[1]
+    if frozen:
+        return memory.Part(args, "frozen", quant, output=output, weight_bytes=4)
+    if not cfg.lora_rank:
+        return memory.Part(args, "full", output=output)
+    spec = lora_spec(cfg)
+    return memory.Part(args, "lora", quant, spec.rank, spec.targets, spec.dropout, output, 2 if bf16 else 4)
+
+
 def output_name(cfg) -> str:
     """The file a training command's run ends with."""
     return "adapter.safetensors" if cfg.lora_rank else "model.safetensors"

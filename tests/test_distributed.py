@@ -246,3 +246,26 @@ def test_fsdp_bf16_mixed_precision_trains(shards, tmp_path):
     losses = _losses(tmp_path / "run")
     assert losses[-1] < losses[0] - 0.3
     assert {t.dtype for t in read_safetensors(str(tmp_path / "run" / "model.safetensors")).values()} == {torch.float32}
+
+
+# ------------------------------------------------------------------------------------------------ dry run
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(shards, tmp_path):
+    from helpers import assert_user_error, run_cli
+
+    out = tmp_path / "run"
+    flags = ["--preset", "llama2-7b", "--seq-len", "4096", "--batch-size", "1", "--distributed", "fsdp",
+             "--eval-every", "0", "--device", "cuda", "--dry-run"]  # fmt: skip
+    proc = run_cli("pretrain", shards, "-o", out, *flags, "--world-size", "8", "--device-memory", "80GB")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("memory per rank: 8 ranks, fsdp, bf16") and "fits in" in lines[-1]
+    total = next(line for line in lines if line.strip().startswith("total"))
+    # at least the 16 bytes per parameter of fp32 weights, gradients and AdamW's moments, over 8 ranks
+    assert float(total.split()[1]) * 2**30 >= 16 * 6.738e9 / 8
+    assert not out.exists()
+    proc = run_cli("pretrain", shards, "-o", out, *flags, "--world-size", "1", "--device-memory", "80GB")
+    assert proc.returncode == 0 and "does not fit in" in proc.stdout.splitlines()[-1]
+    assert_user_error(run_cli("pretrain", shards, "-o", out, *flags, "--device-memory", "lots"), "--device-memory")
+    assert_user_error(run_cli("pretrain", shards, "-o", out, "--device-memory", "80GB"), "--dry-run")

@@ -421,10 +421,16 @@ def run(cfg: PPOConfig) -> dict:
 
     cfg.validate()
     base = read_checked_meta(cfg.model, "lm", "as the policy ppo trains", train=not cfg.lora_rank)
-    policy_tensors, adapted, continued = T.base_weights(cfg, base, "lm", "as the policy ppo trains")
     # the value model starts from --rm's weights and is trained
     rm_meta = read_checked_meta(cfg.rm, None, "as the value model ppo starts from --rm", need_tokenizer=False,
                                 train=not cfg.lora_rank)  # fmt: skip
+    if cfg.dry_run:  # a step: the policy's log-probs, the value model's scores, the reference's (without LoRA)
+        parts = [T.memory_part(cfg, base.args, base.quant, "logprobs"), T.memory_part(cfg, rm_meta.args, rm_meta.quant)]
+        if not cfg.lora_rank:
+            parts.append(T.memory_part(cfg, base.args, None, "logprobs", frozen=True))
+        seq = min(base.args.max_seq_len, rm_meta.args.max_seq_len)  # at most: the prompt and answer fill the context
+        return T.dry_run(cfg, parts, micro_batch=cfg.batch_size, seq_len=seq)
+    policy_tensors, adapted, continued = T.base_weights(cfg, base, "lm", "as the policy ppo trains")
     d, device, say, use_bf16 = T.start(cfg, "ppo")
     if cfg.prompts_per_iteration % d.world or cfg.minibatch_size % (cfg.batch_size * d.world):
         raise UserError(f"--minibatch-size {cfg.minibatch_size} is not a multiple of --batch-size x processes = "

@@ -105,8 +105,10 @@ def run(cfg: PretrainConfig) -> dict:
     val_split = data.splits.get("val")
     if cfg.eval_every and val_split is None:
         raise UserError(f"{cfg.data}: no 'val' split to evaluate on; encode with --val-fraction, or --eval-every 0")
-    d, device, say, use_bf16 = T.start(cfg, "pretrain")
     args = model_args(cfg, data.vocab_size)
+    if cfg.dry_run:
+        return T.dry_run(cfg, [T.memory_part(cfg, args)], micro_batch=cfg.batch_size, seq_len=cfg.seq_len)
+    d, device, say, use_bf16 = T.start(cfg, "pretrain")
     micro_tokens = cfg.batch_size * cfg.seq_len * d.world
     global_tokens = cfg.global_batch_tokens or micro_tokens
     if global_tokens % micro_tokens:

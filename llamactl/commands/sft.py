@@ -61,6 +61,10 @@ def run(cfg: SFTConfig) -> dict:
 
     cfg.validate()
     base = read_checked_meta(cfg.model, "lm", "to fine-tune with sft", train=not cfg.lora_rank)
+    if cfg.dry_run:
+        seq = min(cfg.seq_len, base.args.max_seq_len)
+        part = T.memory_part(cfg, base.args, base.quant)
+        return T.dry_run(cfg, [part], micro_batch=cfg.batch_size, seq_len=seq, packed=cfg.pack)
     tensors, adapted, continued = T.base_weights(cfg, base, "lm", "to fine-tune with sft")
     tok = Tokenizer(base.tokenizer, cfg.model)
     seq_len = min(cfg.seq_len, base.args.max_seq_len)

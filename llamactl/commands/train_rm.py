@@ -80,6 +80,8 @@ def read_pairs(path: str, margin: str) -> list:
 
 def run(cfg: TrainRMConfig) -> dict:
     """Train; returns a summary (final step, last train loss, held-out loss and accuracy, checkpoint path)."""
+    from dataclasses import replace
+
     from llamactl import train as T
     from llamactl.checkpoint import make_lineage, read_checked_meta
     from llamactl.data import PairsTask, encode_pairs, split_val
@@ -89,6 +91,11 @@ def run(cfg: TrainRMConfig) -> dict:
 
     cfg.validate()
     base = read_checked_meta(cfg.model, None, "to train a reward model from", train=not cfg.lora_rank)
+    if cfg.dry_run:  # both answers of a pair in one forward
+        args = replace(base.args, head="scalar", tie_embeddings=False) if base.args.head == "lm" else base.args
+        seq = min(cfg.seq_len, base.args.max_seq_len)
+        part = T.memory_part(cfg, args, base.quant)
+        return T.dry_run(cfg, [part], micro_batch=cfg.batch_size, seq_len=seq, sequences_per_item=2, packed=cfg.pack)
     tensors, adapted, continued = T.base_weights(cfg, base, None, "to train a reward model from")
     if adapted.args.head == "scalar" and adapted.role not in (None, cfg.kind):
         raise UserError(f"{cfg.model}: is a {base.role} model; --kind {cfg.kind} would train it into another kind")
