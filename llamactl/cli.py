@@ -541,6 +541,8 @@ config_command(
         "model": "Policy to start from (a chat model: sft or rejection-sampling output).",
         "rm": "Helpfulness reward model (train-rm); the value model starts from it.",
         "safety_rm": "Safety reward model: its score decides on safety prompts and where sigmoid(score) < 0.15.",
+        "rm_adapter": "An adapter on --rm (the value model starts from the reward model it makes).",
+        "safety_rm_adapter": "An adapter on --safety-rm.",
         "prompts": 'Prompts JSONL: {"messages": [... ending with the user]} or {"prompt": text}; "is_safety" optional.',
         "output": "Run directory: checkpoints, metrics.jsonl (a row per step, the iteration's figures on its last).",
         "iterations": "PPO iterations (each: sample, score, one gradient step per minibatch).",

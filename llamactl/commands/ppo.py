@@ -41,6 +41,8 @@ class PPOConfig(TrainFlags):
     prompts: str
     output: str
     safety_rm: str | None = None
+    rm_adapter: str | None = None  # an adapter on --rm (the value model starts from the merged reward model)
+    safety_rm_adapter: str | None = None
     iterations: int = 1
     prompts_per_iteration: int = 512
     minibatch_size: int = 64
@@ -78,13 +80,19 @@ class PPOConfig(TrainFlags):
             problems.append(f"--temperature must be > 0 (PPO samples from the policy), got {self.temperature}")
         if self.value_coef < 0:
             problems.append(f"--value-coef must be >= 0, got {self.value_coef}")
-        if self.distributed != "ddp":
-            problems.append("ppo runs data-parallel (--distributed ddp); FSDP sharding of its four models is not "
-                            "supported")  # fmt: skip
         inputs = [("-m/--model", self.model, "checkpoint"), ("--rm", self.rm, "checkpoint"),
                   ("--prompts", self.prompts, "prompts JSONL file")]  # fmt: skip
         if self.safety_rm is not None:
             inputs.append(("--safety-rm", self.safety_rm, "checkpoint"))
+        for flag, path in (("--adapter", self.adapter), ("--rm-adapter", self.rm_adapter),
+                           ("--safety-rm-adapter", self.safety_rm_adapter)):  # fmt: skip
+            if path is not None:
+                inputs.append((flag, path, "adapter"))
+        if self.safety_rm_adapter is not None and self.safety_rm is None:
+            problems.append("--safety-rm-adapter goes with --safety-rm")
+        if self.rm_adapter is not None and self.lora_rank:
+            problems.append("--rm-adapter with --lora-rank: the value model's adapters need a base file; merge the "
+                            "reward model's adapter first (convert --rm --merge-adapter)")  # fmt: skip
         for flag, path, what in inputs:
             if problem := input_problem(path, what):
                 problems.append(f"{flag} {problem}")
@@ -436,13 +444,13 @@ def run(cfg: PPOConfig) -> dict:
         raise UserError(f"--minibatch-size {cfg.minibatch_size} is not a multiple of --batch-size x processes = "
                         f"{cfg.batch_size * d.world}")  # fmt: skip
     infer_dtype = "bf16" if use_bf16 else "fp32"
-    help_rm = Scorer(cfg.rm, device, infer_dtype, cfg.gen_batch_size)
+    help_rm = Scorer(cfg.rm, device, infer_dtype, cfg.gen_batch_size, adapter=cfg.rm_adapter)
     help_rm.check_fits(base.tokenizer, cfg.model, "--rm")
     if help_rm.role == "safety":
         say(f"--rm {cfg.rm} is a safety reward model; it is used as the helpfulness one")
     safety_rm = None
     if cfg.safety_rm is not None:
-        safety_rm = Scorer(cfg.safety_rm, device, infer_dtype, cfg.gen_batch_size)
+        safety_rm = Scorer(cfg.safety_rm, device, infer_dtype, cfg.gen_batch_size, adapter=cfg.safety_rm_adapter)
         safety_rm.check_fits(base.tokenizer, cfg.model, "--safety-rm")
     tok = Tokenizer(base.tokenizer, cfg.model)
     context = min(base.args.max_seq_len, help_rm.context, safety_rm.context if safety_rm else help_rm.context)
@@ -458,6 +466,11 @@ def run(cfg: PPOConfig) -> dict:
     inputs = [cfg.model, cfg.rm, cfg.prompts] + ([cfg.adapter] if cfg.adapter else [])
     lineage = make_lineage("ppo", cfg.argv or sys.argv[1:], inputs, parent=adapted.lineage)
     value_tensors = load_tensors(cfg.rm)
+    if cfg.rm_adapter is not None:  # the value model starts from the reward model the adapter makes
+        from llamactl.lora import merged_tensors, read_adapter
+
+        rm_adapter, rm_adapter_tensors = read_adapter(cfg.rm_adapter)
+        value_tensors = merged_tensors(value_tensors, rm_meta, rm_adapter, rm_adapter_tensors, cfg.rm)
     policy, policy_out = T.trainee(cfg, cfg.model, CheckpointMeta(adapted.args, base.tokenizer, lineage), base,
                                    policy_tensors, use_bf16)  # fmt: skip
     value_out_meta = CheckpointMeta(value_meta.args, value_meta.tokenizer, dict(lineage), "value")

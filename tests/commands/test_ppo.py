@@ -198,7 +198,9 @@ def test_kill_9_then_resume_gives_the_uninterrupted_curve(models, tmp_path):
     assert curve(tmp_path / "broken") == curve(tmp_path / "straight")
 
 
-def test_torchrun_two_processes_run_data_parallel(models, tmp_path):
+# FSDP2 (the policy, value model and reference each sharded; generation gathers them step by step) in test-all
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_torchrun_two_processes_run_data_parallel(models, tmp_path, strategy):
     """Two gloo ranks run the whole loop (each samples half of an iteration's prompts; rewards are whitened and the
     figures reduced across both): the KL at the first iteration is 0, the whitened reward averages 0, every figure is
     finite, and rank 0 writes the policy and the value model."""
@@ -206,7 +208,7 @@ def test_torchrun_two_processes_run_data_parallel(models, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
            "llamactl.cli", "ppo", "-m", policy, "--rm", rm, "--prompts", prompts, "-o", str(tmp_path / "run"),
            "--iterations", "2", "--prompts-per-iteration", "16", "--minibatch-size", "8", "--batch-size", "4",
-           "--max-new-tokens", "8", "--lr", "3e-2", "--dtype", "fp32"]  # fmt: skip
+           "--max-new-tokens", "8", "--lr", "3e-2", "--dtype", "fp32", "--distributed", strategy]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     its = _iterations(tmp_path / "run")
@@ -266,3 +268,21 @@ def test_adapters_off_is_the_base_model(models):
         want = base(x, y, output="logprobs")
         assert torch.equal(AdaptersOff(policy)(x, y, output="logprobs"), want)
         assert not torch.allclose(policy(x, y, output="logprobs"), want)
+
+
+def test_rm_adapter_scores_and_starts_the_value_model(models, tmp_path):
+    """--rm-adapter: the reward model is --rm with the adapter (here a reward model made from the policy by an adapter
+    with its own scalar head), and the value model starts from it: its saved head after a run with lr 0 is the
+    adapter's head."""
+    from lora_helpers import random_adapter
+
+    from llamactl.checkpoint import load_tensors
+    from llamactl.lora import LoraSpec
+
+    policy, _, prompts = models
+    adapter = str(tmp_path / "rm-adapter.safetensors")
+    _, tensors = random_adapter(policy, adapter, LoraSpec(2, 4.0, 0.0, ("wq", "wv")), 0, head=True, role="helpfulness")
+    cfg = _cfg(models, tmp_path / "run", iterations=1, rm=policy, rm_adapter=adapter, lr=1e-30, grad_clip=0.0)
+    run(cfg)
+    value = load_tensors(str(tmp_path / "run" / "value.safetensors"))
+    torch.testing.assert_close(value["score.weight"], tensors["score.weight"], rtol=1e-6, atol=1e-6)
