@@ -203,7 +203,8 @@ config_command(
     "convert",
     "convert",
     "ConvertConfig",
-    "Convert checkpoints: Meta, Hugging Face, llama2.c or GGUF in; llamactl, Hugging Face or GGUF (llama.cpp) out; "
+    "Convert checkpoints: Meta, Hugging Face, llama2.c, GGUF or a training checkpoint (RUN/step-N, or a run's "
+    "latest) in; llamactl, Hugging Face or GGUF (llama.cpp) out; "
     "--merge-adapter merges a LoRA adapter into SRC; an adapter as SRC exports for Hugging Face PEFT (--to peft). "
     "--info describes a checkpoint or an adapter.",
     short={"output": "-o", "tokenizer": "-t"},
@@ -213,7 +214,8 @@ config_command(
         "src": "Checkpoint file or directory, or a LoRA adapter file (--to peft, --info).",
         "output": "Destination file (or directory for hf and peft).",
         "info": "Print what SRC is (config, size, dtype, lineage; an adapter's rank, targets and base).",
-        "src_format": "auto, llamactl, meta, hf, llama2c or gguf.",
+        "src_format": "auto, llamactl, meta, hf, llama2c, gguf or run (a training checkpoint RUN/step-N, or a run "
+        "directory: its latest).",
         "to": "llamactl, hf, gguf, or peft (an adapter SRC as PEFT's adapter_config.json + adapter_model.safetensors, "
         "for the base exported with --to hf).",
         "merge_adapter": "LoRA adapter file trained on SRC: write SRC with it merged in (W + alpha/rank B A; a "

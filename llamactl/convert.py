@@ -34,7 +34,7 @@ from llamactl.files import atomic_path, kind_of, os_reason, require_input
 from llamactl.model import ModelArgs
 from llamactl.quant import QuantSpec
 
-FORMATS = ("llamactl", "meta", "hf", "llama2c", "gguf")
+FORMATS = ("llamactl", "meta", "hf", "llama2c", "gguf", "run")
 
 
 @dataclass
@@ -51,6 +51,8 @@ class Source:
 
 def detect_format(path: str) -> str:
     if os.path.isdir(path):
+        if any(os.path.isfile(os.path.join(path, f)) for f in ("trainer.json", "latest")):
+            return "run"
         if os.path.isfile(os.path.join(path, "params.json")):
             return "meta"
         if os.path.isfile(os.path.join(path, "config.json")):
@@ -555,7 +557,40 @@ def read_gguf(path: str) -> Source:
     return read(path)
 
 
+def run_checkpoint(path: str) -> str:
+    """The checkpoint folder ``path`` names: itself (``RUN/step-NNNNNNN``), or a run directory's latest."""
+    from llamactl import train as T
+
+    if os.path.isfile(os.path.join(path, "trainer.json")):
+        return path
+    folder = T.latest_checkpoint(path)
+    if folder is None:
+        raise UserError(f"{path}: a run directory without a checkpoint yet")
+    return folder
+
+
+def read_run(path: str) -> Source:
+    """A training checkpoint (``RUN/step-NNNNNNN/``, or a run directory: its latest) as a model: the run's model
+    (ppo: its policy), each tensor streamed out of every rank's shards when it is written."""
+    from llamactl import train as T
+    from llamactl.checkpoint import CheckpointMeta
+
+    folder = run_checkpoint(path)
+    parts = T.saved_parts(folder)
+    if not parts:
+        raise UserError(f"{folder}: its trainer.json does not say what the run makes (an older llamactl's run)")
+    file, (prefix, meta) = next(iter(parts.items()))
+    if not isinstance(meta, CheckpointMeta):
+        raise UserError(f"{folder}: holds LoRA adapters, not a model: convert {path} -o adapter.safetensors writes "
+                        "them as an adapter file")  # fmt: skip
+    plans = T.part_plans(folder, prefix)
+    dtype = plans[0].dtype if plans else torch.float32
+    details = [("trainer", f"{folder}, step {meta.lineage.get('step')}, the run's {file}")]
+    return Source(meta.args, plans, meta.tokenizer, meta.lineage, dtype, meta.role, None, details)
+
+
 READERS = {
+    "run": read_run,
     "llamactl": read_llamactl,
     "meta": read_meta_checkpoint,
     "hf": read_hf,
@@ -570,7 +605,7 @@ def read_source(path: str, fmt: str = "auto") -> Source:
     if fmt not in READERS:
         raise UserError(f"--from: unknown format {fmt!r}; use auto, {', '.join(FORMATS)}")
     if not (fmt == "llamactl" and os.path.isfile(path + ".index.json")):
-        want_dir = fmt in ("meta", "hf")
+        want_dir = fmt in ("meta", "hf", "run")
         if kind_of(path) != ("a directory" if want_dir else "a regular file"):
             require_input(path, "checkpoint directory" if want_dir else "checkpoint file")
             if want_dir:

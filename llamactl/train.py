@@ -323,6 +323,11 @@ def _trainer_state_problem(state: object) -> str | None:
         return "'param_groups' are not objects with 'params'"
     if not all(isinstance(n, str) for n in state["trained"]):
         return "'trained' is not a list of tensor names"
+    parts = state.get("parts", {})
+    if not isinstance(parts, dict) or not all(
+        isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and isinstance(v[1], dict) for v in parts.values()
+    ):
+        return "'parts' is not an object of [prefix, header] by file name"
     return None
 
 
@@ -458,41 +463,69 @@ def load_checkpoint(folder: str, state: dict, model: torch.nn.Module, optim: tor
         say(f"{folder} was saved by {state['world']} processes: ranks from {state['world']} on keep seeded RNGs")
 
 
-def export_parts(folder: str, run_dir: str, meta) -> list[str]:
-    """The run's final files from checkpoint ``folder`` (``checkpoint_parts``: model.safetensors, or adapters),
-    written by streaming one tensor at a time out of the saved shards: never a whole-model gather. Returns paths."""
+def part_headers(meta) -> dict:
+    """What a run's trainer state keeps of its final files (``checkpoint_parts``): file -> [state-dict prefix, the
+    file's header], so any checkpoint folder can be exported on its own (``export_parts``, ``convert``)."""
+    return {file: [prefix, m.to_header()] for file, (prefix, m) in checkpoint_parts(meta).items()}
+
+
+def saved_parts(folder: str) -> Parts:
+    """The parts a checkpoint folder's ``trainer.json`` names, with what each file says of itself."""
+    from llamactl.checkpoint import ADAPTER_FORMAT
+    from llamactl.lora import AdapterMeta
+
+    state = load_trainer_state(folder)
+    parts = {}
+    for file, (prefix, header) in state.get("parts", {}).items():
+        source = os.path.join(folder, TRAINER_JSON)
+        is_adapter = header.get("format") == ADAPTER_FORMAT
+        meta = AdapterMeta.from_header(header, source) if is_adapter else CheckpointMeta.from_header(header, source)
+        meta.lineage = {**meta.lineage, "step": state["step"]}
+        parts[file] = (prefix, meta)
+    return parts
+
+
+def part_plans(folder: str, prefix: str) -> list:
+    """Plans (``checkpoint.TensorPlan``) for the tensors a checkpoint folder saved under ``prefix``, each produced
+    by reading that one tensor out of every rank's shards: a whole model never sits in memory."""
     import torch.distributed.checkpoint as dcp
 
-    from llamactl.checkpoint import TensorPlan, save_plans
+    from llamactl.checkpoint import TensorPlan
 
     root = os.path.join(folder, DCP_DIR)
-    saved = dcp.HuggingFaceStorageReader(root).read_metadata().state_dict_metadata
-    step = load_trainer_state(folder)["step"]
+    try:
+        saved = dcp.HuggingFaceStorageReader(root).read_metadata().state_dict_metadata
+    except Exception as e:  # a damaged shard file
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:120]
+        raise UserError(f"{root}: not a readable checkpoint ({reason})") from None
 
-    def one(key: str, size, dtype) -> torch.Tensor:
-        out = {key: torch.empty(size, dtype=dtype)}
+    def one(key: str) -> torch.Tensor:
+        out = {key: torch.empty(saved[key].size, dtype=saved[key].properties.dtype)}
         with single_process_dcp(Dist()):
             dcp.load(out, storage_reader=dcp.HuggingFaceStorageReader(root), no_dist=True)
         return out[key]
 
+    head = "model." + prefix
+    return [TensorPlan(k[len(head) :], tuple(saved[k].size), saved[k].properties.dtype, lambda k=k: one(k))
+            for k in saved if k.startswith(head)]  # fmt: skip
+
+
+def export_parts(folder: str, out_dir: str, files=None) -> list[str]:
+    """A checkpoint folder's files (model.safetensors, or adapters; ``files`` picks some) written to ``out_dir``,
+    streamed one tensor at a time out of the saved shards: never a whole-model gather. Returns the paths."""
+    from llamactl.checkpoint import save_plans
+
     written = []
-    for file, (prefix, part_meta) in checkpoint_parts(meta).items():
-        keys = [k for k in saved if k.startswith("model." + prefix)]
-        path = os.path.join(run_dir, file)
-        if isinstance(part_meta, CheckpointMeta):
-            part_meta.lineage = {**part_meta.lineage, "step": step}
-            plans = [
-                TensorPlan(k[len("model." + prefix) :], tuple(saved[k].size), saved[k].properties.dtype,
-                           lambda k=k: one(k, saved[k].size, saved[k].properties.dtype))
-                for k in keys
-            ]  # fmt: skip
-            save_plans(path, plans, part_meta)
+    for file, (prefix, meta) in saved_parts(folder).items():
+        if files is not None and file not in files:
+            continue
+        path = os.path.join(out_dir, file)
+        if isinstance(meta, CheckpointMeta):
+            save_plans(path, part_plans(folder, prefix), meta)
         else:  # an adapter: a few MB, read whole
             from llamactl import lora
 
-            part_meta.lineage = {**part_meta.lineage, "step": step}
-            tensors = {k[len("model." + prefix) :]: one(k, saved[k].size, saved[k].properties.dtype) for k in keys}
-            lora.save_adapter(path, tensors, part_meta)
+            lora.save_adapter(path, {p.name: p.produce() for p in part_plans(folder, prefix)}, meta)
         written.append(path)
     return written
 
@@ -835,7 +868,7 @@ def start_run_dir(run_dir: str, d: Dist) -> None:
         clean_partial(run_dir)
 
 
-def conclude(run_dir: str, result: dict, d: Dist, name: str, meta) -> str:
+def conclude(run_dir: str, result: dict, d: Dist, name: str) -> str:
     """After ``fit``: a stopped run says how to continue and raises Interrupted (exit 128 + the signal, as any command
     stopped by one); a finished one gets its final files (``RUN/model.safetensors``, or its adapters) streamed out
     of its last checkpoint by rank 0. Returns that checkpoint."""
@@ -848,12 +881,12 @@ def conclude(run_dir: str, result: dict, d: Dist, name: str, meta) -> str:
         raise Interrupted(result["stopped"])
     final = latest_checkpoint(run_dir)
     if d.main:
-        export_parts(final, run_dir, meta)
+        export_parts(final, run_dir)
     barrier(d)
     return final
 
 
-def finished_run(run_dir: str, ckpt: str, step: int, steps: int, d: Dist, name: str, meta) -> dict:
+def finished_run(run_dir: str, ckpt: str, step: int, steps: int, d: Dist, name: str) -> dict:
     """--resume of a run that has done its --steps: say so with its last losses, and make sure its files are out."""
     last: dict = {"loss": None, "val_loss": None}
     metrics = os.path.join(run_dir, "metrics.jsonl")
@@ -864,8 +897,8 @@ def finished_run(run_dir: str, ckpt: str, step: int, steps: int, d: Dist, name: 
                     row = json.loads(line)
                     last.update({k: row[k] for k in ("loss", "val_loss") if isinstance(row.get(k), (int, float))})
     if d.main:
-        if not all(os.path.isfile(os.path.join(run_dir, f)) for f in checkpoint_parts(meta)):
-            export_parts(ckpt, run_dir, meta)  # the run was stopped after its last save, before writing them
+        if not all(os.path.isfile(os.path.join(run_dir, f)) for f in saved_parts(ckpt)):
+            export_parts(ckpt, run_dir)  # the run was stopped after its last save, before writing them
         losses = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in last.items() if v is not None)
         print(
             f"llamactl {name}: {run_dir} is complete at step {step} of {steps}"
@@ -959,7 +992,7 @@ def finetune(
     ckpt, state = open_run(cfg.output, cfg.resume, args, settings)
     start_step = state["step"] if state else 0
     if ckpt and start_step >= steps:
-        return finished_run(cfg.output, ckpt, start_step, steps, d, name, out_meta)
+        return finished_run(cfg.output, ckpt, start_step, steps, d, name)
     check_memory(training_bytes(model, d), f"fine-tuning {args.num_params():,} parameters", cfg.model, device)
     seed_everything(cfg.seed)
     model.grad_checkpointing = cfg.activation_checkpointing
@@ -969,14 +1002,14 @@ def finetune(
     )  # fmt: skip
     ready_quantized(model, loop["bf16"])
     start_run_dir(cfg.output, d)
-    trainer_state = {"model_args": args.to_dict(), "settings": settings}
+    trainer_state = {"model_args": args.to_dict(), "settings": settings, "parts": part_headers(out_meta)}
     eval_every = cfg.eval_every or (steps if cfg.val_fraction > 0 else 0)
     loop_cfg = LoopConfig.from_flags(cfg, steps=steps, eval_every=eval_every, name=name, **loop)
     result = fit(
         make_task(), model, wrapped, optim, loop_cfg, cfg.output, trainer_state, d, device, start_step, forward,
         metrics_resume=ckpt is not None,
     )  # fmt: skip
-    return {**result, "checkpoint": conclude(cfg.output, result, d, name, out_meta)}
+    return {**result, "checkpoint": conclude(cfg.output, result, d, name)}
 
 
 def dry_run(cfg, parts: list, *, micro_batch: int, seq_len: int, sequences_per_item: int = 1, packed: bool = False):

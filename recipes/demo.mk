@@ -6,9 +6,9 @@ LLAMACTL := $(PY) -m llamactl.cli
 OUT := runs/demo
 START := $(shell date +%s)
 
-.PHONY: all convert-demo generate-demo pretrain-demo chat-demo rlhf-demo quant-demo
+.PHONY: all convert-demo generate-demo pretrain-demo chat-demo rlhf-demo quant-demo lora-demo
 
-all: convert-demo generate-demo pretrain-demo chat-demo rlhf-demo quant-demo
+all: convert-demo generate-demo pretrain-demo chat-demo rlhf-demo quant-demo lora-demo
 	@echo
 	@echo "llamactl demo: done in $$(( $$(date +%s) - $(START) )) s; what it made is in $(OUT)/ (run again: only what changed):"
 	@echo "  stories260K.safetensors      llama2.c's TinyStories 260K model as a llamactl checkpoint (convert)"
@@ -29,6 +29,10 @@ all: convert-demo generate-demo pretrain-demo chat-demo rlhf-demo quant-demo
 	@echo "  shakespeare/compare.json     ppo against sft as the reward model judges (compare), printed above"
 	@echo "  shakespeare/quant/           the base model in int8 and int4 (quantize; GPTQ on the training text) and"
 	@echo "                               what each costs on held-out text: perplexity, KL to the source (eval)"
+	@echo "  shakespeare/lora/             sft again as LoRA adapters of rank 16 on the frozen base (adapter.safetensors)"
+	@echo "  shakespeare/qlora/            the same on the int8 base, which stays quantized (QLoRA)"
+	@echo "  shakespeare/lora-chat.jsonl   the seed prompts answered by the base with the adapter (chat --adapter)"
+	@echo "  shakespeare/lora-merged.safetensors, lora-peft/  the adapter merged into the base; as a PEFT adapter"
 
 # A real pretrained llama2.c model (TinyStories, 260K parameters) into a self-describing llamactl checkpoint,
 # and from there into a Hugging Face directory that transformers loads.
@@ -163,3 +167,33 @@ $(QNT)/eval.jsonl: $(SHK)/run/model.safetensors $(SHK)/heldout.txt $(QUANTIZED)
 	@$(PY) -c "import json,os,sys; rows=[json.loads(l) for l in open(sys.argv[1])]; src=rows[0]['perplexity']; [print(f\"{os.path.basename(r['model']):<28} {os.path.getsize(r['model'])/1e6:5.1f} MB  perplexity {r['perplexity']:7.3f} ({100*(r['perplexity']/src-1):+.2f}%)  KL {r.get('kl_mean', 0):.5f}  same top {r.get('same_top', 1):.3f}\") for r in rows]" $@
 
 quant-demo: $(QNT)/eval.jsonl
+
+# LoRA: the sft stage again, as adapters of rank 16 on every block linear of the frozen base (sft --lora-rank; a
+# higher learning rate, as LoRA takes), its held-out loss next to full fine-tuning's; then QLoRA, the same on the
+# int8 model, which stays quantized. An adapter file names its base by sha256: chat takes it beside the base,
+# convert merges it or writes it for Hugging Face PEFT.
+LORA_FLAGS := --data examples/hh-harmless-chosen.jsonl --field chosen --resume --seq-len 256 --batch-size 8 \
+	--global-batch-size 16 --epochs 1 --lr 2e-3 --val-fraction 0.05 --lora-rank 16
+
+$(SHK)/lora/adapter.safetensors: $(SHK)/run/model.safetensors examples/hh-harmless-chosen.jsonl
+	$(LLAMACTL) sft -m $< -o $(SHK)/lora $(LORA_FLAGS)
+
+$(SHK)/qlora/adapter.safetensors: $(QNT)/int8.safetensors examples/hh-harmless-chosen.jsonl
+	$(LLAMACTL) sft -m $< -o $(SHK)/qlora $(LORA_FLAGS)
+
+$(SHK)/lora-chat.jsonl: $(SHK)/lora/adapter.safetensors $(SHK)/run/model.safetensors examples/seed-prompts.jsonl
+	sed -n '3p;5,7p' examples/seed-prompts.jsonl | $(LLAMACTL) chat -m $(SHK)/run/model.safetensors --adapter $< \
+		--max-new-tokens 48 --seed 1 -o $@
+	@$(PY) -c "import json,sys; [print(r['messages'][-2]['content'], '->', r['messages'][-1]['content'], end='\n---\n') for r in map(json.loads, open(sys.argv[1]))]" $@
+
+$(SHK)/lora-merged.safetensors: $(SHK)/lora/adapter.safetensors $(SHK)/run/model.safetensors
+	$(LLAMACTL) convert $(SHK)/run/model.safetensors --merge-adapter $< -o $@
+
+$(SHK)/lora-peft/adapter_config.json: $(SHK)/lora/adapter.safetensors
+	$(LLAMACTL) convert $< --to peft -o $(dir $@)
+	$(LLAMACTL) convert --info $<
+
+lora-demo: $(SHK)/lora-chat.jsonl $(SHK)/qlora/adapter.safetensors $(SHK)/lora-merged.safetensors \
+		$(SHK)/lora-peft/adapter_config.json
+	@$(PY) -c "import json,sys; last=lambda p: [json.loads(l) for l in open(p)][-1]; [print(f'{n:<22} held-out loss {last(p)[\"val_loss\"]:.5f}') for n, p in zip(['sft (all weights)', 'sft --lora-rank 16', 'sft --lora-rank 16 int8'], sys.argv[1:])]" \
+		$(SHK)/sft/metrics.jsonl $(SHK)/lora/metrics.jsonl $(SHK)/qlora/metrics.jsonl

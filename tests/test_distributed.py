@@ -114,7 +114,7 @@ def _save_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> No
         optim.step()
         optim.zero_grad(set_to_none=True)
         local = sum(p.to_local().numel() * 4 for p in model.parameters())  # fp32 shard; AdamW holds two more
-        state = {"model_args": BIG.to_dict(), "settings": {}}
+        state = {"model_args": BIG.to_dict(), "settings": {}, "parts": T.part_headers(CheckpointMeta(BIG))}
         T.barrier(d)
         _reset_peak()
         before = _peak_kib()
@@ -157,10 +157,10 @@ def test_a_save_holds_one_shard_and_the_export_streams_one_tensor(tmp_path):
     ckpt = T.latest_checkpoint(run_dir)
     largest = BIG.vocab_size * BIG.dim * 4  # the embedding, fp32
     os.makedirs(tmp_path / "warm")
-    T.export_parts(ckpt, str(tmp_path / "warm"), CheckpointMeta(BIG))  # once first: imports, the allocator's pools
+    T.export_parts(ckpt, str(tmp_path / "warm"))  # once first: imports, the allocator's pools
     _reset_peak()
     before = _peak_kib()
-    T.export_parts(ckpt, run_dir, CheckpointMeta(BIG))
+    T.export_parts(ckpt, run_dir)
     rose = (_peak_kib() - before) * 1024
     assert rose < 2 * largest + 8 * 2**20, (rose, largest)
     exported = read_safetensors(os.path.join(run_dir, "model.safetensors"))

@@ -169,3 +169,30 @@ def test_fsdp_two_processes_train_the_adapters_as_one(w, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
+
+
+def test_convert_exports_a_training_checkpoint(w, tmp_path):
+    """convert reads a run's checkpoint (RUN/step-N, or the run directory: its latest): the model or adapter it
+    writes is the one the run wrote at its end, tensor for tensor, streamed out of the shards."""
+    from llamactl.checkpoint import load_tensors
+
+    _sft(w, tmp_path / "lora", steps=4)
+    _sft(w, tmp_path / "full", steps=4, lora_rank=0)
+    proc = run_cli("convert", str(tmp_path / "lora" / "step-0000004"), "-o", str(tmp_path / "a.safetensors"))
+    assert proc.returncode == 0, proc.stderr
+    got, want = (
+        read_adapter(str(tmp_path / "a.safetensors")),
+        read_adapter(str(tmp_path / "lora" / "adapter.safetensors")),
+    )
+    assert got[0].base_sha256 == want[0].base_sha256 and got[1].keys() == want[1].keys()
+    assert all(torch.equal(got[1][k], want[1][k]) for k in want[1])
+    proc = run_cli("convert", str(tmp_path / "full"), "-o", str(tmp_path / "m.safetensors"))
+    assert proc.returncode == 0, proc.stderr
+    got, want = (
+        load_tensors(str(tmp_path / "m.safetensors")),
+        load_tensors(str(tmp_path / "full" / "model.safetensors")),
+    )
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert read_meta(str(tmp_path / "m.safetensors")).tokenizer == read_meta(w["base"]).tokenizer
+    proc = run_cli("convert", str(tmp_path / "lora" / "step-0000002"), "--to", "hf", "-o", str(tmp_path / "hf"))
+    assert_user_error(proc, "step-0000002", "LoRA adapters")

@@ -64,12 +64,12 @@ def _fit(run_dir: str, accum: int, optimizer: str, steps: int) -> None:
         optim,
         loop,
         run_dir,
-        {"model_args": ARGS.to_dict(), "settings": {}},
+        {"model_args": ARGS.to_dict(), "settings": {}, "parts": T.part_headers(CheckpointMeta(ARGS))},
         d,
         device,
     )
     if d.main:
-        T.export_parts(T.latest_checkpoint(run_dir), run_dir, CheckpointMeta(ARGS))
+        T.export_parts(T.latest_checkpoint(run_dir), run_dir)
 
 
 def _worker(rank: int, world: int, port: int, run_dir: str, accum: int, optimizer: str, steps: int) -> None:

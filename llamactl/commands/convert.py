@@ -180,6 +180,9 @@ def run(cfg: ConvertConfig) -> list[str]:
 
     if cfg.src_format in ("auto", "llamactl") and is_adapter(cfg.src):
         return _convert_adapter(cfg)
+    if cfg.src_format in ("auto", "run") and cv.detect_format(cfg.src) == "run" and not cfg.info:
+        if written := _run_adapter(cfg):
+            return written
     if cfg.to == "peft":
         raise UserError(f"{cfg.src}: --to peft exports a LoRA adapter file, and this is a model checkpoint")
     if cfg.merge_adapter is not None:
@@ -246,6 +249,28 @@ def _convert_adapter(cfg: ConvertConfig) -> list[str]:
         raise UserError(f"{cfg.src}: is a LoRA adapter: --to peft exports it, --info describes it, llamactl convert "
                         f"BASE --merge-adapter {cfg.src} merges it into the model it was trained on")  # fmt: skip
     return write_peft(cfg.output, meta, tensors, DTYPES[cfg.dtype] if cfg.dtype != "keep" else None)
+
+
+def _run_adapter(cfg: ConvertConfig) -> list[str]:
+    """SRC is a training checkpoint of a LoRA run: its adapter (ppo: the policy's) written as an adapter file;
+    nothing (an empty list) where the run trained a whole model."""
+    from llamactl import train as T
+    from llamactl.checkpoint import CheckpointMeta
+    from llamactl.convert import run_checkpoint
+    from llamactl.lora import save_adapter
+
+    folder = run_checkpoint(cfg.src)
+    parts = T.saved_parts(folder)
+    if not parts:
+        return []
+    _, (prefix, meta) = next(iter(parts.items()))
+    if isinstance(meta, CheckpointMeta):
+        return []
+    if cfg.to != "llamactl" or cfg.merge_adapter is not None or cfg.tokenizer is not None:
+        raise UserError(f"{folder}: holds LoRA adapters: convert {cfg.src} -o adapter.safetensors writes them as an "
+                        "adapter file (then --to peft, or BASE --merge-adapter)")  # fmt: skip
+    save_adapter(cfg.output, {p.name: p.produce() for p in T.part_plans(folder, prefix)}, meta)
+    return [cfg.output]
 
 
 def _refuse_gguf_export(src, path: str, tokenizer: str | None = None) -> None:

@@ -483,7 +483,7 @@ def run(cfg: PPOConfig) -> dict:
     ckpt, state = T.open_run(cfg.output, cfg.resume, base.args, settings)
     start_step = state["step"] if state else 0
     if ckpt and start_step >= steps:
-        return T.finished_run(cfg.output, ckpt, start_step, steps, d, "ppo", parts)
+        return T.finished_run(cfg.output, ckpt, start_step, steps, d, "ppo")
 
     model = ActorCritic(policy, value)
     need = T.training_bytes(model, d) + 2 * rope_bytes(base.args)
@@ -514,10 +514,10 @@ def run(cfg: PPOConfig) -> dict:
     loop.min_lr_ratio = 1.0  # constant learning rate (Llama 2)
     loop.save_every = cfg.save_every * steps_per_iteration
     loop.eval_every = 0
-    trainer_state = {"model_args": base.args.to_dict(), "settings": settings}
+    trainer_state = {"model_args": base.args.to_dict(), "settings": settings, "parts": T.part_headers(parts)}
     result = T.fit(task, model, wrapped, optim, loop, cfg.output, trainer_state, d, device, start_step, forward,
                    metrics_resume=ckpt is not None)  # fmt: skip
-    final = T.conclude(cfg.output, result, d, "ppo", parts)
+    final = T.conclude(cfg.output, result, d, "ppo")
     last = task.history[-1] if task.history else {}
     if last:
         say(f"iteration {last['iteration']}: reward {last['reward_raw']:.4f}, KL {last['kl']:.4f}; policy in "

@@ -133,7 +133,7 @@ def run(cfg: PretrainConfig) -> dict:
     ckpt, state = T.open_run(cfg.output, cfg.resume, args, settings)
     start_step = state["step"] if state else 0
     if ckpt and start_step >= cfg.steps:
-        return T.finished_run(cfg.output, ckpt, start_step, cfg.steps, d, "pretrain", meta)
+        return T.finished_run(cfg.output, ckpt, start_step, cfg.steps, d, "pretrain")
 
     # parameters, gradients and AdamW's two moments in fp32, and the rotary tables, before any is allocated
     need = 16 * args.num_params() // d.world + rope_bytes(args)
@@ -146,7 +146,7 @@ def run(cfg: PretrainConfig) -> dict:
         cfg.compile, say,
     )  # fmt: skip
     T.start_run_dir(cfg.output, d)
-    trainer_state = {"model_args": args.to_dict(), "settings": settings}
+    trainer_state = {"model_args": args.to_dict(), "settings": settings, "parts": T.part_headers(meta)}
 
     task = WindowsTask(windows, cfg.batch_size, accum, device, val_windows, cfg.eval_batches if cfg.eval_every else 0)
     loop = T.LoopConfig.from_flags(
@@ -159,7 +159,7 @@ def run(cfg: PretrainConfig) -> dict:
     )  # fmt: skip
     step = result["step"]
     last = {"loss": result["loss"], "val_loss": result.get("val_loss")}
-    final = T.conclude(cfg.output, result, d, "pretrain", meta)
+    final = T.conclude(cfg.output, result, d, "pretrain")
     if d.main:
         baseline = unigram_loss(train_split, val_split, args.vocab_size) if val_split is not None else None
         last["unigram_val_loss"] = baseline
