@@ -413,13 +413,21 @@ def save_checkpoint(
 
 @contextlib.contextmanager
 def single_process_dcp(d: Dist):
-    """DCP in one process, without its warning that no process group exists (that is the intent)."""
+    """DCP without its notes on stderr: its warning, in one process, that no process group exists (that is the
+    intent), and its logged tracebacks for a damaged checkpoint (the caller says what is wrong in one line)."""
+    import logging
     import warnings
 
-    with warnings.catch_warnings():
-        if d.world == 1:
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        yield
+    log = logging.getLogger()  # DCP's modules log to the root logger
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            if d.world == 1:
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            yield
+    finally:
+        log.setLevel(level)
 
 
 def barrier(d: Dist) -> None:
@@ -433,6 +441,7 @@ def load_checkpoint(folder: str, state: dict, model: torch.nn.Module, optim: tor
     DCP reads, on each rank, only the parts of the saved shards that overlap its own. Each rank takes the RNGs of
     the rank of its number if the saving run had one."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     problem = optimizer_state_problem(_unwrapped(model), optim, state["param_groups"])
@@ -449,8 +458,8 @@ def load_checkpoint(folder: str, state: dict, model: torch.nn.Module, optim: tor
         # not strict: a LoRA run's frozen base is not in its checkpoints (the names were matched above)
         set_state_dict(model, optim, model_state_dict=loaded["model"], options=StateDictOptions(strict=False),
                        optim_state_dict={"state": loaded["optim"], "param_groups": state["param_groups"]})  # fmt: skip
-    except Exception as e:  # DCP wraps a damaged or missing shard in its own exception types
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:160]
+    except (Exception, CheckpointException) as e:  # DCP's own exception for a damaged shard is a BaseException
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1].rpartition("read failed: ")[2][:160]
         raise UserError(f"{folder}: the trainer state cannot be loaded ({reason})") from None
     rng = os.path.join(folder, f"rng-{d.rank}.json")
     if os.path.isfile(rng):
@@ -495,7 +504,7 @@ def part_plans(folder: str, prefix: str) -> list:
     root = os.path.join(folder, DCP_DIR)
     try:
         saved = dcp.HuggingFaceStorageReader(root).read_metadata().state_dict_metadata
-    except Exception as e:  # a damaged shard file
+    except Exception as e:  # a damaged shard file (safetensors' own error)
         reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:120]
         raise UserError(f"{root}: not a readable checkpoint ({reason})") from None
 
