@@ -46,7 +46,8 @@ bench: $(BENCH_STAMP)
 	$(PY) -P bench/convert_memory.py
 	$(PY) -P bench/tokenizer.py
 	$(PY) -P bench/kernels.py
-	$(PY) -P bench/sft.py
+	$(PY) -P bench/sft.py --lora-rank 16
+	$(PY) -P bench/dry_run.py
 	$(PY) -P bench/train_rm.py
 	$(PY) -P bench/rejection_sample.py
 	$(MAKE) demo

@@ -437,7 +437,7 @@ def run(cfg: PPOConfig) -> dict:
         if not cfg.lora_rank:
             parts.append(T.memory_part(cfg, base.args, None, "logprobs", frozen=True))
         seq = min(base.args.max_seq_len, rm_meta.args.max_seq_len)  # at most: the prompt and answer fill the context
-        return T.dry_run(cfg, parts, micro_batch=cfg.batch_size, seq_len=seq)
+        return T.dry_run(cfg, parts, micro_batch=cfg.batch_size, seq_len=seq, items_per_step=cfg.minibatch_size)
     policy_tensors, adapted, continued = T.base_weights(cfg, base, "lm", "as the policy ppo trains")
     d, device, say, use_bf16 = T.start(cfg, "ppo")
     if cfg.prompts_per_iteration % d.world or cfg.minibatch_size % (cfg.batch_size * d.world):

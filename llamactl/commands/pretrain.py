@@ -107,7 +107,9 @@ def run(cfg: PretrainConfig) -> dict:
         raise UserError(f"{cfg.data}: no 'val' split to evaluate on; encode with --val-fraction, or --eval-every 0")
     args = model_args(cfg, data.vocab_size)
     if cfg.dry_run:
-        return T.dry_run(cfg, [T.memory_part(cfg, args)], micro_batch=cfg.batch_size, seq_len=cfg.seq_len)
+        sequences = (cfg.global_batch_tokens or 0) // cfg.seq_len or None
+        return T.dry_run(cfg, [T.memory_part(cfg, args)], micro_batch=cfg.batch_size, seq_len=cfg.seq_len,
+                         items_per_step=sequences)  # fmt: skip
     d, device, say, use_bf16 = T.start(cfg, "pretrain")
     micro_tokens = cfg.batch_size * cfg.seq_len * d.world
     global_tokens = cfg.global_batch_tokens or micro_tokens

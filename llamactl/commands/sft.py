@@ -64,7 +64,8 @@ def run(cfg: SFTConfig) -> dict:
     if cfg.dry_run:
         seq = min(cfg.seq_len, base.args.max_seq_len)
         part = T.memory_part(cfg, base.args, base.quant)
-        return T.dry_run(cfg, [part], micro_batch=cfg.batch_size, seq_len=seq, packed=cfg.pack)
+        return T.dry_run(cfg, [part], micro_batch=cfg.batch_size, seq_len=seq, packed=cfg.pack,
+                         items_per_step=cfg.global_batch_size)  # fmt: skip
     tensors, adapted, continued = T.base_weights(cfg, base, "lm", "to fine-tune with sft")
     tok = Tokenizer(base.tokenizer, cfg.model)
     seq_len = min(cfg.seq_len, base.args.max_seq_len)

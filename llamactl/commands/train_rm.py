@@ -95,7 +95,8 @@ def run(cfg: TrainRMConfig) -> dict:
         args = replace(base.args, head="scalar", tie_embeddings=False) if base.args.head == "lm" else base.args
         seq = min(cfg.seq_len, base.args.max_seq_len)
         part = T.memory_part(cfg, args, base.quant)
-        return T.dry_run(cfg, [part], micro_batch=cfg.batch_size, seq_len=seq, sequences_per_item=2, packed=cfg.pack)
+        return T.dry_run(cfg, [part], micro_batch=cfg.batch_size, seq_len=seq, sequences_per_item=2, packed=cfg.pack,
+                         items_per_step=cfg.global_batch_size)  # fmt: skip
     tensors, adapted, continued = T.base_weights(cfg, base, None, "to train a reward model from")
     if adapted.args.head == "scalar" and adapted.role not in (None, cfg.kind):
         raise UserError(f"{cfg.model}: is a {base.role} model; --kind {cfg.kind} would train it into another kind")
