@@ -486,7 +486,7 @@ def run(cfg: PPOConfig) -> dict:
         return T.finished_run(cfg.output, ckpt, start_step, steps, d, "ppo")
 
     model = ActorCritic(policy, value)
-    need = T.training_bytes(model, d) + 2 * rope_bytes(base.args)
+    need = T.training_bytes(model, d, d.world > 1 and cfg.distributed == "fsdp") + 2 * rope_bytes(base.args)
     check_memory(need, "training a policy and a value model", cfg.model, device)
     seed_everything(cfg.seed)
     policy_sources = {**policy_tensors, **(continued or {})}

@@ -138,10 +138,10 @@ def run(cfg: PretrainConfig) -> dict:
         return T.finished_run(cfg.output, ckpt, start_step, cfg.steps, d, "pretrain")
 
     # parameters, gradients and AdamW's two moments in fp32, and the rotary tables, before any is allocated
-    need = 16 * args.num_params() // d.world + rope_bytes(args)
+    model = T.meta_model(args, None, f"--preset {cfg.preset}")
+    need = T.training_bytes(model, d, d.world > 1 and cfg.distributed == "fsdp") + rope_bytes(args)
     check_memory(need, f"training {args.num_params():,} parameters", f"--preset {cfg.preset}", device)
     seed_everything(cfg.seed)
-    model = T.meta_model(args, None, f"--preset {cfg.preset}")
     model.grad_checkpointing = cfg.activation_checkpointing
     wrapped, optim, forward = T.prepare(
         model, {"": None}, cfg.seed, ckpt, state, d, device, cfg.distributed, use_bf16, lr, cfg.weight_decay,
