@@ -21,6 +21,10 @@ that moment, so they add up to the peak. What it counts:
   runs, freed after its forward, the root's (embedding, final norm, head) kept for the whole step, the previous
   block prefetched in backward, each block's gradients reduce-scattered from a flat fp32 buffer that lives until
   the next block's reduce-scatter; under bf16 its MixedPrecisionPolicy (bf16 parameters, fp32 reduction);
+- gradient accumulation (``train.grad_sync``): from the second micro-step on, the earlier ones' fp32 gradients are
+  held. One process holds them whole, and so does DDP (``no_sync`` until the last micro-step), adding each new
+  gradient into them; FSDP2 reduce-scatters on every micro-step, so each rank holds only its shard, into which every
+  block's reduce-scatter output is added;
 - activation checkpointing (non-reentrant ``torch.utils.checkpoint`` per block): each block's input, and one
   block's saved tensors again while its backward runs;
 - LoRA (``llamactl.lora``): fp32 adapters A (rank x in) and B (out x rank) trained, the base frozen (in bf16 when
@@ -170,7 +174,8 @@ def plan(
     mixed precision; ``device``: "cuda" plans the Triton kernels' and FlashAttention's saved tensors, "cpu" the torch
     references'; ``packed``: rows hold several sequences kept apart by segment ids (sft); ``grad_accumulation``:
     micro-steps per optimizer step (from the second on, the gradients of the earlier ones are held: whole on each
-    rank under FSDP2, which accumulates unsharded gradients until the last micro-step's reduce-scatter)."""
+    rank in one process and under DDP, which all-reduces on the last micro-step only; this rank's shard under FSDP2,
+    which reduce-scatters every micro-step's gradients and adds them into the shard)."""
     if strategy not in ("ddp", "fsdp"):
         raise ValueError(f"strategy {strategy!r} is not ddp or fsdp")
     if device not in ("cuda", "cpu"):
@@ -278,6 +283,12 @@ class _Setting:
     accumulating: bool = False  # a micro-step after the first: the earlier ones' gradients are held
 
     @property
+    def into_held(self) -> bool:
+        """Whether autograd adds each gradient into one the earlier micro-steps left (one process, DDP's no_sync).
+        FSDP2's come out unsharded as without accumulation: reduce-scattered, they are added into the held shard."""
+        return self.accumulating and not self.fsdp
+
+    @property
     def mp(self) -> bool:
         """FSDP2's mixed precision: parameters gathered, and computed with, in bf16."""
         return self.fsdp and self.bf16
@@ -383,13 +394,6 @@ class _Model:
         if self.lora:
             return self.a.n_layers * self.adapter_local + self.score_local
         return self.a.n_layers * self.block_local + self.root_local
-
-    def unsharded_numel(self) -> int:
-        """Elements of the trained parameters padded for FSDP2 (what it gathers and reduces)."""
-        if self.lora:
-            score = _padded((1, self.a.dim), self.s.world) if self.a.head == "scalar" else 0
-            return self.a.n_layers * self.adapter_padded + score
-        return self.a.n_layers * self.block_padded + self.root_padded
 
     def largest_local(self) -> int:
         """Elements of this rank's largest trained parameter shard."""
@@ -519,10 +523,8 @@ def _static(t: _Tracker, m: _Model, s: _Setting) -> None:
         t.add(FROZEN, m.a.n_layers * m.block_quant)  # torch's own packing of each int4 weight for its CPU kernel
     if s.ddp:
         t.add(BUCKETS, 4 * trained)
-    if (
-        s.accumulating and m.trained
-    ):  # the earlier micro-steps' gradients: fp32, unsharded under FSDP2 until the last reduce
-        t.add(GRADS, 4 * (m.unsharded_numel() if s.fsdp else trained))
+    if s.accumulating:  # the earlier micro-steps' gradients: fp32, this rank's shard of them under FSDP2
+        t.add(GRADS, 4 * trained)
     t.add(OTHER, 2 * m.a.max_seq_len * (m.a.head_dim // 2) * 4)  # rope_cos, rope_sin (fp32)
 
 
@@ -614,7 +616,7 @@ def _head_backward(t: _Tracker, m: _Model, s: _Setting) -> None:
     if m.part.output == "scores":
         t.add(TEMP, grad_h, "backward: the scalar head")
         t.free(ACTS, n * c * d)
-        t.grad(gd * d if m.head_trained else 0, s.accumulating)
+        t.grad(gd * d if m.head_trained else 0, s.into_held)
     else:
         head = v * d * c if m.head_trained else 0
         if m.part.output == "loss":  # the kept gradients times the upstream gradient: new tensors beside them
@@ -625,12 +627,12 @@ def _head_backward(t: _Tracker, m: _Model, s: _Setting) -> None:
             t.briefly(TEMP, _loss_work(m, s), "backward: per-token log-probabilities")
             t.free(LOSS, n * d * c + (2 * v * d if m.casts else 0))
         if m.head_trained:  # into the head's weight (under autocast through the cast's backward: an fp32 copy)
-            t.grad(gd * v * d, s.accumulating, "backward: the head's gradient")
+            t.grad(gd * v * d, s.into_held, "backward: the head's gradient")
             t.free(TEMP, head)
         t.add(TEMP, grad_h)
         t.free(TEMP, n * d * c)
     t.briefly(TEMP, 2 * n * 4 * d, "backward: the final norm")  # its input's gradient and the product's
-    t.grad(gd * d if m.head_trained and not m.lora else 0, s.accumulating)  # the final norm's gain
+    t.grad(gd * d if m.head_trained and not m.lora else 0, s.into_held)  # the final norm's gain
     t.free(ACTS, n * m.norm_saved())
     t.free(TEMP, grad_h)
 
@@ -666,10 +668,10 @@ def _backward(t: _Tracker, m: _Model, s: _Setting) -> None:
             t.add(ACTS, saved - (x if m.norm_keeps_input else 0), phase + " (recomputed)")
         # the feed-forward half, then the attention half, each freeing what it saved once done
         t.briefly(TEMP, n * ffn_work + m.weight_work(), phase)
-        t.grad(unsharded * ffn, s.accumulating, phase)
+        t.grad(unsharded * ffn, s.into_held, phase)
         t.free(ACTS, ffn_saved)
         t.briefly(TEMP, n * attn_work + m.weight_work(), phase)
-        t.grad(unsharded * (1 - ffn), s.accumulating, phase)
+        t.grad(unsharded * (1 - ffn), s.into_held, phase)
         t.free(ACTS, saved - ffn_saved)
         if s.checkpointing and not m.norm_keeps_input:
             t.free(ACTS, x)  # the input the checkpoint kept
@@ -680,15 +682,15 @@ def _backward(t: _Tracker, m: _Model, s: _Setting) -> None:
             t.free(REDUCE, rs_kept)
             rs_kept = block_grad
             t.add(REDUCE, rs_kept, phase + ": reduce-scatter")
-            t.free(GRADS, block_grad if s.accumulating else unsharded)
-            t.add(GRADS, block_grad // s.world)
+            t.free(GRADS, unsharded)
+            t.grad(block_grad // s.world, s.accumulating, phase + ": reduce-scatter output")
     if m.head_trained and not m.lora:
         # the embedding's backward: a dense (vocab x dim) fp32 gradient, added into the head's when they are tied
         emb = 4 * a.vocab_size * a.dim
         if a.tie_embeddings:
             t.briefly(TEMP, emb, "backward: the embedding")
         else:
-            t.grad(emb // (2 if s.mp else 1), s.accumulating, "backward: the embedding")
+            t.grad(emb // (2 if s.mp else 1), s.into_held, "backward: the embedding")
     if s.fsdp:
         t.free(REDUCE, rs_kept)
         if m.head_trained:  # the root's gradients go through one flat fp32 buffer too
@@ -700,9 +702,9 @@ def _backward(t: _Tracker, m: _Model, s: _Setting) -> None:
                 unsharded_root += 0 if a.tie_embeddings else gd * a.vocab_size * a.dim
                 padded, local = 4 * m.root_padded, 4 * m.root_local
             t.add(REDUCE, padded, "backward: the root's reduce-scatter")
-            t.free(GRADS, padded if s.accumulating else unsharded_root)
+            t.free(GRADS, unsharded_root)
+            t.grad(local, s.accumulating, "backward: the root's reduce-scatter output")
             t.free(REDUCE, padded)
-            t.add(GRADS, local)
         t.free(GATHERED, m.root_gathered())
     t.free(CASTS, m.cast_weights())
 

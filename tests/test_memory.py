@@ -117,6 +117,20 @@ def test_checkpointing_and_sharding_shrink_what_they_should():
     assert ddp["gradient buckets (DDP)"] == 4 * n
 
 
+def test_accumulation_holds_whole_gradients_under_ddp_and_a_shard_under_fsdp():
+    """From the second micro-step on the earlier ones' fp32 gradients are held: whole under DDP (no_sync until the
+    last micro-step), this rank's shard under FSDP2, which reduce-scatters every micro-step (train.grad_sync); beside
+    the shard, at most one block's and the head's unsharded bf16 gradients are on their way to a reduce-scatter."""
+    a = preset("llama2-7b")
+    n = a.num_params()
+    kw = dict(micro_batch=1, seq_len=4096, world=8, bf16=True, activation_checkpointing=True, grad_accumulation=4)
+    ddp = dict(plan([Part(a)], strategy="ddp", **kw).rows)
+    assert ddp["gradients"] == 4 * n
+    fsdp = dict(plan([Part(a)], strategy="fsdp", **kw).rows)
+    block = 4 * a.dim * a.dim + 3 * a.dim * a.hidden_dim + 2 * a.dim
+    assert 4 * n // 8 <= fsdp["gradients"] <= 4 * n // 8 + 2 * (block + a.vocab_size * a.dim)
+
+
 def test_lora_and_qlora_hold_the_base_frozen():
     a = preset("llama2-7b")
     kw = dict(micro_batch=1, seq_len=4096, world=1, strategy="ddp", bf16=True, activation_checkpointing=True)
