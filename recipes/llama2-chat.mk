@@ -37,7 +37,7 @@ RS_SFT_FLAGS ?= --epochs 2
 PPO_FLAGS ?= --iterations 200
 GATT_FLAGS ?=
 
-.PHONY: all sft reward-models rejection-sampling ppo gatt serve
+.PHONY: all sft reward-models rejection-sampling ppo gatt serve sft-lora plan
 all: $(OUT)/v6-gatt/model.safetensors $(OUT)/v6-gatt/model-int8.safetensors
 
 sft: $(OUT)/sft/model.safetensors
@@ -53,6 +53,26 @@ in = $(wildcard $(1))
 
 $(OUT)/sft/model.safetensors: $(call in,$(BASE) $(SFT_DATA))
 	$(TRAIN) sft -m $(BASE) --data $(SFT_DATA) -o $(OUT)/sft --resume --distributed $(DIST) $(SFT_FLAGS)
+
+# One GPU instead: `make sft-lora` runs the SFT stage as LoRA adapters (QLoRA when BASE is a quantized checkpoint) and
+# merges them into the base; the chain continues from it once it is copied to $(OUT)/sft/model.safetensors.
+# LORA_FLAGS: --lora-alpha, --lora-targets ...
+LORA_RANK ?= 16
+LORA_FLAGS ?=
+sft-lora: $(OUT)/sft-lora/merged.safetensors
+
+$(OUT)/sft-lora/adapter.safetensors: $(call in,$(BASE) $(SFT_DATA))
+	$(TRAIN) sft -m $(BASE) --data $(SFT_DATA) -o $(OUT)/sft-lora --resume --distributed $(DIST) \
+		--lora-rank $(LORA_RANK) $(LORA_FLAGS) $(SFT_FLAGS)
+
+$(OUT)/sft-lora/merged.safetensors: $(OUT)/sft-lora/adapter.safetensors
+	$(LLAMACTL) convert $(BASE) --merge-adapter $< -o $@
+
+# The memory the SFT stage takes on each of NPROC devices, before anything runs (DEVICE_MEMORY: e.g. 80GB)
+DEVICE_MEMORY ?= 80GB
+plan:
+	$(LLAMACTL) sft -m $(BASE) --data $(SFT_DATA) -o $(OUT)/sft --distributed $(DIST) --device cuda \
+		--world-size $(NPROC) --device-memory $(DEVICE_MEMORY) $(SFT_FLAGS) --dry-run
 
 # 3.2.2: two reward models from the chat model (1 epoch, lr 1e-5, 512 pairs a step, margin from the ratings)
 $(OUT)/rm-helpfulness/model.safetensors: $(OUT)/sft/model.safetensors $(call in,$(HELP_PAIRS))
