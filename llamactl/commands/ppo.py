@@ -433,7 +433,12 @@ def run(cfg: PPOConfig) -> dict:
     rm_meta = read_checked_meta(cfg.rm, None, "as the value model ppo starts from --rm", need_tokenizer=False,
                                 train=not cfg.lora_rank)  # fmt: skip
     if cfg.dry_run:  # a step: the policy's log-probs, the value model's scores, the reference's (without LoRA)
-        parts = [T.memory_part(cfg, base.args, base.quant, "logprobs"), T.memory_part(cfg, rm_meta.args, rm_meta.quant)]
+        from dataclasses import replace
+
+        value_args = rm_meta.args  # a scalar head (an --rm-adapter may give a language model one)
+        if value_args.head == "lm":
+            value_args = replace(value_args, head="scalar", tie_embeddings=False)
+        parts = [T.memory_part(cfg, base.args, base.quant, "logprobs"), T.memory_part(cfg, value_args, rm_meta.quant)]
         if not cfg.lora_rank:
             parts.append(T.memory_part(cfg, base.args, None, "logprobs", frozen=True))
         seq = min(base.args.max_seq_len, rm_meta.args.max_seq_len)  # at most: the prompt and answer fill the context
