@@ -17,7 +17,6 @@ leave the batch when enough of them are.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -99,20 +98,7 @@ class Step:
     finished: list[int]  # rows whose last token is in this step or an earlier one, each reported once
 
 
-def no_autograd(fn):
-    """Run ``fn(model, ...)`` in inference mode, or without gradients for an FSDP2-sharded model (ppo's policy under
-    --distributed fsdp): FSDP writes its gathered parameters into buffers in place later, which inference tensors
-    would refuse."""
-
-    @functools.wraps(fn)
-    def run(model, *args, **kwargs):
-        with torch.no_grad() if hasattr(model, "unshard") else torch.inference_mode():
-            return fn(model, *args, **kwargs)
-
-    return run
-
-
-@no_autograd
+@torch.inference_mode()
 def prefill(model: Transformer, cache: KVCache, tokens: list[list[int]]) -> torch.Tensor:
     """Extend row b of ``cache`` by ``tokens[b]`` at its length ``cache.lengths[b]``; logits (B, V) after each row's
     last new token. On a fresh cache this is the prompt prefill; after ``cache.truncate`` it is a retry."""
@@ -138,14 +124,14 @@ def prefill(model: Transformer, cache: KVCache, tokens: list[list[int]]) -> torc
     return model.logits(last)
 
 
-@no_autograd
+@torch.inference_mode()
 def decode_one_token(model: Transformer, token: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Feed one token per sequence (B,) at positions pos (B,); logits (B, V) for the next."""
     h = model.hidden(token[:, None], cache=cache, start=pos)
     return model.logits(h[:, 0])
 
 
-@no_autograd
+@torch.inference_mode()
 def stream(
     model: Transformer,
     cache: KVCache,

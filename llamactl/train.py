@@ -84,10 +84,9 @@ def shard(model: torch.nn.Module, d: Dist, device: torch.device, bf16: bool) -> 
     """FSDP2 on a model still on the meta device: ``fully_shard`` on every transformer block, then on each
     transformer (the root, or each model of a container such as ppo's policy and value), so each rank will allocate
     only its shard of each parameter (``materialize``). With ``bf16``, FSDP2's mixed precision: parameters
-    all-gathered and computed in bf16, gradients reduced in fp32, fp32 master weights in the shards. ``hidden``,
-    ``logits`` and ``scores`` gather like ``forward`` (the generation engine calls them)."""
+    all-gathered and computed in bf16, gradients reduced in fp32, fp32 master weights in the shards."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from llamactl.model import TransformerBlock
 
@@ -100,8 +99,6 @@ def shard(model: torch.nn.Module, d: Dist, device: torch.device, bf16: bool) -> 
             fully_shard(m, **kwargs)
     for m in models:
         fully_shard(m, **kwargs)
-        for method in ("hidden", "logits", "scores"):
-            register_fsdp_forward_method(m, method)
 
 
 def local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -248,8 +245,9 @@ def set_rng_state(state: dict) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(tensor(state["torch"]))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensor(s) for s in state["cuda"]])
+    # the devices this process sees now (a resume may see fewer than the saving one did)
+    for i, saved in enumerate(state["cuda"][: torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(tensor(saved), i)
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
@@ -456,14 +454,21 @@ def load_checkpoint(folder: str, state: dict, model: torch.nn.Module, optim: tor
         reason = (str(e).strip().splitlines() or [type(e).__name__])[-1].rpartition("read failed: ")[2][:160]
         raise UserError(f"{folder}: the trainer state cannot be loaded ({reason})") from None
     rng = os.path.join(folder, f"rng-{d.rank}.json")
+    problem = None
     if os.path.isfile(rng):
         try:
             with open(rng) as f:
                 set_rng_state(json.load(f))
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise UserError(f"{rng}: damaged RNG state ({str(e)[:120]})") from None
-    elif d.rank >= state["world"]:
-        say(f"{folder} was saved by {state['world']} processes: ranks from {state['world']} on keep seeded RNGs")
+        except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
+            problem = f"{rng}: damaged RNG state ({str(e)[:120]})"
+    # every rank learns whether one failed: a rank raising alone would leave the others waiting in a collective
+    device = next(iter(model.parameters())).device
+    failed = all_reduce_mean(torch.tensor(float(problem is not None), device=device), d)
+    if float(failed) > 0:
+        raise UserError(problem or f"{folder}: another rank's RNG state is damaged (rng-R.json)")
+    if d.world > state["world"]:
+        say(f"{folder} was saved by {state['world']} processes: ranks {state['world']} to {d.world - 1} start from "
+            "seeded RNGs")  # fmt: skip
 
 
 def part_headers(meta) -> dict:

@@ -97,6 +97,10 @@ def world(tmp_path_factory) -> dict[str, str]:
             [_edit_json(os.path.join(d, "trainer.json"), step=1)]
             + [Path(f).write_bytes(b"\x00garbage" * 10) for f in Path(d, "dcp").iterdir()]
         ),
+        "run_bad_rng": lambda d: (
+            _edit_json(os.path.join(d, "trainer.json"), step=1),
+            Path(d, "rng-0.json").write_text('{"python": 1}'),
+        ),
         "run_pickle": lambda d: (os.unlink(os.path.join(d, "trainer.json")), Path(d, "trainer.pt").write_bytes(b"x")),
         "run_wrong_state": lambda d: _edit_json(
             os.path.join(d, "trainer.json"), step=1, param_groups=[{"params": ["nope"]}]
@@ -455,6 +459,8 @@ TABLE: list[tuple] = [
      ["trainer.json", "damaged trainer state"]),
     ("pretrain:resume-garbage-tensors", f"pretrain {{shards}} -o {{run_garbage}} {RESUME}",
      ["step-0000002", "cannot be loaded"]),
+    ("pretrain:resume-damaged-rng", f"pretrain {{shards}} -o {{run_bad_rng}} {RESUME}",
+     ["rng-0.json", "damaged RNG state"]),
     ("pretrain:resume-old-pickle", f"pretrain {{shards}} -o {{run_pickle}} {RESUME}", ["trainer.pt"]),
     ("pretrain:resume-wrong-state", f"pretrain {{shards}} -o {{run_wrong_state}} {RESUME}", ["does not fit"]),
     ("pretrain:resume-bad-latest", f"pretrain {{shards}} -o {{run_latest}} {RESUME}", ["latest"]),
@@ -512,6 +518,7 @@ TABLE: list[tuple] = [
     ("compare:keep-is-output", f"{CMP} -i {{questions}} --keep {OUT}", ["--keep", "is the -o/--output"]),
     ("compare:keep-is-input", f"{CMP} -i {{questions}} --keep {{questions}}", ["--keep", "is also an input"]),
     # ppo
+    ("ppo:fsdp", f"{PPO} --rm {{rm}} --prompts {{questions}} --distributed fsdp", ["--distributed ddp"]),
     ("ppo:rm-is-a-language-model", f"{PPO} --rm {{model}} --prompts {{questions}}", ["{model}", "reward model"]),
     ("ppo:policy-is-a-reward-model", f"ppo -m {{rm}} --rm {{rm}} --prompts {{questions}} -o {{scratch}}/r {PPO_RUN}",
      ["{rm}", "language model"]),

@@ -80,6 +80,11 @@ class PPOConfig(TrainFlags):
             problems.append(f"--temperature must be > 0 (PPO samples from the policy), got {self.temperature}")
         if self.value_coef < 0:
             problems.append(f"--value-coef must be >= 0, got {self.value_coef}")
+        if self.distributed != "ddp":
+            # each rank samples its own prompts, so ranks decode different numbers of steps: FSDP2's per-block
+            # all-gathers in generation would pair up across ranks wrongly (or wait forever)
+            problems.append("ppo runs data-parallel (--distributed ddp): sampling under FSDP2 would need every rank "
+                            "to decode in lockstep")  # fmt: skip
         inputs = [("-m/--model", self.model, "checkpoint"), ("--rm", self.rm, "checkpoint"),
                   ("--prompts", self.prompts, "prompts JSONL file")]  # fmt: skip
         if self.safety_rm is not None:
@@ -502,10 +507,8 @@ def run(cfg: PPOConfig) -> dict:
     T.ready_quantized(model, use_bf16)
     if cfg.lora_rank:  # the reference policy is the frozen base: the policy with its adapters off, no second copy
         reference = AdaptersOff(policy)
-    else:  # the starting weights, frozen (fp32, run under the same autocast), sharded as the policy
+    else:  # the starting weights, frozen (fp32, run under the same autocast)
         reference = T.meta_model(adapted.args, None, cfg.model)
-        if d.world > 1 and cfg.distributed == "fsdp":
-            T.shard(reference, d, device, use_bf16)
         T.materialize(reference, {"": policy_tensors}, cfg.seed, device)
         reference.eval().requires_grad_(False)
     T.start_run_dir(cfg.output, d)
