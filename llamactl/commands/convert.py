@@ -291,7 +291,10 @@ def _input_files(src: str) -> list[str]:
 def source_files(src: str) -> list[str]:
     """The files a conversion reads, for the lineage: a directory's files, or a checkpoint's index and shards."""
     from llamactl.checkpoint import checkpoint_files
+    from llamactl.convert import detect_format, run_checkpoint
 
+    if os.path.isdir(src) and detect_format(src) == "run":  # the checkpoint's own record (its shards: a 7B's 84 GB)
+        return [os.path.join(run_checkpoint(src), "trainer.json")]
     if os.path.isdir(src):
         return sorted(os.path.join(src, f) for f in os.listdir(src) if os.path.isfile(os.path.join(src, f)))
     return checkpoint_files(src) if src.endswith((".safetensors", ".json")) else [src]
