@@ -569,17 +569,26 @@ def run_checkpoint(path: str) -> str:
     return folder
 
 
-def read_run(path: str) -> Source:
-    """A training checkpoint (``RUN/step-NNNNNNN/``, or a run directory: its latest) as a model: the run's model
-    (ppo: its policy), each tensor streamed out of every rank's shards when it is written."""
+def run_part(path: str) -> tuple:
+    """(checkpoint folder, file, state-dict prefix, header) of the first file a training checkpoint makes: the run's
+    model or adapter (ppo: its policy's)."""
     from llamactl import train as T
-    from llamactl.checkpoint import CheckpointMeta
 
     folder = run_checkpoint(path)
     parts = T.saved_parts(folder)
     if not parts:
         raise UserError(f"{folder}: its trainer.json does not say what the run makes (an older llamactl's run)")
     file, (prefix, meta) = next(iter(parts.items()))
+    return folder, file, prefix, meta
+
+
+def read_run(path: str) -> Source:
+    """A training checkpoint (``RUN/step-NNNNNNN/``, or a run directory: its latest) as a model: the run's model
+    (ppo: its policy), each tensor streamed out of every rank's shards when it is written."""
+    from llamactl import train as T
+    from llamactl.checkpoint import CheckpointMeta
+
+    folder, file, prefix, meta = run_part(path)
     if not isinstance(meta, CheckpointMeta):
         raise UserError(f"{folder}: holds LoRA adapters, not a model: convert {path} -o adapter.safetensors writes "
                         "them as an adapter file")  # fmt: skip

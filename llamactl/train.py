@@ -527,24 +527,26 @@ def part_plans(folder: str, prefix: str) -> list:
             for k in saved if k.startswith(head)]  # fmt: skip
 
 
-def export_parts(folder: str, out_dir: str, files=None) -> list[str]:
-    """A checkpoint folder's files (model.safetensors, or adapters; ``files`` picks some) written to ``out_dir``,
-    streamed one tensor at a time out of the saved shards: never a whole-model gather. Returns the paths."""
-    from llamactl.checkpoint import save_plans
-
+def export_parts(folder: str, out_dir: str) -> list[str]:
+    """A checkpoint folder's files (model.safetensors, or adapters) written to ``out_dir``; returns the paths."""
     written = []
     for file, (prefix, meta) in saved_parts(folder).items():
-        if files is not None and file not in files:
-            continue
-        path = os.path.join(out_dir, file)
-        if isinstance(meta, CheckpointMeta):
-            save_plans(path, part_plans(folder, prefix), meta)
-        else:  # an adapter: a few MB, read whole
-            from llamactl import lora
-
-            lora.save_adapter(path, {p.name: p.produce() for p in part_plans(folder, prefix)}, meta)
-        written.append(path)
+        written.append(os.path.join(out_dir, file))
+        write_part(folder, prefix, meta, written[-1])
     return written
+
+
+def write_part(folder: str, prefix: str, meta, path: str) -> None:
+    """One part of a checkpoint folder at ``path``: a model streamed one tensor at a time out of the saved shards
+    (never a whole-model gather), or an adapter (a few MB, read whole)."""
+    from llamactl.checkpoint import save_plans
+
+    if isinstance(meta, CheckpointMeta):
+        save_plans(path, part_plans(folder, prefix), meta)
+    else:
+        from llamactl import lora
+
+        lora.save_adapter(path, {p.name: p.produce() for p in part_plans(folder, prefix)}, meta)
 
 
 def clean_partial(run_dir: str) -> None:

@@ -67,14 +67,14 @@ def _materialise_worker(rank: int, world: int, port: int, ckpt: str, out: str) -
                 assert p.to_local().numel() <= -(-p.shape[0] // world) * p[0].numel()
             full = _full_state(model)
             if d.main:
-                save_model(os.path.join(out, f"{name}-{world}.safetensors"), _as_model(full))
+                save_model(os.path.join(out, f"{name}-{world}.safetensors"), _as_model(full, SMALL))
     finally:
         torch.distributed.destroy_process_group()
 
 
-def _as_model(state: dict[str, torch.Tensor]) -> Transformer:
+def _as_model(state: dict[str, torch.Tensor], args: ModelArgs) -> Transformer:
     with torch.device("meta"):
-        model = Transformer(SMALL)
+        model = Transformer(args)
     model.load_state_dict(state, assign=True)
     return model
 
@@ -122,18 +122,11 @@ def _save_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> No
         rose = (_peak_kib() - before) * 1024
         full = _full_state(model)
         if d.main:
-            save_model(os.path.join(out, "gathered.safetensors"), _as_model_big(full))
+            save_model(os.path.join(out, "gathered.safetensors"), _as_model(full, BIG))
             with open(os.path.join(out, "save.json"), "w") as f:
                 json.dump({"rose": rose, "local": local}, f)
     finally:
         torch.distributed.destroy_process_group()
-
-
-def _as_model_big(state):
-    with torch.device("meta"):
-        model = Transformer(BIG)
-    model.load_state_dict(state, assign=True)
-    return model
 
 
 def test_a_save_holds_one_shard_and_the_export_streams_one_tensor(tmp_path):
