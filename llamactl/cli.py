@@ -11,14 +11,53 @@ import sys
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(
+
+class LazyGroup(TyperGroup):
+    """A command group whose commands are registered by name and help text alone (``config_command``): a command is
+    built, and its module imported (most import torch), only when it runs or shows its own help, so ``llamactl
+    --help`` and a mistyped command answer without importing any command module."""
+
+    specs: dict[str, dict] = {}  # name -> config_command's arguments, in registration order (one dict per subclass)
+
+    def list_commands(self, ctx) -> list[str]:
+        return [*self.specs, *(name for name in super().list_commands(ctx) if name not in self.specs)]
+
+    def get_command(self, ctx, name: str):
+        if name in self.specs and name not in self.commands:
+            self.commands[name] = _build_command(name, **self.specs[name])
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx, formatter) -> None:
+        """The group's help lists each command with the start of its help text, from the registration alone."""
+        import inspect
+
+        shorten = _click().utils.make_default_short_help
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in self.specs and name not in self.commands:
+                rows.append((name, lambda limit, name=name: shorten(inspect.cleandoc(self.specs[name]["help"]), limit)))
+            elif (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str))
+        if rows:
+            limit = formatter.width - 6 - max(len(name) for name, _ in rows)
+            with formatter.section("Commands"):
+                formatter.write_dl([(name, short(limit)) for name, short in rows])
+
+
+def lazy_typer(**settings) -> typer.Typer:
+    """A typer app (or sub-app) whose ``config_command``s are built on first use (``LazyGroup``)."""
+    group = type("LazyGroup", (LazyGroup,), {"specs": {}})
+    return typer.Typer(cls=group, rich_markup_mode=None, **settings)
+
+
+app = lazy_typer(
     name="llamactl",
     help="The Llama 2 recipe as composable command-line stages: JSONL and safetensors in, JSONL and safetensors out.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,
 )
 
 _state = {"debug": bool(os.environ.get("LLAMACTL_DEBUG"))}
@@ -35,7 +74,8 @@ def _click():
     try:
         import typer._click as click
         import typer._click.exceptions
-        import typer._click.globals  # noqa: F401
+        import typer._click.globals
+        import typer._click.utils  # noqa: F401
     except ImportError:
         import click
     return click
@@ -127,10 +167,9 @@ def _quiet_stdout() -> None:
     os.close(devnull)
 
 
-tokenize_app = typer.Typer(
+tokenize_app = lazy_typer(
     help="SentencePiece BPE with Llama 2's settings: train a tokenizer, encode text or chat dialogs, decode ids.",
     no_args_is_help=True,
-    rich_markup_mode=None,
 )
 app.add_typer(tokenize_app, name="tokenize")
 
@@ -151,7 +190,24 @@ def config_command(
     are the dataclass's (one copy of each default, in the command module), the help texts are ``flags``'s. Every
     field but ``argv`` needs a help text here, so a new config field cannot go unexposed. ``arguments`` are
     positional; ``names`` gives an option another name than its field's (``overrides`` -> ``--set``); ``entry`` is
-    the function of the command module to call, ``group`` the sub-app to register in (``tokenize``)."""
+    the function of the command module to call, ``group`` the sub-app to register in (``tokenize``). Nothing is
+    imported here: the command is built when it is first used (``LazyGroup``)."""
+    spec = dict(module=module, config_cls=config_cls, help=help, flags=flags, short=short, arguments=arguments)
+    (group or app).info.cls.specs[name] = {**spec, "names": names, "entry": entry}
+
+
+def _build_command(
+    name: str,
+    module: str,
+    config_cls: str,
+    help: str,
+    flags: dict[str, str | None],
+    short: dict[str, str] | None,
+    arguments: tuple[str, ...],
+    names: dict[str, str] | None,
+    entry: str,
+):
+    """The click command of a ``config_command`` registration, built from its config dataclass."""
     import dataclasses
     import importlib
     import inspect
@@ -192,7 +248,9 @@ def config_command(
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
     command.__name__ = name.replace("-", "_")
-    (group or app).command(name=name, help=help)(command)
+    single = typer.Typer(rich_markup_mode=None, add_completion=False)
+    single.command(name=name, help=help)(command)
+    return typer.main.get_command(single)
 
 
 INPUTS_HELP = "Text or JSONL files (.jsonl is JSONL unless --format says); - is stdin."

@@ -3,6 +3,9 @@
 # Every step is a file target: re-running redoes only what changed.
 PY ?= python3
 LLAMACTL := $(PY) -m llamactl.cli
+# No process started here (nor torchrun's ranks) puts the working directory on sys.path, where the repository's
+# kernels/ folder would pass for the top-level package `kernels` (Python >= 3.11; the Makefile says why).
+export PYTHONSAFEPATH := 1
 OUT := runs/demo
 START := $(shell date +%s)
 

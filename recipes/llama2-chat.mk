@@ -16,6 +16,9 @@ PY ?= python3
 NPROC ?= 1
 DIST ?= ddp
 LLAMACTL := $(PY) -m llamactl.cli
+# No process started here (nor torchrun's ranks) puts the working directory on sys.path, where the repository's
+# kernels/ folder would pass for the top-level package `kernels` (Python >= 3.11; the Makefile says why).
+export PYTHONSAFEPATH := 1
 TRAIN := $(if $(filter 1,$(NPROC)),$(LLAMACTL),$(PY) -m torch.distributed.run --standalone --nproc-per-node $(NPROC) -m llamactl.cli)
 
 BASE ?= base.safetensors

@@ -1,6 +1,23 @@
-import pytest
-import torch
-from helpers import tiny_hf_config
+"""Shared fixtures, and the guard of the name ``kernels`` for everything the tests run.
+
+The repository root holds ``kernels/`` (installed as ``llamactl.kernels``). ``python -m pytest`` run from the root
+puts the root first on ``sys.path``, where that folder would be taken for the top-level package ``kernels`` that
+transformers imports (Hugging Face's kernels): the root leaves this process's path before any test module imports
+transformers, and every child the tests start (the CLI, torchrun and its ranks) runs with ``PYTHONSAFEPATH``, which
+keeps the working directory and a script's folder off its path. ``tests/test_kernels_name.py`` checks both.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != ROOT]
+os.environ["PYTHONSAFEPATH"] = "1"  # before helpers copies the environment for the children
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from helpers import tiny_hf_config  # noqa: E402
 
 
 @pytest.fixture

@@ -39,3 +39,40 @@ def test_no_arguments_is_the_help():
     proc = run_cli()
     assert "Usage: llamactl" in proc.stderr + proc.stdout and "pretrain" in proc.stderr + proc.stdout
     assert ": error:" not in proc.stderr
+
+
+WHAT_HELP_IMPORTS = """
+import sys
+from llamactl.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+heavy = sorted(m for m in sys.modules if m == "torch" or m.startswith("llamactl.commands."))
+print(" ".join(heavy), file=sys.stderr)
+"""
+
+
+def _imported_for(*argv) -> tuple[set[str], str]:
+    proc = subprocess.run([sys.executable, "-c", WHAT_HELP_IMPORTS, *argv], capture_output=True, text=True, env=ENV)
+    return set(proc.stderr.split("\n")[-2].split()), proc.stdout
+
+
+def test_help_and_usage_errors_import_no_command_module_and_no_torch():
+    """Commands are registered by name and help text; `llamactl --help` builds none of them, a command's own --help
+    imports only that command's module, and no command module imports torch to define its flags."""
+    imported, out = _imported_for("--help")
+    assert imported == set() and "rejection-sample" in out and "tokenize" in out
+    assert _imported_for("no-such-command")[0] == set()
+    assert _imported_for("tokenize", "--help")[0] == set()
+    from llamactl.cli import app
+
+    groups = [
+        ("", app.info.cls.specs),
+        ("tokenize ", next(g for g in app.registered_groups).typer_instance.info.cls.specs),
+    ]
+    for prefix, specs in groups:
+        for name, spec in specs.items():
+            imported, out = _imported_for(*f"{prefix}{name} --help".split())
+            assert imported == {f"llamactl.commands.{spec['module']}"}, (name, imported)
+            assert "--help" in out

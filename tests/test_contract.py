@@ -310,15 +310,15 @@ def _commands() -> dict[str, typing.Any]:
 
     from llamactl.cli import app
 
-    def walk(cmd, path):
-        subs = getattr(cmd, "commands", None)
-        if subs:
-            for name, sub in subs.items():
-                yield from walk(sub, [*path, name])
+    def walk(cmd, path, ctx):
+        if hasattr(cmd, "list_commands"):  # a group: its commands (built on first use)
+            for name in cmd.list_commands(ctx):
+                yield from walk(cmd.get_command(ctx, name), [*path, name], ctx)
         else:
             yield " ".join(path), cmd
 
-    return dict(walk(typer.main.get_command(app), []))
+    group = typer.main.get_command(app)
+    return dict(walk(group, [], group.make_context("llamactl", ["--help"], resilient_parsing=True)))
 
 
 def _option_kinds(cmd) -> dict[str, type]:

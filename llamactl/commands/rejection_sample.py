@@ -34,11 +34,14 @@ order. The samples depend on the world size (each rank draws from its own seeded
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from llamactl.data import Prompt, read_prompts
 from llamactl.errors import UserError
 from llamactl.flags import SamplingFlags
-from llamactl.reward import Judge
+
+if TYPE_CHECKING:
+    from llamactl.data import Prompt
+    from llamactl.reward import Judge
 
 WRITES = {"best": ("score", "scores", "sampled_by", "pooled_from"), "all": ("score", "sample", "best", "sampled_by")}
 KEEPS = tuple(WRITES)  # --keep
@@ -214,9 +217,11 @@ def run(cfg: RejectionSampleConfig) -> int:
     import torch.distributed as dist
 
     from llamactl.config import check_memory, kv_cache_bytes
+    from llamactl.data import read_prompts
     from llamactl.device import resolve_device
     from llamactl.jsonl import display_name, dumps, open_output, streams
     from llamactl.progress import progress
+    from llamactl.reward import Judge
     from llamactl.train import init_distributed
 
     cfg.validate()

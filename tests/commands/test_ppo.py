@@ -12,7 +12,8 @@ import torch
 from helpers import save_chatty_model
 
 from llamactl.checkpoint import load_tensors, plan_from_tensors, read_meta, save_plans
-from llamactl.commands.ppo import PPOConfig, gae, kl_penalised_rewards, run
+from llamactl.commands.ppo import PPOConfig, run
+from llamactl.ppo import gae, kl_penalised_rewards
 from llamactl.reward import hybrid_reward, reward_init, shaped_reward, uses_safety, whiten
 
 
@@ -148,7 +149,7 @@ def test_rollout_kl_is_the_direct_per_token_kl(models, tmp_path, monkeypatch):
     """After training, the KL the rollout reports equals sum over answer tokens of log pi - log pi_0 computed
     directly from full forwards of the trained policy and the original one, per sample."""
     from llamactl.checkpoint import load_model
-    from llamactl.commands import ppo as P
+    from llamactl import ppo as P
 
     target_share_scorer(monkeypatch, _prompt_lengths(models))
     cfg = _cfg(models, tmp_path / "run", iterations=2)
@@ -248,7 +249,7 @@ def test_adapters_off_is_the_base_model(models):
     """The reference of a LoRA run: the policy with non-zero adapters, called through AdaptersOff, gives the log-probs
     of the base checkpoint loaded on its own."""
     from llamactl.checkpoint import load_model
-    from llamactl.commands.ppo import AdaptersOff
+    from llamactl.ppo import AdaptersOff
     from llamactl.lora import LoraSpec, add_lora
 
     policy_path = models[0]
