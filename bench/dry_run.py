@@ -140,21 +140,23 @@ def _train(case: Case, args, micro_batch: int, seq_len: int, d, device) -> None:
     loss scaled and backpropagated under autocast, the gradients clipped, AdamW."""
     import torch
 
-    from llamactl import train as T
+    from llamactl.training import distributed, lifecycle
 
     gen = torch.Generator().manual_seed(d.rank)
     batch = torch.randint(0, args.vocab_size, (micro_batch, seq_len + 1), generator=gen)
     x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
-    model = T.meta_model(args, None, case.preset)
+    model = lifecycle.meta_model(args, None, case.preset)
     if case.lora_rank:
         add_lora(model, case.lora_rank, case.bf16)
     model.grad_checkpointing = case.checkpointing
-    wrapped, optim, _ = T.prepare(model, {"": None}, 0, None, None, d, device, case.strategy, case.bf16, 1e-4, 0.1)
+    wrapped, optim, _ = lifecycle.prepare(
+        model, {"": None}, 0, None, None, d, device, case.strategy, case.bf16, 1e-4, 0.1
+    )
     model.train()
     for _ in range(settled_steps(case)):
         for micro in range(case.accumulation):
             sync = micro == case.accumulation - 1
-            with T.grad_sync(wrapped, sync), torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.bf16):
+            with distributed.grad_sync(wrapped, sync), torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.bf16):
                 total, count = wrapped(x, y, output="loss_sum")
                 (total * (d.world / count)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -168,16 +170,16 @@ def worker(case: Case) -> dict:
 
     import torch
 
-    from llamactl import train as T
     from llamactl.model import preset
+    from llamactl.training import distributed
 
     torch.set_num_threads(1)
-    d, device = T.init_distributed(torch.device("cpu"))
+    d, device = distributed.init_distributed(torch.device("cpu"))
     # the warm-up: the same code on a model too small to matter, so that what a first run loads once (code pages,
     # the math libraries' and the process group's own buffers) is in the baseline
     _train(case, preset("llama2-15m", dim=64, n_layers=1, n_heads=2, vocab_size=256), 1, 16, d, device)
     gc.collect()
-    T.barrier(d)
+    distributed.barrier(d)
     base, _ = _rss()
     with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
         f.write("5")

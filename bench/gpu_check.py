@@ -139,7 +139,7 @@ def _write_random_shards(directory: str, n_tokens: int, vocab: int) -> None:
 
 def section_train(out: str, steps: int, preset_name: str = "llama2-1b", seq: int = 2048, batch: int = 8) -> None:
     from llamactl.model import preset
-    from llamactl.train import flops_per_token
+    from llamactl.training.loop import flops_per_token
 
     env = json.load(open(os.path.join(out, "env.json"))) if os.path.exists(os.path.join(out, "env.json")) else {}
     args = preset(preset_name, vocab_size=32000)
@@ -180,7 +180,7 @@ def section_train(out: str, steps: int, preset_name: str = "llama2-1b", seq: int
         f"(bf16 autocast over fp32 master weights on a GPU), fused AdamW, {batch} x {seq} tokens a step, {steps} steps "
         "on Zipf-distributed random "
         "tokens; tokens/s is the median of the steps after the first two; model FLOPs per token by "
-        "`llamactl.train.flops_per_token` (6N plus attention)."
+        "`llamactl.training.loop.flops_per_token` (6N plus attention)."
     )
     print()
     print("| kernels | tokens/s | model TFLOP/s | MFU (datasheet) | MFU (measured matmul) | wall s (with init, save) |")

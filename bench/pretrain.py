@@ -82,7 +82,7 @@ def main() -> None:
     from llamactl.model import preset
     from llamactl.shards import ShardWriter
     from llamactl.tokenizer import Tokenizer
-    from llamactl.train import flops_per_token, matmul_peak_flops
+    from llamactl.training.loop import flops_per_token, matmul_peak_flops
 
     tok = Tokenizer.from_file(
         os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "llama2-tokenizer.model")

@@ -559,11 +559,11 @@ def read_gguf(path: str) -> Source:
 
 def run_checkpoint(path: str) -> str:
     """The checkpoint folder ``path`` names: itself (``RUN/step-NNNNNNN``), or a run directory's latest."""
-    from llamactl import train as T
+    from llamactl.training import checkpoints
 
     if os.path.isfile(os.path.join(path, "trainer.json")):
         return path
-    folder = T.latest_checkpoint(path)
+    folder = checkpoints.latest_checkpoint(path)
     if folder is None:
         raise UserError(f"{path}: a run directory without a checkpoint yet")
     return folder
@@ -572,10 +572,10 @@ def run_checkpoint(path: str) -> str:
 def run_part(path: str) -> tuple:
     """(checkpoint folder, file, state-dict prefix, header) of the first file a training checkpoint makes: the run's
     model or adapter (ppo: its policy's)."""
-    from llamactl import train as T
+    from llamactl.training import checkpoints
 
     folder = run_checkpoint(path)
-    parts = T.saved_parts(folder)
+    parts = checkpoints.saved_parts(folder)
     if not parts:
         raise UserError(f"{folder}: its trainer.json does not say what the run makes (an older llamactl's run)")
     file, (prefix, meta) = next(iter(parts.items()))
@@ -585,14 +585,14 @@ def run_part(path: str) -> tuple:
 def read_run(path: str) -> Source:
     """A training checkpoint (``RUN/step-NNNNNNN/``, or a run directory: its latest) as a model: the run's model
     (ppo: its policy), each tensor streamed out of every rank's shards when it is written."""
-    from llamactl import train as T
     from llamactl.checkpoint import CheckpointMeta
+    from llamactl.training import checkpoints
 
     folder, file, prefix, meta = run_part(path)
     if not isinstance(meta, CheckpointMeta):
         raise UserError(f"{folder}: holds LoRA adapters, not a model: convert {path} -o adapter.safetensors writes "
                         "them as an adapter file")  # fmt: skip
-    plans = T.part_plans(folder, prefix)
+    plans = checkpoints.part_plans(folder, prefix)
     dtype = plans[0].dtype if plans else torch.float32
     details = [("trainer", f"{folder}, step {meta.lineage.get('step')}, the run's {file}")]
     return Source(meta.args, plans, meta.tokenizer, meta.lineage, dtype, meta.role, None, details)

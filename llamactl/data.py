@@ -15,7 +15,7 @@ import torch
 from llamactl.chat_format import DialogError, EncodedDialog, check_dialog, encode_dialog
 from llamactl.errors import UserError
 from llamactl.tokenizer import Tokenizer
-from llamactl.train import Task
+from llamactl.training.loop import Task
 
 
 class Windows:

@@ -1,7 +1,7 @@
 """PPO's pieces (Llama 2, section 3.2.3): the actor-critic pair, the reference policy of a LoRA run, the prompts'
 tokens, GAE over the answer tokens, the KL-penalised per-token rewards, and ``PPOTask``, what the one training loop
-(``llamactl.train.fit``) trains on: its steps are the minibatches, and it makes an iteration's rollouts when the loop
-asks for the first minibatch of that iteration. ``llamactl.commands.ppo`` wires them to the command line."""
+(``llamactl.training.loop.fit``) trains on: its steps are the minibatches, and it makes an iteration's rollouts when
+the loop asks for the first minibatch of that iteration. ``llamactl.commands.ppo`` wires them to the command line."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 import torch
 
 from llamactl.errors import UserError
-from llamactl.train import Task
+from llamactl.training.loop import Task
 
 # ------------------------------------------------------------------------------------------------ the models
 

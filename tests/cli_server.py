@@ -20,7 +20,7 @@ import llamactl.commands.generate  # noqa: F401
 import llamactl.commands.pretrain  # noqa: F401
 import llamactl.commands.tokenize  # noqa: F401
 import llamactl.convert  # noqa: F401
-import llamactl.train  # noqa: F401
+import llamactl.training.lifecycle  # noqa: F401
 
 
 def child(argv: list[str], stdin_fd: int, out_fd: int, err_fd: int, cwd: str) -> None:

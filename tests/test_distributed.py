@@ -15,11 +15,11 @@ import torch
 import torch.multiprocessing as mp
 from helpers import FIXTURES
 
-from llamactl import train as T
 from llamactl.checkpoint import CheckpointMeta, load_tensors, read_safetensors, save_model
 from llamactl.model import ModelArgs, Transformer
 from llamactl.shards import ShardWriter
 from llamactl.tokenizer import Tokenizer
+from llamactl.training import checkpoints, distributed, lifecycle, loop
 
 SMALL = ModelArgs(dim=48, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=301, multiple_of=16, max_seq_len=32)
 # ~17.6M parameters (70 MB in fp32): a whole-model gather on rank 0 would stand far above one rank's shard
@@ -32,10 +32,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _join(rank: int, world: int, port: int) -> T.Dist:
+def _join(rank: int, world: int, port: int) -> distributed.Dist:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     os.environ["LOCAL_RANK"] = str(rank)
-    return T.init_distributed(torch.device("cpu"))[0]
+    return distributed.init_distributed(torch.device("cpu"))[0]
 
 
 def _full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -61,8 +61,8 @@ def _materialise_worker(rank: int, world: int, port: int, ckpt: str, out: str) -
     d = _join(rank, world, port)
     try:
         for name, sources in (("init", {"": None}), ("ckpt", {"": load_tensors(ckpt)})):
-            model = T.meta_model(SMALL, sources[""], "test")
-            T.build_wrapped(model, sources, 7, d, torch.device("cpu"), "fsdp", bf16=True)
+            model = lifecycle.meta_model(SMALL, sources[""], "test")
+            distributed.build_wrapped(model, sources, 7, d, torch.device("cpu"), "fsdp", bf16=True)
             for p in model.parameters():  # each rank holds its rows only
                 assert p.to_local().numel() <= -(-p.shape[0] // world) * p[0].numel()
             full = _full_state(model)
@@ -106,19 +106,19 @@ def _save_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> No
     where it stood before the save."""
     d = _join(rank, world, port)
     try:
-        model = T.meta_model(BIG, None, "test")
-        T.build_wrapped(model, {"": None}, 0, d, torch.device("cpu"), "fsdp", bf16=False)
-        optim = T.make_optimizer(model, 1e-3, 0.1, fused=False)
+        model = lifecycle.meta_model(BIG, None, "test")
+        distributed.build_wrapped(model, {"": None}, 0, d, torch.device("cpu"), "fsdp", bf16=False)
+        optim = loop.make_optimizer(model, 1e-3, 0.1, fused=False)
         tokens = torch.randint(0, BIG.vocab_size, (2, 17), generator=torch.Generator().manual_seed(rank))
         model(tokens[:, :-1], tokens[:, 1:]).backward()
         optim.step()
         optim.zero_grad(set_to_none=True)
         local = sum(p.to_local().numel() * 4 for p in model.parameters())  # fp32 shard; AdamW holds two more
-        state = {"model_args": BIG.to_dict(), "settings": {}, "parts": T.part_headers(CheckpointMeta(BIG))}
-        T.barrier(d)
+        state = {"model_args": BIG.to_dict(), "settings": {}, "parts": checkpoints.part_headers(CheckpointMeta(BIG))}
+        distributed.barrier(d)
         _reset_peak()
         before = _peak_kib()
-        T.save_checkpoint(run_dir, 1, model, optim, state, d, keep=2)
+        checkpoints.save_checkpoint(run_dir, 1, model, optim, state, d, keep=2)
         rose = (_peak_kib() - before) * 1024
         full = _full_state(model)
         if d.main:
@@ -147,13 +147,13 @@ def test_a_save_holds_one_shard_and_the_export_streams_one_tensor(tmp_path):
         "dcp", "rng-0.json", "rng-1.json", "rng-2.json", "rng-3.json", "trainer.json"
     ]  # fmt: skip
 
-    ckpt = T.latest_checkpoint(run_dir)
+    ckpt = checkpoints.latest_checkpoint(run_dir)
     largest = BIG.vocab_size * BIG.dim * 4  # the embedding, fp32
     os.makedirs(tmp_path / "warm")
-    T.export_parts(ckpt, str(tmp_path / "warm"))  # once first: imports, the allocator's pools
+    checkpoints.export_parts(ckpt, str(tmp_path / "warm"))  # once first: imports, the allocator's pools
     _reset_peak()
     before = _peak_kib()
-    T.export_parts(ckpt, run_dir)
+    checkpoints.export_parts(ckpt, run_dir)
     rose = (_peak_kib() - before) * 1024
     assert rose < 2 * largest + 8 * 2**20, (rose, largest)
     exported = read_safetensors(os.path.join(run_dir, "model.safetensors"))

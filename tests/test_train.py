@@ -1,4 +1,4 @@
-"""The one training loop (llamactl.train.fit): normalisation over micro-steps and ranks, and the schedule."""
+"""The one training loop (llamactl.training.loop.fit): normalisation over micro-steps and ranks, and the schedule."""
 
 import math
 import os
@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from llamactl import train as T
 from llamactl.checkpoint import CheckpointMeta, read_safetensors
 from llamactl.model import ModelArgs, Transformer
+from llamactl.training import checkpoints, distributed, lifecycle, loop
 
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=16)
 SAMPLES, SEQ, BATCH = 16, 12, 2
@@ -27,7 +27,7 @@ def _data():
     return tokens, mask
 
 
-class MaskedTask(T.Task):
+class MaskedTask(loop.Task):
     """Micro-batch m of step s on rank r holds samples of global micro index s * 4 + m * world + r: the same four
     micro-batches per step whatever the split between micro-steps and ranks."""
 
@@ -48,28 +48,28 @@ class MaskedTask(T.Task):
 
 
 def _fit(run_dir: str, accum: int, optimizer: str, steps: int) -> None:
-    d, device = T.init_distributed(torch.device("cpu"))
+    d, device = distributed.init_distributed(torch.device("cpu"))
     torch.manual_seed(0)
-    model = T.meta_model(ARGS, None, "test")
-    wrapped = T.build_wrapped(model, {"": None}, 0, d, device, "ddp", bf16=False)
+    model = lifecycle.meta_model(ARGS, None, "test")
+    wrapped = distributed.build_wrapped(model, {"": None}, 0, d, device, "ddp", bf16=False)
     if optimizer == "sgd":
         optim = torch.optim.SGD(model.parameters(), lr=0.5)
     else:
-        optim = T.make_optimizer(model, 1e-2, 0.1, fused=False)
-    loop = T.LoopConfig(steps=steps, accum=accum, lr=optim.param_groups[0]["lr"], warmup=0, min_lr_ratio=1.0)
-    T.fit(
+        optim = loop.make_optimizer(model, 1e-2, 0.1, fused=False)
+    loop_cfg = loop.LoopConfig(steps=steps, accum=accum, lr=optim.param_groups[0]["lr"], warmup=0, min_lr_ratio=1.0)
+    loop.fit(
         MaskedTask(accum),
         model,
         wrapped,
         optim,
-        loop,
+        loop_cfg,
         run_dir,
-        {"model_args": ARGS.to_dict(), "settings": {}, "parts": T.part_headers(CheckpointMeta(ARGS))},
+        {"model_args": ARGS.to_dict(), "settings": {}, "parts": checkpoints.part_headers(CheckpointMeta(ARGS))},
         d,
         device,
     )
     if d.main:
-        T.export_parts(T.latest_checkpoint(run_dir), run_dir)
+        checkpoints.export_parts(checkpoints.latest_checkpoint(run_dir), run_dir)
 
 
 def _worker(rank: int, world: int, port: int, run_dir: str, accum: int, optimizer: str, steps: int) -> None:
@@ -83,7 +83,7 @@ def _worker(rank: int, world: int, port: int, run_dir: str, accum: int, optimize
 
 
 def _final_weights(run_dir: str, steps: int) -> dict[str, torch.Tensor]:
-    assert T.latest_checkpoint(run_dir).endswith(f"step-{steps:07d}")
+    assert checkpoints.latest_checkpoint(run_dir).endswith(f"step-{steps:07d}")
     return read_safetensors(os.path.join(run_dir, "model.safetensors"))
 
 
@@ -124,14 +124,14 @@ def test_one_process_four_micro_steps_equals_two_processes_two(tmp_path, optimiz
 def test_cosine_lr_against_the_formula():
     """Linear warm-up to the peak, then cosine to final_ratio x peak at the last step (Llama 2, section 2.2)."""
     peak, warmup, total = 3e-4, 10, 110
-    assert T.cosine_lr(0, peak, warmup, total) == pytest.approx(peak / warmup)
-    assert T.cosine_lr(9, peak, warmup, total) == pytest.approx(peak)
+    assert loop.cosine_lr(0, peak, warmup, total) == pytest.approx(peak / warmup)
+    assert loop.cosine_lr(9, peak, warmup, total) == pytest.approx(peak)
     mid = warmup + (total - warmup) // 2
-    assert T.cosine_lr(mid, peak, warmup, total) == pytest.approx(peak * (0.1 + 0.9 * 0.5))
-    assert T.cosine_lr(total, peak, warmup, total) == pytest.approx(0.1 * peak)
+    assert loop.cosine_lr(mid, peak, warmup, total) == pytest.approx(peak * (0.1 + 0.9 * 0.5))
+    assert loop.cosine_lr(total, peak, warmup, total) == pytest.approx(0.1 * peak)
     t = 37
     progress = (t - warmup) / (total - warmup)
-    assert T.cosine_lr(t, peak, warmup, total) == pytest.approx(
+    assert loop.cosine_lr(t, peak, warmup, total) == pytest.approx(
         0.1 * peak + 0.9 * peak * 0.5 * (1 + math.cos(math.pi * progress))
     )
 
@@ -139,7 +139,7 @@ def test_cosine_lr_against_the_formula():
 def test_weight_decay_only_on_matrices():
     """Llama 2's AdamW: decay 0.1 on weight matrices and embeddings, none on the norms' gains."""
     model = Transformer(ARGS)
-    groups = T.make_optimizer(model, 1e-3, 0.1, fused=False).param_groups
+    groups = loop.make_optimizer(model, 1e-3, 0.1, fused=False).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in groups if g["weight_decay"] == 0.1 for p in g["params"]}
     plain = {names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
@@ -162,4 +162,4 @@ def test_flops_per_token_counts_the_matrix_products(tie):
         logits = model(tokens[:, :-1], output="logits")
         torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
     counted = counter.get_total_flops() / tokens[:, 1:].numel()
-    assert counted + 12 * a.n_layers * a.dim * SEQ == T.flops_per_token(a, SEQ)
+    assert counted + 12 * a.n_layers * a.dim * SEQ == loop.flops_per_token(a, SEQ)

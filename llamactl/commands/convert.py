@@ -254,9 +254,9 @@ def _convert_adapter(cfg: ConvertConfig) -> list[str]:
 def _run_adapter(cfg: ConvertConfig) -> list[str]:
     """SRC is a training checkpoint of a LoRA run: its adapter (ppo: the policy's) written as an adapter file;
     nothing (an empty list) where the run trained a whole model (``read_run`` reads that one)."""
-    from llamactl import train as T
     from llamactl.checkpoint import CheckpointMeta
     from llamactl.convert import run_part
+    from llamactl.training import checkpoints
 
     folder, _, prefix, meta = run_part(cfg.src)
     if isinstance(meta, CheckpointMeta):
@@ -264,7 +264,7 @@ def _run_adapter(cfg: ConvertConfig) -> list[str]:
     if cfg.to != "llamactl" or cfg.merge_adapter is not None or cfg.tokenizer is not None:
         raise UserError(f"{folder}: holds LoRA adapters: convert {cfg.src} -o adapter.safetensors writes them as an "
                         "adapter file (then --to peft, or BASE --merge-adapter)")  # fmt: skip
-    T.write_part(folder, prefix, meta, cfg.output)
+    checkpoints.write_part(folder, prefix, meta, cfg.output)
     return [cfg.output]
 
 

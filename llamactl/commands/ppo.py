@@ -2,8 +2,8 @@
 
 Each iteration samples one answer per prompt from the policy (through the generation engine), scores it with the
 reward models, and takes one gradient step per minibatch of the clipped PPO objective, all on the one training loop
-(``llamactl.train.fit``): the loop's steps are the minibatches, and a ``PPOTask`` makes an iteration's rollouts when
-the loop asks for the first minibatch of that iteration.
+(``llamactl.training.loop.fit``): the loop's steps are the minibatches, and a ``PPOTask`` makes an iteration's
+rollouts when the loop asks for the first minibatch of that iteration.
 
 Reward, as the paper's section 3.2.3: R_c = R_s if the prompt is a safety prompt (``"is_safety": true``) or
 sigmoid(R_s) < 0.15, else R_h; R~_c = WHITEN(LOGIT(R_c)) over the iteration's samples; and per token the penalty
@@ -114,13 +114,13 @@ def run_settings(cfg: PPOConfig, beta: float, lr: float) -> dict:
 
 
 def run(cfg: PPOConfig) -> dict:
-    from llamactl import train as T
     from llamactl.checkpoint import CheckpointMeta, load_tensors, make_lineage, read_checked_meta
     from llamactl.config import check_memory, rope_bytes
     from llamactl.device import seed_everything
     from llamactl.ppo import ActorCritic, AdaptersOff, PPOTask, encode_prompts
     from llamactl.reward import Scorer
     from llamactl.tokenizer import Tokenizer
+    from llamactl.training import checkpoints, distributed, lifecycle, loop
 
     cfg.validate()
     base = read_checked_meta(cfg.model, "lm", "as the policy ppo trains", train=not cfg.lora_rank)
@@ -133,13 +133,16 @@ def run(cfg: PPOConfig) -> dict:
         value_args = rm_meta.args  # a scalar head (an --rm-adapter may give a language model one)
         if value_args.head == "lm":
             value_args = replace(value_args, head="scalar", tie_embeddings=False)
-        parts = [T.memory_part(cfg, base.args, base.quant, "logprobs"), T.memory_part(cfg, value_args, rm_meta.quant)]
+        parts = [
+            lifecycle.memory_part(cfg, base.args, base.quant, "logprobs"),
+            lifecycle.memory_part(cfg, value_args, rm_meta.quant),
+        ]
         if not cfg.lora_rank:
-            parts.append(T.memory_part(cfg, base.args, None, "logprobs", frozen=True))
+            parts.append(lifecycle.memory_part(cfg, base.args, None, "logprobs", frozen=True))
         seq = min(base.args.max_seq_len, rm_meta.args.max_seq_len)  # at most: the prompt and answer fill the context
-        return T.dry_run(cfg, parts, micro_batch=cfg.batch_size, seq_len=seq, items_per_step=cfg.minibatch_size)
-    policy_tensors, adapted, continued = T.base_weights(cfg, base, "lm", "as the policy ppo trains")
-    d, device, say, use_bf16 = T.start(cfg, "ppo")
+        return lifecycle.dry_run(cfg, parts, micro_batch=cfg.batch_size, seq_len=seq, items_per_step=cfg.minibatch_size)
+    policy_tensors, adapted, continued = lifecycle.base_weights(cfg, base, "lm", "as the policy ppo trains")
+    d, device, say, use_bf16 = lifecycle.start(cfg, "ppo")
     if cfg.prompts_per_iteration % d.world or cfg.minibatch_size % (cfg.batch_size * d.world):
         raise UserError(f"--minibatch-size {cfg.minibatch_size} is not a multiple of --batch-size x processes = "
                         f"{cfg.batch_size * d.world}")  # fmt: skip
@@ -171,53 +174,53 @@ def run(cfg: PPOConfig) -> dict:
 
         rm_adapter, rm_adapter_tensors = read_adapter(cfg.rm_adapter)
         value_tensors = merged_tensors(value_tensors, rm_meta, rm_adapter, rm_adapter_tensors, cfg.rm)
-    policy, policy_out = T.trainee(cfg, cfg.model, CheckpointMeta(adapted.args, base.tokenizer, lineage), base,
+    policy, policy_out = lifecycle.trainee(cfg, cfg.model, CheckpointMeta(adapted.args, base.tokenizer, lineage), base,
                                    policy_tensors, use_bf16)  # fmt: skip
     value_out_meta = CheckpointMeta(value_meta.args, value_meta.tokenizer, dict(lineage), "value")
-    value, value_out = T.trainee(cfg, cfg.rm, value_out_meta, rm_meta, value_tensors, use_bf16)
+    value, value_out = lifecycle.trainee(cfg, cfg.rm, value_out_meta, rm_meta, value_tensors, use_bf16)
     if cfg.lora_rank:  # adapters of --model and --rm
         parts = {"adapter.safetensors": ("policy.", policy_out), "value-adapter.safetensors": ("value.", value_out)}
     else:
         parts = {"model.safetensors": ("policy.", policy_out), "value.safetensors": ("value.", value_out)}
-    settings = {**settings, "lora": T.lora_spec(cfg).to_json() if cfg.lora_rank else None}
-    ckpt, state = T.open_run(cfg.output, cfg.resume, base.args, settings)
+    settings = {**settings, "lora": lifecycle.lora_spec(cfg).to_json() if cfg.lora_rank else None}
+    ckpt, state = lifecycle.open_run(cfg.output, cfg.resume, base.args, settings)
     start_step = state["step"] if state else 0
     if ckpt and start_step >= steps:
-        return T.finished_run(cfg.output, ckpt, start_step, steps, d, "ppo")
+        return lifecycle.finished_run(cfg.output, ckpt, start_step, steps, d, "ppo")
 
     model = ActorCritic(policy, value)
-    need = T.training_bytes(model, d, d.world > 1 and cfg.distributed == "fsdp") + 2 * rope_bytes(base.args)
+    need = lifecycle.training_bytes(model, d, d.world > 1 and cfg.distributed == "fsdp") + 2 * rope_bytes(base.args)
     check_memory(need, "training a policy and a value model", cfg.model, device)
     seed_everything(cfg.seed)
     policy_sources = {**policy_tensors, **(continued or {})}
-    wrapped, optim, forward = T.prepare(
+    wrapped, optim, forward = lifecycle.prepare(
         model, {"policy.": policy_sources, "value.": value_tensors}, cfg.seed, ckpt, state, d, device,
         cfg.distributed, use_bf16, lr, cfg.weight_decay, cfg.compile, say,
     )  # fmt: skip
-    T.ready_quantized(model, use_bf16)
+    lifecycle.ready_quantized(model, use_bf16)
     if cfg.lora_rank:  # the reference policy is the frozen base: the policy with its adapters off, no second copy
         reference = AdaptersOff(policy)
     else:  # the starting weights, frozen (fp32, run under the same autocast)
-        reference = T.meta_model(adapted.args, None, cfg.model)
-        T.materialize(reference, {"": policy_tensors}, cfg.seed, device)
+        reference = lifecycle.meta_model(adapted.args, None, cfg.model)
+        distributed.materialize(reference, {"": policy_tensors}, cfg.seed, device)
         reference.eval().requires_grad_(False)
-    T.start_run_dir(cfg.output, d)
+    lifecycle.start_run_dir(cfg.output, d)
     task = PPOTask(cfg, prompts, (policy, value, reference), (help_rm, safety_rm), d, device, beta, use_bf16)
     say(f"{len(prompts)} prompts; {cfg.iterations} iterations of {cfg.prompts_per_iteration} samples, "
            f"{steps_per_iteration} steps each; KL beta {beta}")  # fmt: skip
-    loop = T.LoopConfig.from_flags(
+    loop_cfg = loop.LoopConfig.from_flags(
         cfg, steps=steps, accum=accum, lr=lr, warmup=0, bf16=use_bf16, name="ppo", unit="samples",
         units_per_step=cfg.minibatch_size,
     )  # fmt: skip
-    loop.min_lr_ratio = 1.0  # constant learning rate (Llama 2)
-    loop.save_every = cfg.save_every * steps_per_iteration
-    loop.eval_every = 0
-    trainer_state = {"model_args": base.args.to_dict(), "settings": settings, "parts": T.part_headers(parts)}
-    result = T.fit(task, model, wrapped, optim, loop, cfg.output, trainer_state, d, device, start_step, forward,
+    loop_cfg.min_lr_ratio = 1.0  # constant learning rate (Llama 2)
+    loop_cfg.save_every = cfg.save_every * steps_per_iteration
+    loop_cfg.eval_every = 0
+    trainer_state = {"model_args": base.args.to_dict(), "settings": settings, "parts": checkpoints.part_headers(parts)}
+    result = loop.fit(task, model, wrapped, optim, loop_cfg, cfg.output, trainer_state, d, device, start_step, forward,
                    metrics_resume=ckpt is not None)  # fmt: skip
-    final = T.conclude(cfg.output, result, d, "ppo")
+    final = lifecycle.conclude(cfg.output, result, d, "ppo")
     last = task.history[-1] if task.history else {}
     if last:
         say(f"iteration {last['iteration']}: reward {last['reward_raw']:.4f}, KL {last['kl']:.4f}; policy in "
-               f"{cfg.output}/{T.output_name(cfg)}")  # fmt: skip
+               f"{cfg.output}/{lifecycle.output_name(cfg)}")  # fmt: skip
     return {"step": result["step"], "checkpoint": final, "iterations": result["step"] // steps_per_iteration, **last}

@@ -92,12 +92,12 @@ def unigram_loss(train_split, val_split, vocab_size: int, max_tokens: int = 50_0
 def run(cfg: PretrainConfig) -> dict:
     """Train; returns a summary (final step, last train and validation loss, checkpoint path)."""
 
-    from llamactl import train as T
     from llamactl.checkpoint import CheckpointMeta, make_lineage
     from llamactl.config import check_memory, rope_bytes
     from llamactl.data import Windows, WindowsTask
     from llamactl.device import seed_everything
     from llamactl.shards import INDEX_NAME, open_shards
+    from llamactl.training import checkpoints, lifecycle, loop
 
     cfg.validate()
     data = open_shards(cfg.data)
@@ -108,9 +108,10 @@ def run(cfg: PretrainConfig) -> dict:
     args = model_args(cfg, data.vocab_size)
     if cfg.dry_run:
         sequences = (cfg.global_batch_tokens or 0) // cfg.seq_len or None
-        return T.dry_run(cfg, [T.memory_part(cfg, args)], micro_batch=cfg.batch_size, seq_len=cfg.seq_len,
-                         items_per_step=sequences)  # fmt: skip
-    d, device, say, use_bf16 = T.start(cfg, "pretrain")
+        part = lifecycle.memory_part(cfg, args)
+        return lifecycle.dry_run(cfg, [part], micro_batch=cfg.batch_size, seq_len=cfg.seq_len,
+                                 items_per_step=sequences)  # fmt: skip
+    d, device, say, use_bf16 = lifecycle.start(cfg, "pretrain")
     micro_tokens = cfg.batch_size * cfg.seq_len * d.world
     global_tokens = cfg.global_batch_tokens or micro_tokens
     if global_tokens % micro_tokens:
@@ -132,36 +133,36 @@ def run(cfg: PretrainConfig) -> dict:
     tok = data.load_tokenizer()
     lineage = make_lineage("pretrain", cfg.argv or sys.argv[1:], [os.path.join(cfg.data, INDEX_NAME)])
     meta = CheckpointMeta(args, tok.model_bytes, lineage)
-    ckpt, state = T.open_run(cfg.output, cfg.resume, args, settings)
+    ckpt, state = lifecycle.open_run(cfg.output, cfg.resume, args, settings)
     start_step = state["step"] if state else 0
     if ckpt and start_step >= cfg.steps:
-        return T.finished_run(cfg.output, ckpt, start_step, cfg.steps, d, "pretrain")
+        return lifecycle.finished_run(cfg.output, ckpt, start_step, cfg.steps, d, "pretrain")
 
     # parameters, gradients and AdamW's two moments in fp32, and the rotary tables, before any is allocated
-    model = T.meta_model(args, None, f"--preset {cfg.preset}")
-    need = T.training_bytes(model, d, d.world > 1 and cfg.distributed == "fsdp") + rope_bytes(args)
+    model = lifecycle.meta_model(args, None, f"--preset {cfg.preset}")
+    need = lifecycle.training_bytes(model, d, d.world > 1 and cfg.distributed == "fsdp") + rope_bytes(args)
     check_memory(need, f"training {args.num_params():,} parameters", f"--preset {cfg.preset}", device)
     seed_everything(cfg.seed)
     model.grad_checkpointing = cfg.activation_checkpointing
-    wrapped, optim, forward = T.prepare(
+    wrapped, optim, forward = lifecycle.prepare(
         model, {"": None}, cfg.seed, ckpt, state, d, device, cfg.distributed, use_bf16, lr, cfg.weight_decay,
         cfg.compile, say,
     )  # fmt: skip
-    T.start_run_dir(cfg.output, d)
-    trainer_state = {"model_args": args.to_dict(), "settings": settings, "parts": T.part_headers(meta)}
+    lifecycle.start_run_dir(cfg.output, d)
+    trainer_state = {"model_args": args.to_dict(), "settings": settings, "parts": checkpoints.part_headers(meta)}
 
     task = WindowsTask(windows, cfg.batch_size, accum, device, val_windows, cfg.eval_batches if cfg.eval_every else 0)
-    loop = T.LoopConfig.from_flags(
+    loop_cfg = loop.LoopConfig.from_flags(
         cfg, steps=cfg.steps, accum=accum, lr=lr, warmup=warmup, bf16=use_bf16, tokens_per_step=global_tokens,
-        flops_per_token=T.flops_per_token(args, cfg.seq_len), name="pretrain",
+        flops_per_token=loop.flops_per_token(args, cfg.seq_len), name="pretrain",
     )  # fmt: skip
-    result = T.fit(
-        task, model, wrapped, optim, loop, cfg.output, trainer_state, d, device, start_step, forward,
+    result = loop.fit(
+        task, model, wrapped, optim, loop_cfg, cfg.output, trainer_state, d, device, start_step, forward,
         metrics_resume=ckpt is not None,
     )  # fmt: skip
     step = result["step"]
     last = {"loss": result["loss"], "val_loss": result.get("val_loss")}
-    final = T.conclude(cfg.output, result, d, "pretrain")
+    final = lifecycle.conclude(cfg.output, result, d, "pretrain")
     if d.main:
         baseline = unigram_loss(train_split, val_split, args.vocab_size) if val_split is not None else None
         last["unigram_val_loss"] = baseline

@@ -222,7 +222,7 @@ def run(cfg: RejectionSampleConfig) -> int:
     from llamactl.jsonl import display_name, dumps, open_output, streams
     from llamactl.progress import progress
     from llamactl.reward import Judge
-    from llamactl.train import init_distributed
+    from llamactl.training.distributed import init_distributed
 
     cfg.validate()
     d, device = init_distributed(resolve_device(cfg.device))

@@ -2,7 +2,7 @@
 
 Dialogs (``{"messages": [...]}``, ``{"prompt", "response"}`` pairs, or Anthropic HH text in ``--field``) are encoded
 with Llama 2's chat format, the loss taken on the assistants' answers and their EOS only, packed into rows of
-``--seq-len`` with attention kept inside each dialog, and trained by the one training loop (``llamactl.train``).
+``--seq-len`` with attention kept inside each dialog, and trained by the one training loop (``llamactl.training.loop``).
 """
 
 from __future__ import annotations
@@ -54,23 +54,23 @@ def read_dialogs(path: str, field_name: str | None):
 def run(cfg: SFTConfig) -> dict:
     """Fine-tune; returns a summary (final step, last train and validation loss, checkpoint path)."""
 
-    from llamactl import train as T
     from llamactl.checkpoint import CheckpointMeta, make_lineage, read_checked_meta
     from llamactl.data import RowsTask, encode_for_sft, pack_rows, split_val
     from llamactl.tokenizer import Tokenizer
+    from llamactl.training import lifecycle, loop
 
     cfg.validate()
     base = read_checked_meta(cfg.model, "lm", "to fine-tune with sft", train=not cfg.lora_rank)
     if cfg.dry_run:
         seq = min(cfg.seq_len, base.args.max_seq_len)
-        part = T.memory_part(cfg, base.args, base.quant)
-        return T.dry_run(cfg, [part], micro_batch=cfg.batch_size, seq_len=seq, packed=cfg.pack,
+        part = lifecycle.memory_part(cfg, base.args, base.quant)
+        return lifecycle.dry_run(cfg, [part], micro_batch=cfg.batch_size, seq_len=seq, packed=cfg.pack,
                          items_per_step=cfg.global_batch_size)  # fmt: skip
-    tensors, adapted, continued = T.base_weights(cfg, base, "lm", "to fine-tune with sft")
+    tensors, adapted, continued = lifecycle.base_weights(cfg, base, "lm", "to fine-tune with sft")
     tok = Tokenizer(base.tokenizer, cfg.model)
     seq_len = min(cfg.seq_len, base.args.max_seq_len)
-    d, device, say, use_bf16 = T.start(cfg, "sft")
-    T.check_global_batch(cfg, d)
+    d, device, say, use_bf16 = lifecycle.start(cfg, "sft")
+    lifecycle.check_global_batch(cfg, d)
 
     train_dialogs, val_dialogs = split_val(list(read_dialogs(cfg.data, cfg.field)), cfg.val_fraction, cfg.seed)
     if not train_dialogs:
@@ -93,22 +93,22 @@ def run(cfg: SFTConfig) -> dict:
         + (f", {len(val_set.examples)} held out" if val_rows is not None else ""),
     )
 
-    global_batch, accum, steps, warmup = T.plan_schedule(cfg, len(rows), d, "rows", say)
+    global_batch, accum, steps, warmup = lifecycle.plan_schedule(cfg, len(rows), d, "rows", say)
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR
     inputs = [cfg.model, cfg.data] + ([cfg.adapter] if cfg.adapter else [])
     lineage = make_lineage("sft", cfg.argv or sys.argv[1:], inputs, parent=adapted.lineage)
-    result = T.finetune(
+    result = lifecycle.finetune(
         cfg, name="sft", meta=CheckpointMeta(adapted.args, base.tokenizer, lineage), base=base, tensors=tensors,
         continued=continued, settings=run_settings(cfg, global_batch, steps), steps=steps, d=d, device=device,
         make_task=lambda: RowsTask(rows, cfg.batch_size, accum, device, cfg.seed, val_rows),
         accum=accum, lr=lr, warmup=warmup, bf16=use_bf16, tokens_per_step=global_batch * seq_len,
-        flops_per_token=T.flops_per_token(base.args, seq_len),
+        flops_per_token=loop.flops_per_token(base.args, seq_len),
     )  # fmt: skip
     if "stopped" not in result:  # --resume of a finished run
         return result
     last = {"loss": result["loss"], "val_loss": result.get("val_loss")}
     val = f", val loss {last['val_loss']:.4f}" if last["val_loss"] is not None else ""
-    say(f"step {result['step']}, train loss {last['loss']:.4f}{val}; {T.output_name(cfg)} in {cfg.output}")
+    say(f"step {result['step']}, train loss {last['loss']:.4f}{val}; {lifecycle.output_name(cfg)} in {cfg.output}")
     return {
         "step": result["step"],
         "checkpoint": result["checkpoint"],

@@ -3,7 +3,7 @@
 The next-token head of a chat or base checkpoint is replaced by a scalar head read at the last token of prompt +
 answer; each pair's chosen and rejected dialogs go through one forward batch (packed with the micro-batch's other
 sequences); the loss is the margin ranking loss -log(sigmoid(r_c - r_r - m(rating))) of the paper's eq. 2, trained
-by the one training loop (``llamactl.train``).
+by the one training loop (``llamactl.training.loop``).
 """
 
 from __future__ import annotations
@@ -82,28 +82,28 @@ def run(cfg: TrainRMConfig) -> dict:
     """Train; returns a summary (final step, last train loss, held-out loss and accuracy, checkpoint path)."""
     from dataclasses import replace
 
-    from llamactl import train as T
     from llamactl.checkpoint import make_lineage, read_checked_meta
     from llamactl.data import PairsTask, encode_pairs, split_val
     from llamactl.model import PRESETS
     from llamactl.reward import reward_init
     from llamactl.tokenizer import Tokenizer
+    from llamactl.training import lifecycle
 
     cfg.validate()
     base = read_checked_meta(cfg.model, None, "to train a reward model from", train=not cfg.lora_rank)
     if cfg.dry_run:  # both answers of a pair in one forward
         args = replace(base.args, head="scalar", tie_embeddings=False) if base.args.head == "lm" else base.args
         seq = min(cfg.seq_len, base.args.max_seq_len)
-        part = T.memory_part(cfg, args, base.quant)
-        return T.dry_run(cfg, [part], micro_batch=cfg.batch_size, seq_len=seq, sequences_per_item=2, packed=cfg.pack,
-                         items_per_step=cfg.global_batch_size)  # fmt: skip
-    tensors, adapted, continued = T.base_weights(cfg, base, None, "to train a reward model from")
+        part = lifecycle.memory_part(cfg, args, base.quant)
+        return lifecycle.dry_run(cfg, [part], micro_batch=cfg.batch_size, seq_len=seq, sequences_per_item=2,
+                                 packed=cfg.pack, items_per_step=cfg.global_batch_size)  # fmt: skip
+    tensors, adapted, continued = lifecycle.base_weights(cfg, base, None, "to train a reward model from")
     if adapted.args.head == "scalar" and adapted.role not in (None, cfg.kind):
         raise UserError(f"{cfg.model}: is a {base.role} model; --kind {cfg.kind} would train it into another kind")
     tok = Tokenizer(base.tokenizer, cfg.model)
     seq_len = min(cfg.seq_len, base.args.max_seq_len)
-    d, device, say, use_bf16 = T.start(cfg, "train-rm")
-    T.check_global_batch(cfg, d)
+    d, device, say, use_bf16 = lifecycle.start(cfg, "train-rm")
+    lifecycle.check_global_batch(cfg, d)
 
     train_pairs, val_pairs = split_val(read_pairs(cfg.data, cfg.margin), cfg.val_fraction, cfg.seed)
     train_set = encode_pairs(tok, train_pairs, seq_len, cfg.margin)
@@ -117,7 +117,7 @@ def run(cfg: TrainRMConfig) -> dict:
         raise UserError(f"{cfg.data}: no pair fits --seq-len {seq_len}")
     say(f"{len(train_set)} pairs" + (f", {len(val_set)} held out" if len(val_set) else ""))
 
-    global_batch, accum, steps, warmup = T.plan_schedule(cfg, len(train_set), d, "pairs", say, 5)
+    global_batch, accum, steps, warmup = lifecycle.plan_schedule(cfg, len(train_set), d, "pairs", say, 5)
     shape_70b = {k: PRESETS["llama2-70b"][k] for k in ("dim", "n_layers")}
     is_70b = {k: getattr(base.args, k) for k in shape_70b} == shape_70b
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR_70B if is_70b else DEFAULT_LR
@@ -125,7 +125,7 @@ def run(cfg: TrainRMConfig) -> dict:
     meta.role = cfg.kind
     inputs = [cfg.model, cfg.data] + ([cfg.adapter] if cfg.adapter else [])
     meta.lineage = make_lineage("train-rm", cfg.argv or sys.argv[1:], inputs, parent=adapted.lineage)
-    result = T.finetune(
+    result = lifecycle.finetune(
         cfg, name="train-rm", meta=meta, base=base, tensors=tensors, continued=continued,
         settings=run_settings(cfg, global_batch, steps), steps=steps, d=d, device=device,
         make_task=lambda: PairsTask(train_set, cfg.batch_size, accum, device, cfg.seed, cfg.pack, val_set),
@@ -135,5 +135,5 @@ def run(cfg: TrainRMConfig) -> dict:
         return result
     val = result.get("val_accuracy")
     held = f", held-out accuracy {val:.1%} (loss {result['val_loss']:.4f})" if val is not None else ""
-    say(f"step {result['step']}, train loss {result['loss']:.4f}{held}; {T.output_name(cfg)} in {cfg.output}")
+    say(f"step {result['step']}, train loss {result['loss']:.4f}{held}; {lifecycle.output_name(cfg)} in {cfg.output}")
     return {k: v for k, v in result.items() if k != "stopped"} | {"pairs": len(train_set)}

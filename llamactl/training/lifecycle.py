@@ -1,0 +1,368 @@
+"""The run lifecycle every training command goes through: open or resume the run, check memory, seed, build and
+prepare the trained models, start the run directory, ``fit``, conclude (the final files); ``--dry-run`` plans it."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import sys
+
+import torch
+
+from llamactl.checkpoint import CheckpointMeta
+from llamactl.errors import Interrupted, UserError
+from llamactl.model import ModelArgs, Transformer
+from llamactl.training.checkpoints import (
+    clean_partial,
+    export_parts,
+    latest_checkpoint,
+    load_checkpoint,
+    load_trainer_state,
+    part_headers,
+    saved_parts,
+)
+from llamactl.training.distributed import Dist, build_wrapped, init_distributed
+from llamactl.training.loop import LoopConfig, fit, make_optimizer
+
+
+def open_run(run_dir: str, resume: bool, args: ModelArgs, settings: dict) -> tuple[str | None, dict | None]:
+    """The run's latest checkpoint and its trainer state (None, None for a new run), refusing a run directory that
+    holds a run without ``--resume``, and a resume whose model config or loss-curve settings differ."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt and not resume:
+        raise UserError(f"{run_dir}: holds a run (latest {os.path.basename(ckpt)}); pass --resume or another -o")
+    if not ckpt:
+        return None, None
+    state = load_trainer_state(ckpt)
+    if state["model_args"] != args.to_dict():
+        raise UserError(f"{ckpt}: was trained with another model config than this command asks for")
+    changed = [k for k, v in settings.items() if state["settings"].get(k) != v]
+    if changed:
+        was = ", ".join(f"--{k.replace('_', '-')} {state['settings'].get(k)}" for k in changed)
+        raise UserError(f"{ckpt}: resume with the flags the run started with ({was})")
+    return ckpt, state
+
+
+def prepare(
+    model: torch.nn.Module,
+    sources: dict[str, dict[str, torch.Tensor] | None],
+    seed: int,
+    ckpt: str | None,
+    state: dict | None,
+    d: Dist,
+    device: torch.device,
+    distributed: str,
+    bf16: bool,
+    lr: float,
+    weight_decay: float,
+    compile: bool = False,
+    say=lambda message: None,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.nn.Module]:
+    """A model built on the meta device made trainable: sharded (FSDP2 under torchrun with ``fsdp``) before any
+    weight exists, materialised shard by shard (``materialize``: ``sources`` per state-dict prefix, None for a seeded
+    fresh start), wrapped in DDP under torchrun with ``ddp``, with its optimizer; resuming, the checkpoint's trained
+    tensors, optimizer state and RNGs are loaded, whatever number of ranks saved them. Returns (wrapped, optimizer,
+    forward: the wrapped model, compiled if asked)."""
+    restored = frozenset(state["trained"]) if state is not None else frozenset()
+    wrapped = build_wrapped(model, sources, seed, d, device, distributed, bf16, restored)
+    optim = make_optimizer(model, lr, weight_decay, fused=not (d.world > 1 and distributed == "fsdp"))
+    if state is not None:
+        load_checkpoint(ckpt, state, wrapped, optim, d, say)
+    return wrapped, optim, torch.compile(wrapped) if compile else wrapped
+
+
+def start_run_dir(run_dir: str, d: Dist) -> None:
+    """Create the run directory (only once every check has passed: a refused command leaves nothing behind) and
+    remove what an interrupted save left."""
+    os.makedirs(run_dir, exist_ok=True)
+    if d.main:
+        clean_partial(run_dir)
+
+
+def conclude(run_dir: str, result: dict, d: Dist, name: str) -> str:
+    """After ``fit``: a stopped run says how to continue and raises Interrupted (exit 128 + the signal, as any command
+    stopped by one); a finished one gets its final files (``RUN/model.safetensors``, or its adapters) streamed out
+    of its last checkpoint by rank 0. Returns that checkpoint."""
+    if result["stopped"]:
+        if d.main:
+            print(
+                f"llamactl {name}: stopped at step {result['step']}; checkpoint saved, continue with --resume",
+                file=sys.stderr,
+            )
+        raise Interrupted(result["stopped"])
+    final = latest_checkpoint(run_dir)
+    if d.main:  # the others go: no collective follows, so none of them waits (and times out) while rank 0 writes
+        export_parts(final, run_dir)
+    return final
+
+
+def finished_run(run_dir: str, ckpt: str, step: int, steps: int, d: Dist, name: str) -> dict:
+    """--resume of a run that has done its --steps: say so with its last losses, and make sure its files are out."""
+    last: dict = {"loss": None, "val_loss": None}
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.isfile(metrics):
+        with open(metrics, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                with contextlib.suppress(ValueError, AttributeError):
+                    row = json.loads(line)
+                    last.update({k: row[k] for k in ("loss", "val_loss") if isinstance(row.get(k), (int, float))})
+    if d.main:
+        if not all(os.path.isfile(os.path.join(run_dir, f)) for f in saved_parts(ckpt)):
+            export_parts(ckpt, run_dir)  # the run was stopped after its last save, before writing them
+        losses = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in last.items() if v is not None)
+        print(
+            f"llamactl {name}: {run_dir} is complete at step {step} of {steps}"
+            + (f" (last {losses})" if losses else "")
+            + "; nothing to do (a longer run needs a new -o)",
+            file=sys.stderr,
+        )
+    return {"step": step, "checkpoint": ckpt, **last}
+
+
+def autocast_bf16(dtype: str, device: torch.device) -> bool:
+    """Whether a training run autocasts to bf16: ``auto`` where the device runs bf16 natively."""
+    from llamactl.device import bf16_supported
+
+    if dtype == "bf16" and not bf16_supported(device):
+        raise UserError(f"--dtype bf16: {device.type} has no native bf16 here; use fp32")
+    return dtype == "bf16" or (dtype == "auto" and bf16_supported(device))
+
+
+def start(cfg, command: str):
+    """What every training command does first: its device (under torchrun, this rank's), the process group, its
+    stderr notes (rank 0 only) and whether it autocasts to bf16. Returns (dist, device, say, bf16)."""
+    from llamactl.device import resolve_device
+
+    d, device = init_distributed(resolve_device(cfg.device))
+    return d, device, functools.partial(say, d, command), autocast_bf16(cfg.dtype, device)
+
+
+def say(d: Dist, command: str, message: str) -> None:
+    """A training command's note on stderr, from rank 0 only."""
+    if d.main:
+        print(f"llamactl {command}: {message}", file=sys.stderr)
+
+
+def check_global_batch(cfg, d: Dist) -> None:
+    """Refuse, before any data is read, a --global-batch-size that accumulation cannot reach exactly."""
+    per_micro = cfg.batch_size * d.world
+    if cfg.global_batch_size % per_micro:
+        raise UserError(
+            f"--global-batch-size {cfg.global_batch_size} is not a multiple of --batch-size x processes = {per_micro}"
+        )
+
+
+def plan_schedule(cfg, n_items: int, d: Dist, unit: str, say, min_warmup: int = 0) -> tuple[int, int, int, int]:
+    """(global batch, accumulation, steps, warmup) of a fine-tuning run over ``n_items`` records, from the flags of
+    ``llamactl.flags.FinetuneFlags``: a dataset smaller than one global batch trains on what it has (said once);
+    ``--steps`` wins over ``--epochs``; warmup defaults to 3% of the steps, at least ``min_warmup`` (below the
+    steps)."""
+    per_micro = cfg.batch_size * d.world
+    global_batch = cfg.global_batch_size
+    if n_items < global_batch:
+        global_batch = math.ceil(n_items / per_micro) * per_micro
+        say(f"{n_items} {unit} are fewer than --global-batch-size {cfg.global_batch_size}: {global_batch} a step")
+    steps = cfg.steps or cfg.epochs * math.ceil(n_items / global_batch)
+    warmup = cfg.warmup if cfg.warmup is not None else min(max(min_warmup, round(0.03 * steps)), steps - 1)
+    if warmup >= steps:
+        raise UserError(f"--warmup {warmup} must be below the run's {steps} steps")
+    return global_batch, global_batch // per_micro, steps, warmup
+
+
+def finetune(
+    cfg,
+    *,
+    name: str,
+    meta: CheckpointMeta,
+    base: CheckpointMeta,
+    tensors: dict[str, torch.Tensor],
+    continued: dict[str, torch.Tensor] | None,
+    settings: dict,
+    steps: int,
+    make_task,
+    d: Dist,
+    device: torch.device,
+    **loop,
+) -> dict:
+    """A fine-tuning run of ``cfg.model`` (header ``base``; ``tensors`` as the command prepared them, see
+    ``base_weights``) to ``cfg.output``, after the command has read its data: the resume checks, the memory check,
+    the model (every weight trained in fp32 master copies, or with ``--lora-rank`` LoRA adapters on the frozen base,
+    a scalar head trained in full), the wrapped model and optimizer, ``fit`` over ``make_task()``'s batches, and
+    the final files (``model.safetensors``, or ``adapter.safetensors``). ``meta`` is what the trained model says of
+    itself (config, tokenizer, lineage, role); ``continued`` an adapter's tensors that LoRA training continues;
+    ``loop`` the LoopConfig values the command resolved (accum, lr, warmup, ...). Returns ``fit``'s result with the
+    final checkpoint, or the finished run's summary on a --resume past its end."""
+    from llamactl.config import check_memory
+    from llamactl.device import seed_everything
+
+    args = meta.args
+    model, out_meta = trainee(cfg, cfg.model, meta, base, tensors, loop["bf16"])
+    settings = {**settings, "lora": out_meta.spec.to_json() if cfg.lora_rank else None}
+    ckpt, state = open_run(cfg.output, cfg.resume, args, settings)
+    start_step = state["step"] if state else 0
+    if ckpt and start_step >= steps:
+        return finished_run(cfg.output, ckpt, start_step, steps, d, name)
+    sharded = d.world > 1 and cfg.distributed == "fsdp"
+    check_memory(training_bytes(model, d, sharded), f"fine-tuning {args.num_params():,} parameters", cfg.model, device)
+    seed_everything(cfg.seed)
+    model.grad_checkpointing = cfg.activation_checkpointing
+    wrapped, optim, forward = prepare(
+        model, {"": {**tensors, **(continued or {})}}, cfg.seed, ckpt, state, d, device, cfg.distributed,
+        loop["bf16"], loop["lr"], cfg.weight_decay, cfg.compile, functools.partial(say, d, name),
+    )  # fmt: skip
+    ready_quantized(model, loop["bf16"])
+    start_run_dir(cfg.output, d)
+    trainer_state = {"model_args": args.to_dict(), "settings": settings, "parts": part_headers(out_meta)}
+    eval_every = cfg.eval_every or (steps if cfg.val_fraction > 0 else 0)
+    loop_cfg = LoopConfig.from_flags(cfg, steps=steps, eval_every=eval_every, name=name, **loop)
+    result = fit(
+        make_task(), model, wrapped, optim, loop_cfg, cfg.output, trainer_state, d, device, start_step, forward,
+        metrics_resume=ckpt is not None,
+    )  # fmt: skip
+    return {**result, "checkpoint": conclude(cfg.output, result, d, name)}
+
+
+def dry_run(cfg, parts: list, *, micro_batch: int, seq_len: int, sequences_per_item: int = 1, packed: bool = False,
+            items_per_step: int | None = None):  # fmt: skip
+    """``--dry-run``: the memory plan of one rank (``llamactl.memory``) for these flags on stdout, from rank 0 only,
+    before any process group, device or weight exists; with ``--device-memory``, whether it fits. Plans for the
+    world ``--world-size`` says (else torchrun's, else one process) and the device ``--device`` names (auto: this
+    machine's)."""
+    from llamactl import memory
+
+    limit = memory.parse_memory(cfg.device_memory) if cfg.device_memory else None
+    world = cfg.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    kind, bf16 = planned_device(cfg)
+    # micro-steps per optimizer step: the global batch (``items_per_step``, None: one micro-batch a rank) over them
+    accum = max(1, (items_per_step or 0) // (micro_batch * world))
+    result = memory.plan(
+        parts, micro_batch=micro_batch, seq_len=seq_len, sequences_per_item=sequences_per_item, world=world,
+        strategy=cfg.distributed, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing, device=kind,
+        packed=packed, grad_accumulation=accum,
+    )  # fmt: skip
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(result.table(limit), flush=True)
+    return {"dry_run": True, "bytes_per_rank": result.total, "fits": None if limit is None else result.total <= limit}
+
+
+def planned_device(cfg) -> tuple[str, bool]:
+    """(cuda or cpu, bf16) a dry run plans for: ``--device`` (auto: this machine's) and ``--dtype`` (auto: bf16 on
+    CUDA, and on a CPU that runs it natively)."""
+    from llamactl.device import bf16_supported
+
+    kind = "cpu" if cfg.device == "cpu" else "cuda" if cfg.device.startswith("cuda") else None
+    kind = kind or ("cuda" if torch.cuda.is_available() else "cpu")
+    auto = kind == "cuda" or bf16_supported(torch.device("cpu"))
+    return kind, cfg.dtype == "bf16" or (cfg.dtype == "auto" and auto)
+
+
+def memory_part(cfg, args: ModelArgs, quant=None, output: str | None = None, frozen: bool = False):
+    """The ``llamactl.memory.Part`` of a model this run trains (fully, or through LoRA adapters) or only runs."""
+    from llamactl import memory
+
+    bf16 = planned_device(cfg)[1]
+    if frozen:
+        return memory.Part(args, "frozen", quant, output=output, weight_bytes=4)
+    if not cfg.lora_rank:
+        return memory.Part(args, "full", output=output)
+    spec = lora_spec(cfg)
+    return memory.Part(args, "lora", quant, spec.rank, spec.targets, spec.dropout, output, 2 if bf16 else 4)
+
+
+def output_name(cfg) -> str:
+    """The file a training command's run ends with."""
+    return "adapter.safetensors" if cfg.lora_rank else "model.safetensors"
+
+
+def lora_spec(cfg):
+    """The LoRA adapters ``--lora-rank/--lora-alpha/--lora-dropout/--lora-targets`` ask for."""
+    from llamactl.lora import LoraSpec, parse_targets
+
+    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else 2.0 * cfg.lora_rank
+    return LoraSpec(cfg.lora_rank, float(alpha), cfg.lora_dropout, parse_targets(cfg.lora_targets))
+
+
+def trainee(cfg, path: str, meta: CheckpointMeta, base: CheckpointMeta, tensors: dict[str, torch.Tensor], bf16: bool):
+    """(the meta-device model to train from checkpoint ``path``, what its final file says of itself). Full
+    fine-tuning trains every weight (``meta``: a model checkpoint). With ``--lora-rank`` the block linears of the
+    target kinds get adapters and the rest is frozen (kept quantized when ``base`` is: QLoRA; kept in bf16 when
+    training in bf16, as no master copy of it is needed), a scalar head trained in full; the result is an adapter
+    of ``path``."""
+    from llamactl import lora
+
+    if not cfg.lora_rank:
+        return meta_model(meta.args, tensors, path), meta
+    spec = lora_spec(cfg)
+    model = meta_model(meta.args, tensors, path, base.quant)
+    lora.add_lora(model, spec)
+    extra = ("score.weight",) if meta.args.head == "scalar" else ()
+    for prefix, m in model.named_modules():
+        for key, p in list(m.named_parameters(recurse=False)):
+            if f"{prefix}.{key}".lstrip(".") in extra:
+                p.requires_grad_(True)
+            elif bf16 and not key.startswith("lora_") and p.is_floating_point():
+                setattr(m, key, torch.nn.Parameter(p.to(torch.bfloat16), requires_grad=False))
+    return model, lora.AdapterMeta.of_base(spec, path, base, extra, meta.lineage, meta.role)
+
+
+def training_bytes(model: torch.nn.Module, d: Dist, sharded: bool) -> int:
+    """What a rank holds of a model it trains, before any is allocated: the weights as stored (frozen ones
+    included), and for each trained one an fp32 gradient and AdamW's two fp32 moments; the parameters' share split
+    over the ranks when ``sharded`` (FSDP2; its buffers, such as a QLoRA base's quantized weights, are not). The
+    activations come on top: ``--dry-run`` plans them."""
+    params = sum(p.numel() * p.element_size() + (12 * p.numel() if p.requires_grad else 0) for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return params // (d.world if sharded else 1) + buffers
+
+
+def ready_quantized(model: torch.nn.Module, bf16: bool) -> None:
+    """A QLoRA base's quantized layers pick their kernels once their tensors are in place."""
+    from llamactl.quant import QuantLinear
+
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.prepare(torch.bfloat16 if bf16 else torch.float32)
+
+
+def base_weights(cfg, base: CheckpointMeta, head: str | None, purpose: str):
+    """``cfg.model``'s tensors for a training command (memory-mapped), with ``--adapter``: merged into them for full
+    fine-tuning (the merged model in memory), or, with ``--lora-rank``, kept apart to continue training (same rank
+    and targets). Returns (tensors, header of the model they make, the continued adapter's tensors or None)."""
+    from llamactl import lora
+    from llamactl.checkpoint import load_tensors
+
+    tensors = load_tensors(cfg.model)
+    if cfg.adapter is None:
+        return tensors, base, None
+    adapter, adapter_tensors = lora.read_adapter(cfg.adapter)
+    lora.check_base(adapter, cfg.model, base)
+    if head is not None:
+        lora.check_adapted_head(adapter, cfg.model, head, purpose)
+    if not cfg.lora_rank:
+        merged = lora.merged_tensors(tensors, base, adapter, adapter_tensors, cfg.model)
+        return merged, adapter.adapted(base, merged=True), None
+    spec = lora_spec(cfg)
+    if (adapter.spec.rank, adapter.spec.targets) != (spec.rank, spec.targets):
+        have, want = ",".join(adapter.spec.targets), ",".join(spec.targets)
+        raise UserError(f"{cfg.adapter}: has rank {adapter.spec.rank} on {have}; --lora-rank {spec.rank} "
+                        f"--lora-targets {want} cannot continue it")  # fmt: skip
+    return tensors, base, adapter_tensors
+
+
+def meta_model(args: ModelArgs, tensors: dict[str, torch.Tensor] | None, source: str, quant=None) -> Transformer:
+    """A model of ``args`` on the meta device, for ``prepare``, its linears quantized as ``quant`` says (a QLoRA
+    base); ``tensors`` (a checkpoint's) are checked to be its state (names, shapes) before anything is allocated."""
+    from llamactl.checkpoint import check_state
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    if quant is not None:
+        from llamactl.swap import quantize_linears
+
+        quantize_linears(model, quant)
+    if tensors is not None:
+        check_state(source, model.state_dict(), tensors)
+    return model
