@@ -112,9 +112,8 @@ def random_model():
 
 
 def quantize_in_place(model, scheme: str, group: int | None) -> None:
-    """The loader's swap (llamactl.swap.quantize_linears) on the live model, filled by round to nearest."""
-    from llamactl.quant import QuantSpec
-    from llamactl.swap import quantize_linears
+    """The loader's swap (llamactl.quant.quantize_linears) on the live model, filled by round to nearest."""
+    from llamactl.quant import QuantSpec, quantize_linears
 
     weights = {n: m.weight.data for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     quantize_linears(model, QuantSpec(scheme, group))

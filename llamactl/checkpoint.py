@@ -446,14 +446,7 @@ def build_model(
     CPU, fused and packed projections for inference. ``dtype`` None keeps the stored one."""
     from llamactl import swap
 
-    with torch.device("meta"):
-        model = Transformer(args)
-    if quant is not None:
-        swap.quantize_linears(model, quant)
-    if lora is not None:
-        from llamactl.lora import add_lora
-
-        add_lora(model, lora)
+    model = swap.build(args, quant, lora)
     check_state(source, model.state_dict(), tensors)
     check_memory(rope_bytes(args), f"max_seq_len {args.max_seq_len}: the rotary tables", source, device)
     compute = dtype or stored_dtype(tensors)

@@ -4,7 +4,7 @@ An adapter adds ``scale * B A x`` (``scale = alpha / rank``) to the output of ea
 every block (``wq wk wv wo w1 w2 w3``); ``A`` (rank, in) starts as PEFT's default (Kaiming-uniform, a = sqrt(5))
 and ``B`` (out, rank) at zero, so a fresh adapter changes nothing.
 
-Names. ``add_lora`` wraps each target in a ``LoRALinear`` (through ``swap.swap_linears``, on a meta or a
+Names. ``add_lora`` wraps each target in a ``LoRALinear`` (through ``quant.swap_linears``, on a meta or a
 materialised model). The wrapper keeps the base layer's state-dict names: ``layers.0.attention.wq.weight`` (or a
 quantized base's ``.qweight``/``.scales``/``.zeros``) stays as the checkpoint has it, so a checkpoint's tensors load
 into a wrapped model unchanged, and the adapter's own tensors sit beside them as ``layers.0.attention.wq.lora_A``
@@ -59,7 +59,7 @@ from llamactl.config import model_args
 from llamactl.errors import UserError
 from llamactl.files import require_input
 from llamactl.model import ModelArgs, Transformer
-from llamactl.quant import dequantize, linear_names
+from llamactl.quant import dequantize, linear_names, swap_linears
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # the block linears (model.py names)
 _OWNER = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention"}
@@ -204,8 +204,6 @@ def _base_names_out(module: LoRALinear, state_dict: dict, prefix: str, local_met
 def add_lora(model: Transformer, spec: LoraSpec) -> list[str]:
     """Freeze every parameter of ``model`` and wrap the ``spec.targets`` of every block in a ``LoRALinear`` (the
     adapters trainable, fp32, on each base's device); returns the names wrapped, in model order."""
-    from llamactl.swap import swap_linears
-
     assert not spec.problems(), spec.problems()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -442,7 +440,7 @@ def merged_plans(
     with torch.device("meta"):
         base_model = Transformer(base_meta.args)
         if quant is not None:
-            from llamactl.swap import quantize_linears
+            from llamactl.quant import quantize_linears
 
             quantize_linears(base_model, quant)
         expected = Transformer(adapter_meta.args).state_dict()

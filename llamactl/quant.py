@@ -10,6 +10,7 @@ head unless the spec's ``head`` says otherwise.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -366,3 +367,32 @@ def quantize_calibrated(
             watch.close()
             quantize({"output": model.output}, watch.h)
     return out
+
+
+def swap_linears(model: nn.Module, make: Callable[[str, nn.Module], nn.Module | None]) -> list[str]:
+    """Replace each linear layer (``nn.Linear`` or ``QuantLinear``) for which ``make(name, module)`` returns a module;
+    returns the names replaced."""
+    swapped = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, (nn.Linear, QuantLinear)):
+                name = f"{parent_name}.{child_name}" if parent_name else child_name
+                new = make(name, child)
+                if new is not None:
+                    setattr(parent, child_name, new)
+                    swapped.append(name)
+    return swapped
+
+
+def quantize_linears(model: nn.Module, spec: QuantSpec) -> list[str]:
+    """The linear layers a quantized checkpoint stores quantized, as ``QuantLinear``s: every projection of every
+    block, and the output head when ``spec.head`` (never the scalar head of a reward model: one row)."""
+
+    names = set(linear_names(model.args, spec))
+
+    def make(name: str, m: nn.Module) -> nn.Module | None:
+        if name in names:
+            return QuantLinear(m.in_features, m.out_features, spec.scheme, spec.group_size, device=m.weight.device)
+        return None
+
+    return swap_linears(model, make)

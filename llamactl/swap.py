@@ -1,6 +1,6 @@
 """The one module-swap step: transforms applied to the meta-device model before a checkpoint's tensors are assigned.
 
-Every model that is loaded goes through ``build``: the model file describes the architecture only, and the transforms
+Every model, loaded or trained, is made by ``build``: the model file describes the architecture only, and the transforms
 a file or a use needs replace its ``nn.Linear`` layers while they are still shapes on the meta device, so a weight is
 only ever materialised in the form that runs:
 
@@ -16,43 +16,26 @@ Modules with a ``prepare(dtype)`` method finish their work once the tensors are 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn as nn
 
-from llamactl.lora import LoRALinear
-from llamactl.model import Transformer
-from llamactl.quant import QuantLinear, QuantSpec, linear_names
+from llamactl.lora import LoRALinear, LoraSpec, add_lora
+from llamactl.model import ModelArgs, Transformer
+from llamactl.quant import QuantLinear, QuantSpec, quantize_linears, swap_linears
 
 
-def swap_linears(model: nn.Module, make: Callable[[str, nn.Module], nn.Module | None]) -> list[str]:
-    """Replace each linear layer (``nn.Linear`` or ``QuantLinear``) for which ``make(name, module)`` returns a module;
-    returns the names replaced."""
-    swapped = []
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            if isinstance(child, (nn.Linear, QuantLinear)):
-                name = f"{parent_name}.{child_name}" if parent_name else child_name
-                new = make(name, child)
-                if new is not None:
-                    setattr(parent, child_name, new)
-                    swapped.append(name)
-    return swapped
-
-
-def quantize_linears(model: Transformer, spec: QuantSpec) -> list[str]:
-    """The linear layers a quantized checkpoint stores quantized, as ``QuantLinear``s: every projection of every
-    block, and the output head when ``spec.head`` (never the scalar head of a reward model: one row)."""
-
-    names = set(linear_names(model.args, spec))
-
-    def make(name: str, m: nn.Module) -> nn.Module | None:
-        if name in names:
-            return QuantLinear(m.in_features, m.out_features, spec.scheme, spec.group_size, device=m.weight.device)
-        return None
-
-    return swap_linears(model, make)
+def build(args: ModelArgs, quant: QuantSpec | None = None, lora: LoraSpec | None = None) -> Transformer:
+    """The one constructor of a model: ``args``'s architecture on the meta device, its linear layers quantized as
+    ``quant`` says (a quantized checkpoint, a QLoRA base), then LoRA adapters over the ``lora`` targets. Loading for
+    inference (``llamactl.loading``; then ``for_decode`` and ``finish``), training (``llamactl.training.lifecycle``),
+    merging, quantizing and converting all start here; the checkpoint's tensors are assigned afterwards."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    if quant is not None:
+        quantize_linears(model, quant)
+    if lora is not None:
+        add_lora(model, lora)
+    return model
 
 
 def _like(parts: list[nn.Module]) -> nn.Module:

@@ -115,12 +115,11 @@ def run_settings(cfg: PPOConfig, beta: float, lr: float) -> dict:
 
 def run(cfg: PPOConfig) -> dict:
     from llamactl.checkpoint import CheckpointMeta, load_tensors, make_lineage, read_checked_meta
-    from llamactl.config import check_memory, rope_bytes
-    from llamactl.device import seed_everything
+    from llamactl.config import rope_bytes
     from llamactl.ppo import ActorCritic, AdaptersOff, PPOTask, encode_prompts
     from llamactl.reward import Scorer
     from llamactl.tokenizer import Tokenizer
-    from llamactl.training import checkpoints, distributed, lifecycle, loop
+    from llamactl.training import distributed, lifecycle
 
     cfg.validate()
     base = read_checked_meta(cfg.model, "lm", "as the policy ppo trains", train=not cfg.lora_rank)
@@ -174,53 +173,42 @@ def run(cfg: PPOConfig) -> dict:
 
         rm_adapter, rm_adapter_tensors = read_adapter(cfg.rm_adapter)
         value_tensors = merged_tensors(value_tensors, rm_meta, rm_adapter, rm_adapter_tensors, cfg.rm)
-    policy, policy_out = lifecycle.trainee(cfg, cfg.model, CheckpointMeta(adapted.args, base.tokenizer, lineage), base,
-                                   policy_tensors, use_bf16)  # fmt: skip
+    policy = lifecycle.trainee(cfg, cfg.model, CheckpointMeta(adapted.args, base.tokenizer, lineage), base,
+                               policy_tensors, use_bf16, "policy.", continued=continued)  # fmt: skip
     value_out_meta = CheckpointMeta(value_meta.args, value_meta.tokenizer, dict(lineage), "value")
-    value, value_out = lifecycle.trainee(cfg, cfg.rm, value_out_meta, rm_meta, value_tensors, use_bf16)
-    if cfg.lora_rank:  # adapters of --model and --rm
-        parts = {"adapter.safetensors": ("policy.", policy_out), "value-adapter.safetensors": ("value.", value_out)}
-    else:
-        parts = {"model.safetensors": ("policy.", policy_out), "value.safetensors": ("value.", value_out)}
-    settings = {**settings, "lora": lifecycle.lora_spec(cfg).to_json() if cfg.lora_rank else None}
-    ckpt, state = lifecycle.open_run(cfg.output, cfg.resume, base.args, settings)
-    start_step = state["step"] if state else 0
-    if ckpt and start_step >= steps:
-        return lifecycle.finished_run(cfg.output, ckpt, start_step, steps, d, "ppo")
+    value_file = "value-adapter.safetensors" if cfg.lora_rank else "value.safetensors"
+    value = lifecycle.trainee(cfg, cfg.rm, value_out_meta, rm_meta, value_tensors, use_bf16, "value.", value_file)
+    tasks = []
 
-    model = ActorCritic(policy, value)
-    need = lifecycle.training_bytes(model, d, d.world > 1 and cfg.distributed == "fsdp") + 2 * rope_bytes(base.args)
-    check_memory(need, "training a policy and a value model", cfg.model, device)
-    seed_everything(cfg.seed)
-    policy_sources = {**policy_tensors, **(continued or {})}
-    wrapped, optim, forward = lifecycle.prepare(
-        model, {"policy.": policy_sources, "value.": value_tensors}, cfg.seed, ckpt, state, d, device,
-        cfg.distributed, use_bf16, lr, cfg.weight_decay, cfg.compile, say,
+    def make_task() -> PPOTask:
+        if cfg.lora_rank:  # the reference policy is the frozen base: the policy with its adapters off, no copy
+            reference = AdaptersOff(policy.model)
+        else:  # the starting weights, frozen (fp32, run under the same autocast)
+            reference = lifecycle.meta_model(adapted.args, None, cfg.model)
+            distributed.materialize(reference, {"": policy_tensors}, cfg.seed, device)
+            reference.eval().requires_grad_(False)
+        tasks.append(PPOTask(cfg, prompts, (policy.model, value.model, reference), (help_rm, safety_rm), d, device,
+                             beta, use_bf16))  # fmt: skip
+        say(f"{len(prompts)} prompts; {cfg.iterations} iterations of {cfg.prompts_per_iteration} samples, "
+            f"{steps_per_iteration} steps each; KL beta {beta}")  # fmt: skip
+        return tasks[0]
+
+    spec = lifecycle.RunSpec(
+        command="ppo", flags=cfg, args=base.args, parts=[policy, value],
+        module=ActorCritic(policy.model, value.model), settings=settings, steps=steps, task=make_task,
+        # one optimizer step a minibatch; a constant learning rate (Llama 2); checkpoints between iterations only
+        loop=dict(accum=accum, lr=lr, warmup=0, bf16=use_bf16, unit="samples", units_per_step=cfg.minibatch_size,
+                  min_lr_ratio=1.0, save_every=cfg.save_every * steps_per_iteration, eval_every=0),
+        memory_what="training a policy and a value model", memory_source=cfg.model,
+        extra_bytes=2 * rope_bytes(base.args),
     )  # fmt: skip
-    lifecycle.ready_quantized(model, use_bf16)
-    if cfg.lora_rank:  # the reference policy is the frozen base: the policy with its adapters off, no second copy
-        reference = AdaptersOff(policy)
-    else:  # the starting weights, frozen (fp32, run under the same autocast)
-        reference = lifecycle.meta_model(adapted.args, None, cfg.model)
-        distributed.materialize(reference, {"": policy_tensors}, cfg.seed, device)
-        reference.eval().requires_grad_(False)
-    lifecycle.start_run_dir(cfg.output, d)
-    task = PPOTask(cfg, prompts, (policy, value, reference), (help_rm, safety_rm), d, device, beta, use_bf16)
-    say(f"{len(prompts)} prompts; {cfg.iterations} iterations of {cfg.prompts_per_iteration} samples, "
-           f"{steps_per_iteration} steps each; KL beta {beta}")  # fmt: skip
-    loop_cfg = loop.LoopConfig.from_flags(
-        cfg, steps=steps, accum=accum, lr=lr, warmup=0, bf16=use_bf16, name="ppo", unit="samples",
-        units_per_step=cfg.minibatch_size,
-    )  # fmt: skip
-    loop_cfg.min_lr_ratio = 1.0  # constant learning rate (Llama 2)
-    loop_cfg.save_every = cfg.save_every * steps_per_iteration
-    loop_cfg.eval_every = 0
-    trainer_state = {"model_args": base.args.to_dict(), "settings": settings, "parts": checkpoints.part_headers(parts)}
-    result = loop.fit(task, model, wrapped, optim, loop_cfg, cfg.output, trainer_state, d, device, start_step, forward,
-                   metrics_resume=ckpt is not None)  # fmt: skip
-    final = lifecycle.conclude(cfg.output, result, d, "ppo")
+    result = lifecycle.train(spec, d, device)
+    if "stopped" not in result:  # --resume of a finished run
+        return result
+    task = tasks[0]
     last = task.history[-1] if task.history else {}
     if last:
         say(f"iteration {last['iteration']}: reward {last['reward_raw']:.4f}, KL {last['kl']:.4f}; policy in "
                f"{cfg.output}/{lifecycle.output_name(cfg)}")  # fmt: skip
-    return {"step": result["step"], "checkpoint": final, "iterations": result["step"] // steps_per_iteration, **last}
+    iterations = result["step"] // steps_per_iteration
+    return {"step": result["step"], "checkpoint": result["checkpoint"], "iterations": iterations, **last}

@@ -93,11 +93,10 @@ def run(cfg: PretrainConfig) -> dict:
     """Train; returns a summary (final step, last train and validation loss, checkpoint path)."""
 
     from llamactl.checkpoint import CheckpointMeta, make_lineage
-    from llamactl.config import check_memory, rope_bytes
+    from llamactl.config import rope_bytes
     from llamactl.data import Windows, WindowsTask
-    from llamactl.device import seed_everything
     from llamactl.shards import INDEX_NAME, open_shards
-    from llamactl.training import checkpoints, lifecycle, loop
+    from llamactl.training import lifecycle, loop
 
     cfg.validate()
     data = open_shards(cfg.data)
@@ -129,40 +128,26 @@ def run(cfg: PretrainConfig) -> dict:
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.preset, 3e-4)
     warmup = cfg.warmup if cfg.warmup is not None else min(2000, cfg.steps // 10)
 
-    settings = run_settings(cfg, global_tokens)
     tok = data.load_tokenizer()
     lineage = make_lineage("pretrain", cfg.argv or sys.argv[1:], [os.path.join(cfg.data, INDEX_NAME)])
-    meta = CheckpointMeta(args, tok.model_bytes, lineage)
-    ckpt, state = lifecycle.open_run(cfg.output, cfg.resume, args, settings)
-    start_step = state["step"] if state else 0
-    if ckpt and start_step >= cfg.steps:
-        return lifecycle.finished_run(cfg.output, ckpt, start_step, cfg.steps, d, "pretrain")
-
-    # parameters, gradients and AdamW's two moments in fp32, and the rotary tables, before any is allocated
     model = lifecycle.meta_model(args, None, f"--preset {cfg.preset}")
-    need = lifecycle.training_bytes(model, d, d.world > 1 and cfg.distributed == "fsdp") + rope_bytes(args)
-    check_memory(need, f"training {args.num_params():,} parameters", f"--preset {cfg.preset}", device)
-    seed_everything(cfg.seed)
-    model.grad_checkpointing = cfg.activation_checkpointing
-    wrapped, optim, forward = lifecycle.prepare(
-        model, {"": None}, cfg.seed, ckpt, state, d, device, cfg.distributed, use_bf16, lr, cfg.weight_decay,
-        cfg.compile, say,
+    spec = lifecycle.RunSpec(
+        command="pretrain", flags=cfg, args=args,
+        parts=[lifecycle.Trained(model, None, "model.safetensors", CheckpointMeta(args, tok.model_bytes, lineage))],
+        settings=run_settings(cfg, global_tokens), steps=cfg.steps,
+        loop=dict(accum=accum, lr=lr, warmup=warmup, bf16=use_bf16, tokens_per_step=global_tokens,
+                  flops_per_token=loop.flops_per_token(args, cfg.seq_len)),
+        task=lambda: WindowsTask(windows, cfg.batch_size, accum, device, val_windows,
+                                 cfg.eval_batches if cfg.eval_every else 0),
+        memory_what=f"training {args.num_params():,} parameters", memory_source=f"--preset {cfg.preset}",
+        extra_bytes=rope_bytes(args),
     )  # fmt: skip
-    lifecycle.start_run_dir(cfg.output, d)
-    trainer_state = {"model_args": args.to_dict(), "settings": settings, "parts": checkpoints.part_headers(meta)}
-
-    task = WindowsTask(windows, cfg.batch_size, accum, device, val_windows, cfg.eval_batches if cfg.eval_every else 0)
-    loop_cfg = loop.LoopConfig.from_flags(
-        cfg, steps=cfg.steps, accum=accum, lr=lr, warmup=warmup, bf16=use_bf16, tokens_per_step=global_tokens,
-        flops_per_token=loop.flops_per_token(args, cfg.seq_len), name="pretrain",
-    )  # fmt: skip
-    result = loop.fit(
-        task, model, wrapped, optim, loop_cfg, cfg.output, trainer_state, d, device, start_step, forward,
-        metrics_resume=ckpt is not None,
-    )  # fmt: skip
+    result = lifecycle.train(spec, d, device)
+    if "stopped" not in result:  # --resume of a finished run
+        return result
     step = result["step"]
     last = {"loss": result["loss"], "val_loss": result.get("val_loss")}
-    final = lifecycle.conclude(cfg.output, result, d, "pretrain")
+    final = result["checkpoint"]
     if d.main:
         baseline = unigram_loss(train_split, val_split, args.vocab_size) if val_split is not None else None
         last["unigram_val_loss"] = baseline

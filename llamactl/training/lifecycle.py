@@ -9,11 +9,14 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from llamactl.checkpoint import CheckpointMeta
 from llamactl.errors import Interrupted, UserError
+from llamactl.flags import FinetuneFlags, TrainFlags
 from llamactl.model import ModelArgs, Transformer
 from llamactl.training.checkpoints import (
     clean_partial,
@@ -25,7 +28,7 @@ from llamactl.training.checkpoints import (
     saved_parts,
 )
 from llamactl.training.distributed import Dist, build_wrapped, init_distributed
-from llamactl.training.loop import LoopConfig, fit, make_optimizer
+from llamactl.training.loop import LoopConfig, Task, fit, make_optimizer
 
 
 def open_run(run_dir: str, resume: bool, args: ModelArgs, settings: dict) -> tuple[str | None, dict | None]:
@@ -172,8 +175,82 @@ def plan_schedule(cfg, n_items: int, d: Dist, unit: str, say, min_warmup: int = 
     return global_batch, global_batch // per_micro, steps, warmup
 
 
+@dataclass
+class Trained:
+    """One model a run trains: its meta-device model (built by ``trainee`` or ``meta_model``), the tensors it starts
+    from (None: a seeded initialisation), its state-dict prefix in what the loop trains ("" alone; ppo's
+    ``policy.``/``value.``), and the final file it ends as with that file's header."""
+
+    model: Transformer
+    sources: dict[str, torch.Tensor] | None
+    file: str
+    meta: object  # CheckpointMeta, or lora.AdapterMeta for an adapter
+    prefix: str = ""
+
+
+@dataclass(kw_only=True)
+class RunSpec:
+    """What a training command hands the run lifecycle (``train``): its flags, the models it trains, its loop
+    settings and how to make its task once the models exist."""
+
+    command: str  # "pretrain", "sft" ... (messages, the progress bar)
+    flags: TrainFlags
+    args: ModelArgs  # the model config a resumed run must have been trained with
+    parts: list[Trained]
+    settings: dict  # what fixes the loss curve besides the model: a resume must be started with the same
+    steps: int
+    loop: dict  # LoopConfig values the command resolved (accum, lr, warmup, bf16, tokens_per_step ...)
+    task: Callable[[], Task]  # made once the models are materialised (ppo builds its reference policy there)
+    module: torch.nn.Module | None = None  # what the loop trains when there are several parts (ppo's pair)
+    memory_what: str = "training"  # the memory check's words: what is being trained, from what
+    memory_source: str = ""
+    extra_bytes: int = 0  # held besides the trained models (rotary tables ...)
+
+
+def train(spec: RunSpec, d: Dist, device: torch.device) -> dict:
+    """The run lifecycle, the same for every training command once it has read its data and planned its schedule:
+    open or resume the run (refusing a run directory that holds another run, or a resume with other settings),
+    check memory, seed, apply the flags every trained model takes (activation checkpointing), shard or wrap and
+    materialise the models with their optimizer (or restore them from the checkpoint), start the run directory,
+    ``fit`` the task, and conclude: the final files streamed out of the last checkpoint. Returns ``fit``'s result
+    with that checkpoint, or the finished run's summary on a --resume past its end (no "stopped" key then)."""
+    from llamactl.config import check_memory
+    from llamactl.device import seed_everything
+
+    flags, name = spec.flags, spec.command
+    settings = {**spec.settings, "lora": lora_spec(flags).to_json() if flags.lora_rank else None}
+    ckpt, state = open_run(flags.output, flags.resume, spec.args, settings)
+    start_step = state["step"] if state else 0
+    if ckpt and start_step >= spec.steps:
+        return finished_run(flags.output, ckpt, start_step, spec.steps, d, name)
+    assert spec.module is not None or len(spec.parts) == 1, "several trained parts need the module holding them"
+    module = spec.module if spec.module is not None else spec.parts[0].model
+    sharded = d.world > 1 and flags.distributed == "fsdp"
+    need = training_bytes(module, d, sharded) + spec.extra_bytes
+    check_memory(need, spec.memory_what, spec.memory_source, device)
+    seed_everything(flags.seed)
+    for part in spec.parts:
+        part.model.grad_checkpointing = flags.activation_checkpointing
+    bf16 = spec.loop["bf16"]
+    wrapped, optim, forward = prepare(
+        module, {p.prefix: p.sources for p in spec.parts}, flags.seed, ckpt, state, d, device, flags.distributed,
+        bf16, spec.loop["lr"], flags.weight_decay, flags.compile, functools.partial(say, d, name),
+    )  # fmt: skip
+    ready_quantized(module, bf16)
+    start_run_dir(flags.output, d)
+    task = spec.task()
+    finals = {p.file: (p.prefix, p.meta) for p in spec.parts}
+    trainer_state = {"model_args": spec.args.to_dict(), "settings": settings, "parts": part_headers(finals)}
+    loop_cfg = LoopConfig.from_flags(flags, steps=spec.steps, name=name, **spec.loop)
+    result = fit(
+        task, module, wrapped, optim, loop_cfg, flags.output, trainer_state, d, device, start_step, forward,
+        metrics_resume=ckpt is not None,
+    )  # fmt: skip
+    return {**result, "checkpoint": conclude(flags.output, result, d, name)}
+
+
 def finetune(
-    cfg,
+    cfg: FinetuneFlags,
     *,
     name: str,
     meta: CheckpointMeta,
@@ -182,47 +259,25 @@ def finetune(
     continued: dict[str, torch.Tensor] | None,
     settings: dict,
     steps: int,
-    make_task,
+    make_task: Callable[[], Task],
     d: Dist,
     device: torch.device,
     **loop,
 ) -> dict:
-    """A fine-tuning run of ``cfg.model`` (header ``base``; ``tensors`` as the command prepared them, see
-    ``base_weights``) to ``cfg.output``, after the command has read its data: the resume checks, the memory check,
-    the model (every weight trained in fp32 master copies, or with ``--lora-rank`` LoRA adapters on the frozen base,
-    a scalar head trained in full), the wrapped model and optimizer, ``fit`` over ``make_task()``'s batches, and
-    the final files (``model.safetensors``, or ``adapter.safetensors``). ``meta`` is what the trained model says of
-    itself (config, tokenizer, lineage, role); ``continued`` an adapter's tensors that LoRA training continues;
-    ``loop`` the LoopConfig values the command resolved (accum, lr, warmup, ...). Returns ``fit``'s result with the
-    final checkpoint, or the finished run's summary on a --resume past its end."""
-    from llamactl.config import check_memory
-    from llamactl.device import seed_everything
-
-    args = meta.args
-    model, out_meta = trainee(cfg, cfg.model, meta, base, tensors, loop["bf16"])
-    settings = {**settings, "lora": out_meta.spec.to_json() if cfg.lora_rank else None}
-    ckpt, state = open_run(cfg.output, cfg.resume, args, settings)
-    start_step = state["step"] if state else 0
-    if ckpt and start_step >= steps:
-        return finished_run(cfg.output, ckpt, start_step, steps, d, name)
-    sharded = d.world > 1 and cfg.distributed == "fsdp"
-    check_memory(training_bytes(model, d, sharded), f"fine-tuning {args.num_params():,} parameters", cfg.model, device)
-    seed_everything(cfg.seed)
-    model.grad_checkpointing = cfg.activation_checkpointing
-    wrapped, optim, forward = prepare(
-        model, {"": {**tensors, **(continued or {})}}, cfg.seed, ckpt, state, d, device, cfg.distributed,
-        loop["bf16"], loop["lr"], cfg.weight_decay, cfg.compile, functools.partial(say, d, name),
-    )  # fmt: skip
-    ready_quantized(model, loop["bf16"])
-    start_run_dir(cfg.output, d)
-    trainer_state = {"model_args": args.to_dict(), "settings": settings, "parts": part_headers(out_meta)}
+    """The run of a stage that fine-tunes ``cfg.model`` on JSONL records (sft, train-rm), through ``train``: the
+    model (every weight trained in fp32 master copies, or with ``--lora-rank`` LoRA adapters on the frozen base, a
+    scalar head trained in full; see ``trainee``) from ``tensors`` as the command prepared them (``base_weights``),
+    evaluated at the end when there is a validation split. ``meta`` is what the trained model says of itself
+    (config, tokenizer, lineage, role); ``continued`` an adapter's tensors that LoRA training continues; ``loop``
+    the LoopConfig values the command resolved (accum, lr, warmup, ...)."""
+    part = trainee(cfg, cfg.model, meta, base, tensors, loop["bf16"], continued=continued)
     eval_every = cfg.eval_every or (steps if cfg.val_fraction > 0 else 0)
-    loop_cfg = LoopConfig.from_flags(cfg, steps=steps, eval_every=eval_every, name=name, **loop)
-    result = fit(
-        make_task(), model, wrapped, optim, loop_cfg, cfg.output, trainer_state, d, device, start_step, forward,
-        metrics_resume=ckpt is not None,
+    spec = RunSpec(
+        command=name, flags=cfg, args=meta.args, parts=[part], settings=settings, steps=steps,
+        loop={**loop, "eval_every": eval_every}, task=make_task,
+        memory_what=f"fine-tuning {meta.args.num_params():,} parameters", memory_source=cfg.model,
     )  # fmt: skip
-    return {**result, "checkpoint": conclude(cfg.output, result, d, name)}
+    return train(spec, d, device)
 
 
 def dry_run(cfg, parts: list, *, micro_batch: int, seq_len: int, sequences_per_item: int = 1, packed: bool = False,
@@ -285,27 +340,39 @@ def lora_spec(cfg):
     return LoraSpec(cfg.lora_rank, float(alpha), cfg.lora_dropout, parse_targets(cfg.lora_targets))
 
 
-def trainee(cfg, path: str, meta: CheckpointMeta, base: CheckpointMeta, tensors: dict[str, torch.Tensor], bf16: bool):
-    """(the meta-device model to train from checkpoint ``path``, what its final file says of itself). Full
-    fine-tuning trains every weight (``meta``: a model checkpoint). With ``--lora-rank`` the block linears of the
-    target kinds get adapters and the rest is frozen (kept quantized when ``base`` is: QLoRA; kept in bf16 when
-    training in bf16, as no master copy of it is needed), a scalar head trained in full; the result is an adapter
-    of ``path``."""
+def trainee(
+    cfg: TrainFlags,
+    path: str,
+    meta: CheckpointMeta,
+    base: CheckpointMeta,
+    tensors: dict[str, torch.Tensor],
+    bf16: bool,
+    prefix: str = "",
+    file: str | None = None,
+    continued: dict[str, torch.Tensor] | None = None,
+) -> Trained:
+    """The model to train from checkpoint ``path`` (its ``tensors``; ``continued``: an adapter's that LoRA training
+    continues), on the meta device. Full fine-tuning trains every weight (its final file a model checkpoint of
+    ``meta``). With ``--lora-rank`` the block linears of the target kinds get adapters and the rest is frozen (kept
+    quantized when ``base`` is: QLoRA; kept in bf16 when training in bf16, as no master copy of it is needed), a
+    scalar head trained in full; its final file is an adapter of ``path``. ``file`` names the final file (default:
+    ``output_name``)."""
     from llamactl import lora
 
+    file = file or output_name(cfg)
     if not cfg.lora_rank:
-        return meta_model(meta.args, tensors, path), meta
+        return Trained(meta_model(meta.args, tensors, path), tensors, file, meta, prefix)
     spec = lora_spec(cfg)
-    model = meta_model(meta.args, tensors, path, base.quant)
-    lora.add_lora(model, spec)
+    model = meta_model(meta.args, tensors, path, base.quant, spec)
     extra = ("score.weight",) if meta.args.head == "scalar" else ()
-    for prefix, m in model.named_modules():
+    for module_name, m in model.named_modules():
         for key, p in list(m.named_parameters(recurse=False)):
-            if f"{prefix}.{key}".lstrip(".") in extra:
+            if f"{module_name}.{key}".lstrip(".") in extra:
                 p.requires_grad_(True)
             elif bf16 and not key.startswith("lora_") and p.is_floating_point():
                 setattr(m, key, torch.nn.Parameter(p.to(torch.bfloat16), requires_grad=False))
-    return model, lora.AdapterMeta.of_base(spec, path, base, extra, meta.lineage, meta.role)
+    adapter = lora.AdapterMeta.of_base(spec, path, base, extra, meta.lineage, meta.role)
+    return Trained(model, {**tensors, **(continued or {})}, file, adapter, prefix)
 
 
 def training_bytes(model: torch.nn.Module, d: Dist, sharded: bool) -> int:
@@ -352,17 +419,17 @@ def base_weights(cfg, base: CheckpointMeta, head: str | None, purpose: str):
     return tensors, base, adapter_tensors
 
 
-def meta_model(args: ModelArgs, tensors: dict[str, torch.Tensor] | None, source: str, quant=None) -> Transformer:
-    """A model of ``args`` on the meta device, for ``prepare``, its linears quantized as ``quant`` says (a QLoRA
-    base); ``tensors`` (a checkpoint's) are checked to be its state (names, shapes) before anything is allocated."""
+def meta_model(
+    args: ModelArgs, tensors: dict[str, torch.Tensor] | None, source: str, quant=None, lora=None
+) -> Transformer:
+    """A model of ``args`` on the meta device for ``prepare``, made by the one builder (``llamactl.swap.build``: its
+    linears quantized as ``quant`` says, a QLoRA base; LoRA adapters as ``lora`` says); ``tensors`` (a checkpoint's)
+    are checked to be its state (names, shapes; the adapters aside) before anything is allocated."""
     from llamactl.checkpoint import check_state
+    from llamactl.swap import build
 
-    with torch.device("meta"):
-        model = Transformer(args)
-    if quant is not None:
-        from llamactl.swap import quantize_linears
-
-        quantize_linears(model, quant)
+    model = build(args, quant, lora)
     if tensors is not None:
-        check_state(source, model.state_dict(), tensors)
+        expected = {k: t for k, t in model.state_dict().items() if not k.endswith((".lora_A", ".lora_B"))}
+        check_state(source, expected, tensors)
     return model

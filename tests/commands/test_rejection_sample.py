@@ -95,13 +95,17 @@ class FakeScorer:
 
 
 def _judge(helpful, safety):
-    judge = object.__new__(rs.Judge)
+    from llamactl.reward import Judge
+
+    judge = object.__new__(Judge)
     judge.helpful, judge.safety = FakeScorer(helpful), FakeScorer(safety) if safety is not None else None
     return judge
 
 
 def _prompt(is_safety=False):
-    return rs.Prompt("p.jsonl:1", 0, {}, [{"role": "user", "content": "Hi"}], is_safety)
+    from llamactl.data import Prompt
+
+    return Prompt("p.jsonl:1", 0, {}, [{"role": "user", "content": "Hi"}], is_safety)
 
 
 def test_hybrid_rule_and_best_of_k_by_hand():
@@ -233,7 +237,9 @@ def test_pool_keeps_the_better_answer_across_iterations(models, known_scores, tm
 
 
 def test_a_pool_keeps_its_best_record_per_prompt_and_refuses_other_prompts(tmp_path):
-    prompts = [_prompt(), rs.Prompt("p.jsonl:2", 1, {}, [{"role": "user", "content": "Bye"}], False)]
+    from llamactl.data import Prompt
+
+    prompts = [_prompt(), Prompt("p.jsonl:2", 1, {}, [{"role": "user", "content": "Bye"}], False)]
     hi = [{"role": "user", "content": "Hi"}]
     pool = _write(tmp_path / "pool.jsonl", [
         {"messages": [*hi, {"role": "assistant", "content": "x"}], "score": 1.0},
