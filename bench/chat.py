@@ -29,7 +29,7 @@ def first_token_seconds(session, user: str) -> tuple[float, list[int], object]:
     from llamactl.generate import prefill, sample
 
     t = time.perf_counter()
-    new = session._fit(user)
+    new = session.fit_turn(user)
     logits = prefill(session.chat.model, session.cache, [new])
     sample(logits, 0.0)
     return time.perf_counter() - t, new, logits
@@ -66,11 +66,11 @@ def main() -> None:
             times = []
             for turn in range(args.turns):
                 if mode == "recomputed":
-                    s._rebuild()  # the history prefilled again from its text, as a chat without a kept cache does
+                    s.rebuild()  # the history prefilled again from its text, as a chat without a kept cache does
                     before = len(s.fed)
-                    s._reset()
+                    s.reset()
                     t = time.perf_counter()
-                    s._rebuild()
+                    s.rebuild()
                     rebuild = time.perf_counter() - t
                     assert len(s.fed) == before
                 else:

@@ -26,10 +26,11 @@ import types
 
 import torch
 
-from llamactl.checkpoint import build_model, save_model
+from llamactl.checkpoint import save_model
 from llamactl.convert import read_source, write_hf
 from llamactl.device import DTYPES
 from llamactl.generate import SamplingParams, generate
+from llamactl.loading import build_model
 from llamactl.model import Transformer, preset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -150,7 +151,8 @@ def main() -> None:
 
     from transformers import LlamaForCausalLM
 
-    from llamactl.checkpoint import load_for_inference, load_tensors
+    from llamactl.checkpoint import load_tensors
+    from llamactl.loading import load_for_inference
     from llamactl.tokenizer import Tokenizer
 
     try:

@@ -284,7 +284,7 @@ def bench(args) -> list[dict]:
                     _row(device_name, case.op, case.shape, DTYPE_NAMES[dtype], impl_name, pass_name, ms, mem, work,
                          case.unit, achieved, peak)
                 )  # fmt: skip
-            torch._dynamo.reset()  # drop this case's graphs: dynamo's recompile limit counts per code object
+            torch.compiler.reset()  # drop this case's graphs: dynamo's recompile limit counts per code object
     return rows
 
 

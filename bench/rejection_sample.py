@@ -21,9 +21,9 @@ import time
 
 import torch
 
-from llamactl.checkpoint import build_model
 from llamactl.device import DTYPES
 from llamactl.generate import SamplingParams, completions, prefill, sample_k
+from llamactl.loading import build_model
 from llamactl.model import KVCache, Transformer, preset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

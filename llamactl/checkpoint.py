@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llamactl import __version__
-from llamactl.config import check_memory, model_args, rope_bytes
+from llamactl.config import model_args
 from llamactl.errors import UserError
 from llamactl.files import atomic_path, kind_of, require_input
 from llamactl.model import ModelArgs, Transformer
@@ -430,124 +430,11 @@ def check_state(source: str, expected: dict[str, torch.Tensor], got: dict[str, t
             raise UserError(f"{source}: tensor {k!r} is {got[k].dtype}, the format says {t.dtype}")
 
 
-def build_model(
-    args: ModelArgs,
-    tensors: dict[str, torch.Tensor],
-    source: str,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
-    quant: QuantSpec | None = None,
-    decode: bool = False,
-    lora=None,
-) -> Transformer:
-    """A model whose parameters are ``tensors`` (assigned, not copied, when device and dtype already match), through
-    the module-swap step (``llamactl.swap``): quantized linear layers where ``quant`` says, LoRA adapters over them
-    where ``lora`` (a ``lora.LoraSpec``) says (``tensors`` then hold the adapters' too), and with ``decode`` on a
-    CPU, fused and packed projections for inference. ``dtype`` None keeps the stored one."""
-    from llamactl import swap
-
-    model = swap.build(args, quant, lora)
-    check_state(source, model.state_dict(), tensors)
-    check_memory(rope_bytes(args), f"max_seq_len {args.max_seq_len}: the rotary tables", source, device)
-    compute = dtype or stored_dtype(tensors)
-    decode = decode and torch.device(device).type == "cpu"
-    if decode:
-        tensors = swap.for_decode(model, tensors, compute)
-    # quantization scales keep their own (fp16) dtype: the kernels read them as stored
-    recast = {k for k, t in tensors.items() if dtype is not None and t.is_floating_point() and not _scale(k)}
-    state = {k: t.to(device=device, dtype=dtype if k in recast else t.dtype) for k, t in tensors.items()}
-    model.load_state_dict(state, assign=True)
-    model.reset_rope(device)
-    swap.finish(model, compute, decode)
-    return model
-
-
-def _scale(name: str) -> bool:
+def is_scale(name: str) -> bool:
     return name.endswith(".scales")
-
-
-def load_model(
-    path: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
-) -> tuple[Transformer, CheckpointMeta]:
-    """Load a llamactl checkpoint; ``dtype`` None keeps the stored dtype."""
-    meta = read_meta(path)
-    model = build_model(meta.args, load_tensors(path), path, device, dtype, meta.quant)
-    model.eval()
-    return model, meta
 
 
 def stored_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
     """The floating-point dtype most of a checkpoint's tensors have (quantization scales aside)."""
-    floats = [t.dtype for k, t in tensors.items() if t.is_floating_point() and not _scale(k)]
+    floats = [t.dtype for k, t in tensors.items() if t.is_floating_point() and not is_scale(k)]
     return max(set(floats), key=floats.count) if floats else torch.float32
-
-
-def read_checked_meta(
-    path: str, head: str | None, purpose: str, need_tokenizer: bool = True, train: bool = False
-) -> CheckpointMeta:
-    """A checkpoint's header, refusing with one line a model of the other ``head`` (None: either), when
-    ``need_tokenizer`` one without a tokenizer (or with more pieces than embeddings), and when ``train`` a quantized
-    one; ``purpose`` completes the refusal ("to chat with", "to fine-tune" ...)."""
-    meta = read_meta(path)
-    if train and meta.quant is not None:
-        raise UserError(
-            f"{path}: is quantized ({meta.quant.describe()}): its weights cannot be trained {purpose}; use the "
-            "floating-point checkpoint it was made from"
-        )
-    if head is not None and meta.args.head != head:
-        kind = "a scalar (reward/value) head" if meta.args.head == "scalar" else "a language-model head"
-        want = "a reward model (scalar head)" if head == "scalar" else "a language model"
-        raise UserError(f"{path}: has {kind}; {want} is needed {purpose}")
-    if need_tokenizer:
-        if meta.tokenizer is None:
-            raise UserError(f"{path}: has no tokenizer to read and write text with (convert it with --tokenizer)")
-        from llamactl.tokenizer import Tokenizer
-
-        n = Tokenizer(meta.tokenizer, path).vocab_size
-        if n > meta.args.vocab_size:
-            raise UserError(f"{path}: its tokenizer has {n} pieces for {meta.args.vocab_size} embeddings")
-    return meta
-
-
-def load_for_inference(
-    path: str,
-    device: torch.device,
-    dtype: str,
-    head: str,
-    purpose: str,
-    need_tokenizer: bool = True,
-    decode: bool = False,
-    adapter: str | None = None,
-) -> tuple[Transformer, CheckpointMeta]:
-    """A checkpoint's model in eval mode on ``device`` (``dtype`` resolved as ``--dtype``: auto keeps the stored one
-    where native), refusing with one line a model of the other ``head`` or, when ``need_tokenizer``, one without a
-    tokenizer. ``purpose`` completes the refusal: "to chat with", "to score with" ... Quantized checkpoints load as
-    such; ``decode`` readies the model for token-by-token generation (CPU packing, see ``llamactl.swap``): such a
-    model cannot be trained.
-
-    ``adapter``: a LoRA adapter file trained on this checkpoint (``llamactl.lora``; refused in one line otherwise).
-    A floating-point model gets it merged into its weights before it is built (inference then costs what the base
-    costs); a quantized one gets ``LoRALinear`` wrappers over its quantized layers. The meta returned is the adapted
-    model's (its head and role the adapter's)."""
-    from llamactl.device import resolve_dtype
-
-    meta = read_checked_meta(path, None if adapter else head, purpose, need_tokenizer)
-    tensors = load_tensors(path)  # memory-mapped
-    lora = None
-    if adapter is not None:
-        from llamactl import lora as lo
-
-        ameta, atensors = lo.read_adapter(adapter)
-        lo.check_base(ameta, path, meta)
-        lo.check_adapted_head(ameta, path, head, purpose)
-        if meta.quant is None:
-            tensors = lo.merged_tensors(tensors, meta, ameta, atensors, path)
-        else:
-            tensors, lora = lo.adapted_tensors(tensors, meta, ameta, atensors, path), ameta.spec
-        meta = ameta.adapted(meta, merged=meta.quant is None)
-    # auto runs a quantized model as if it were stored in bf16 (bf16 where native): torch's int8/int4 CPU kernels are
-    # fast in bf16 only (quant.QuantLinear.prepare), and the Triton kernels' bf16 dots run on tensor cores
-    stored = torch.bfloat16 if meta.quant is not None else stored_dtype(tensors)
-    compute = resolve_dtype(dtype, device, stored)
-    model = build_model(meta.args, tensors, path, device, compute, meta.quant, decode, lora)
-    return model.eval(), meta

@@ -1,7 +1,7 @@
 """Readers and writers of other checkpoint formats: Meta, Hugging Face, llama2.c, and GGUF (``gguf_format``); a
 model with a LoRA adapter merged in; LoRA adapters out to PEFT's layout.
 
-Every reader returns a ``Source``: the model config, the tokenizer bytes when it has them, and tensor plans named
+Every reader returns a ``source.Source``: the model config, the tokenizer bytes when it has them, and tensor plans named
 as llamactl (Meta's) names, each produced on demand from memory-mapped inputs, so that a conversion streams
 tensor by tensor. A converter is a key map plus, for Hugging Face, the rotary permutation of wq/wk.
 """
@@ -12,7 +12,6 @@ import glob
 import json
 import os
 import struct
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,21 +31,9 @@ from llamactl.config import model_args
 from llamactl.errors import UserError
 from llamactl.files import atomic_path, kind_of, os_reason, require_input
 from llamactl.model import ModelArgs
-from llamactl.quant import QuantSpec
+from llamactl.source import Source
 
 FORMATS = ("llamactl", "meta", "hf", "llama2c", "gguf", "run")
-
-
-@dataclass
-class Source:
-    args: ModelArgs
-    plans: list[TensorPlan]
-    tokenizer: bytes | None
-    lineage: dict
-    dtype: torch.dtype  # the dtype the weights are stored in
-    role: str | None = None  # a llamactl scalar-head checkpoint's role (helpfulness, safety, value)
-    quant: QuantSpec | None = None  # a quantized llamactl checkpoint's scheme
-    details: list[tuple[str, str]] = field(default_factory=list)  # format-specific lines for --info
 
 
 def detect_format(path: str) -> str:
@@ -115,16 +102,16 @@ def read_llamactl(path: str) -> Source:
 
 
 def read_merged(base: str, adapter: str) -> Source:
-    """A llamactl checkpoint with a LoRA adapter merged into it (``lora.merged_plans``: one merged layer in memory at
+    """A llamactl checkpoint with a LoRA adapter merged into it (``loading.merged_plans``: one merged layer in memory at
     a time); the adapter must be one trained on it (``lora.check_base``). A quantized base gives a floating-point
     model."""
-    from llamactl import lora
+    from llamactl import loading, lora
 
     meta = read_meta(base)
     ameta, atensors = lora.read_adapter(adapter)
     lora.check_base(ameta, base, meta)
     tensors = load_tensors(base)
-    plans = lora.merged_plans(tensors, meta, ameta, atensors, base)
+    plans = loading.merged_plans(tensors, meta, ameta, atensors, base)
     out = ameta.adapted(meta, merged=True)
     return Source(out.args, plans, out.tokenizer, out.lineage, stored_dtype(tensors), out.role)
 
@@ -622,4 +609,4 @@ def read_source(path: str, fmt: str = "auto") -> Source:
     return READERS[fmt](path)
 
 
-__all__ = ["FORMAT", "FORMATS", "Source", "detect_format", "read_source", "save_plans", "write_hf"]
+__all__ = ["FORMAT", "FORMATS", "detect_format", "read_source", "save_plans", "write_hf"]

@@ -15,7 +15,6 @@ import torch
 from llamactl.chat_format import DialogError, EncodedDialog, check_dialog, encode_dialog
 from llamactl.errors import UserError
 from llamactl.tokenizer import Tokenizer
-from llamactl.training.loop import Task
 
 
 class Windows:
@@ -45,53 +44,6 @@ class Windows:
             rows.append(self.split.tokens(w * self.seq_len, w * self.seq_len + self.seq_len + 1))
         t = torch.from_numpy(np.stack(rows))
         return t[:, :-1], t[:, 1:]
-
-
-class WindowsTask(Task):
-    """Language-model pretraining on ``Windows``: every target token counts. Micro-batch m of step s on rank r holds
-    samples (s * accum * world + m * world + r) * batch_size onward, so ranks read disjoint parts of one global order
-    and the order does not depend on how a step is split into micro-steps."""
-
-    def __init__(
-        self,
-        windows: Windows,
-        batch_size: int,
-        accum: int,
-        device: torch.device,
-        val: Windows | None = None,
-        eval_batches: int = 0,
-    ):
-        self.windows, self.batch_size, self.accum, self.device = windows, batch_size, accum, device
-        self.val, self.eval_batches = val, eval_batches
-        self.rank, self.world = 0, 1
-
-    def batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
-        self.rank, self.world = rank, world
-        first = step * self.accum * world * self.batch_size + (micro * world + rank) * self.batch_size
-        x, y = self.windows.batch(first, self.batch_size)
-        return {"tokens": x, "targets": y}
-
-    def count(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["targets"].numel()
-
-    def loss(self, model, batch):
-        return model(batch["tokens"].to(self.device), batch["targets"].to(self.device), output="loss_sum")
-
-    def evaluate(self, model) -> dict[str, float]:
-        import torch.distributed as dist
-
-        if self.val is None or not self.eval_batches:
-            return {}
-        n = min(self.eval_batches, self.val.n // self.batch_size // self.world)  # >= 1: checked before training
-        total = torch.zeros(2, device=self.device)
-        for b in range(n):
-            x, y = self.val.batch((b * self.world + self.rank) * self.batch_size, self.batch_size)
-            loss_sum, count = model(x.to(self.device), y.to(self.device), output="loss_sum")
-            total += torch.stack([loss_sum.float(), count.float()])
-        if self.world > 1:
-            dist.all_reduce(total)
-        val = float(total[0] / total[1])
-        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -273,55 +225,6 @@ def split_val(items: list, fraction: float, seed: int) -> tuple[list, list]:
     return [x for i, x in enumerate(items) if i not in val], [x for i, x in enumerate(items) if i in val]
 
 
-class RowsTask(Task):
-    """Supervised fine-tuning on ``Rows``: the loss counts the masked target tokens (the answers), rows in
-    ``EpochOrder``."""
-
-    def __init__(self, rows: Rows, batch_size: int, accum: int, device, seed: int, val: Rows | None = None):
-        self.rows, self.batch_size, self.device = rows, batch_size, device
-        self.order = EpochOrder(len(rows), batch_size, accum, seed)
-        self.val = val
-        self.packed = bool((rows.segments > 0).any())
-        self.rank, self.world = 0, 1
-
-    def batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
-        self.rank, self.world = rank, world
-        return _take(self.rows, self.order.items(step, micro, rank, world))
-
-    def count(self, batch: dict[str, torch.Tensor]) -> int:
-        return int(batch["mask"].sum())
-
-    def loss(self, model, batch):
-        b = {k: v.to(self.device) for k, v in batch.items()}
-        seg = b["segments"] if self.packed else None  # unpacked rows: causal attention alone keeps padding out
-        return model(b["tokens"], b["targets"], b["mask"], positions=b["positions"], segment_ids=seg, output="loss_sum")
-
-    def evaluate(self, model) -> dict[str, float]:
-        import torch.distributed as dist
-
-        if self.val is None or not len(self.val):
-            return {}
-        total = torch.zeros(2, device=self.device)
-        mine = list(range(self.rank, len(self.val), self.world))
-        for s in range(0, len(mine), self.batch_size):
-            loss_sum, count = self.loss(model, _take(self.val, mine[s : s + self.batch_size]))
-            total += torch.stack([loss_sum.float(), count.float()])
-        if self.world > 1:
-            dist.all_reduce(total)
-        val = float(total[0] / total[1].clamp(min=1))
-        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
-
-
-def _take(rows: Rows, idx: list[int]) -> dict[str, torch.Tensor]:
-    return {
-        "tokens": torch.from_numpy(rows.tokens[idx]),
-        "targets": torch.from_numpy(rows.targets[idx]),
-        "mask": torch.from_numpy(rows.mask[idx]),
-        "positions": torch.from_numpy(rows.positions[idx]),
-        "segments": torch.from_numpy(rows.segments[idx]),
-    }
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Preference pairs for reward models: records -> (chosen, rejected) dialogs with a rating -> token sequences, the two
 # of a pair in one forward batch (packed with the other pairs' sequences) -> the margin ranking loss.
@@ -493,72 +396,6 @@ def sequence_scores(model, batch: dict[str, torch.Tensor], device) -> torch.Tens
         output="scores",
     )  # (rows, width)
     return scores.reshape(-1).index_select(0, batch["last"].to(device))
-
-
-def ranking_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
-    """Llama 2's reward model loss per pair (eq. 2): -log(sigmoid(r(x, y_c) - r(x, y_r) - m(r)))."""
-    return -torch.nn.functional.logsigmoid(chosen - rejected - margin)
-
-
-class PairsTask(Task):
-    """Reward-model training on a ``PairSet``: a micro-batch of B pairs is one forward over their 2B sequences
-    (packed into rows), the loss summed over pairs and counted in pairs; pairs in ``EpochOrder``."""
-
-    def __init__(self, pairs: PairSet, batch_size: int, accum: int, device, seed: int, pack: bool = True,
-                 val: PairSet | None = None):  # fmt: skip
-        self.pairs, self.batch_size, self.device, self.pack, self.val = pairs, batch_size, device, pack, val
-        self.order = EpochOrder(len(pairs), batch_size, accum, seed)
-        self.rank, self.world = 0, 1
-
-    def _batch(self, pairs: PairSet, idx: list[int]) -> dict[str, torch.Tensor]:
-        seqs = [pairs.chosen[i] for i in idx] + [pairs.rejected[i] for i in idx]
-        return {**pack_sequences(seqs, self.pack), "margin": torch.from_numpy(pairs.margins[idx])}
-
-    def batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
-        self.rank, self.world = rank, world
-        return self._batch(self.pairs, self.order.items(step, micro, rank, world))
-
-    def count(self, batch: dict[str, torch.Tensor]) -> int:
-        return len(batch["margin"])
-
-    def _scores(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        s = sequence_scores(model, batch, self.device)
-        return s[: len(batch["margin"])], s[len(batch["margin"]) :]
-
-    def loss(self, model, batch):
-        chosen, rejected = self._scores(model, batch)
-        losses = ranking_loss(chosen, rejected, batch["margin"].to(self.device))
-        return losses.sum(), torch.tensor(len(losses), device=self.device)
-
-    def evaluate(self, model) -> dict[str, float]:
-        """Held-out loss and accuracy (chosen scored strictly above rejected), overall and per rating, as the
-        paper's Table 8 reports them."""
-        import torch.distributed as dist
-
-        if self.val is None or not len(self.val):
-            return {}
-        labels = sorted(set(self.val.labels))
-        # per label: [loss sum, correct, count]
-        total = torch.zeros(len(labels), 3, device=self.device, dtype=torch.float64)
-        mine = list(range(self.rank, len(self.val), self.world))
-        for s in range(0, len(mine), self.batch_size):
-            idx = mine[s : s + self.batch_size]
-            b = self._batch(self.val, idx)
-            chosen, rejected = self._scores(model, b)
-            losses = ranking_loss(chosen, rejected, b["margin"].to(self.device))
-            for k, i in enumerate(idx):
-                j = labels.index(self.val.labels[i])
-                total[j] += torch.stack([losses[k].double(), (chosen[k] > rejected[k]).double(), total.new_ones(())])
-        if self.world > 1:
-            dist.all_reduce(total)
-        out = {
-            "val_loss": float(total[:, 0].sum() / total[:, 2].sum()),
-            "val_accuracy": float(total[:, 1].sum() / total[:, 2].sum()),
-        }
-        if len(labels) > 1 or labels != ["unrated"]:
-            for j, label in enumerate(labels):
-                out[f"val_accuracy_{label}"] = float(total[j, 1] / total[j, 2].clamp(min=1))
-        return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from llamactl.checkpoint import TensorPlan
-from llamactl.convert import Source
 from llamactl.errors import UserError
 from llamactl.files import atomic_path
 from llamactl.model import ModelArgs
+from llamactl.source import Source
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 ARCH = "llama"

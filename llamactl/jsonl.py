@@ -33,6 +33,8 @@ __all__ = [
 ]
 
 READ_BYTES = 1 << 16
+BATCH_WAIT_S = 0.05  # how long a batch waits for more records from input that arrives over time (a pipe)
+FORMATS = ("auto", "text", "jsonl")  # --format of an input read as text or JSONL (input_kind)
 T = TypeVar("T")
 
 

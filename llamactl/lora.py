@@ -45,21 +45,18 @@ from llamactl.checkpoint import FORMAT as MODEL_FORMAT
 from llamactl.checkpoint import (
     ROLES,
     CheckpointMeta,
-    TensorPlan,
-    check_state,
     lineage_problem,
     model_sha256,
     plan_from_tensors,
     read_safetensors,
     safetensors_metadata,
-    stored_dtype,
     write_safetensors,
 )
 from llamactl.config import model_args
 from llamactl.errors import UserError
 from llamactl.files import require_input
 from llamactl.model import ModelArgs, Transformer
-from llamactl.quant import dequantize, linear_names, swap_linears
+from llamactl.quant import swap_linears
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # the block linears (model.py names)
 _OWNER = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention"}
@@ -424,85 +421,3 @@ def check_adapted_head(meta: AdapterMeta, base_path: str, head: str, purpose: st
         want = "a reward model (scalar head)" if head == "scalar" else "a language model"
         raise UserError(f"{meta.path or 'the adapter'}: makes {base_path} {meta.describe_model()}; {want} is "
                         f"needed {purpose}")  # fmt: skip
-
-
-def merged_plans(
-    base_tensors: dict[str, torch.Tensor],
-    base_meta: CheckpointMeta,
-    adapter_meta: AdapterMeta,
-    adapter_tensors: dict[str, torch.Tensor],
-    source: str = "the base",
-) -> list[TensorPlan]:
-    """The adapted model's tensors as plans, each produced on demand (one merged layer in memory at a time): per
-    target ``W + scale * B @ A`` in fp32, then the base's dtype; a quantized base's linears dequantized first (the
-    result is a floating-point model); the extra tensors in place of the base's."""
-    spec, quant = adapter_meta.spec, base_meta.quant
-    with torch.device("meta"):
-        base_model = Transformer(base_meta.args)
-        if quant is not None:
-            from llamactl.quant import quantize_linears
-
-            quantize_linears(base_model, quant)
-        expected = Transformer(adapter_meta.args).state_dict()
-    check_state(source, base_model.state_dict(), base_tensors)
-    dtype = stored_dtype(base_tensors)
-    quantized = set(linear_names(base_meta.args, quant)) if quant is not None else set()
-    adapted = set(adapter_names(adapter_meta.args, spec))
-
-    def weight(name: str) -> torch.Tensor:
-        if name in quantized:
-            t = {k: base_tensors.get(f"{name}.{k}") for k in ("qweight", "scales", "zeros")}
-            return dequantize(t["qweight"], t["scales"], t["zeros"], quant.scheme).to(dtype)
-        return base_tensors[f"{name}.weight"]
-
-    def merged(name: str) -> torch.Tensor:
-        w = weight(name)
-        a, b = adapter_tensors[f"{name}.lora_A"].float(), adapter_tensors[f"{name}.lora_B"].float()
-        return (w.float() + spec.scale * (b @ a)).to(w.dtype)
-
-    plans = []
-    for key, t in expected.items():
-        name = key.removesuffix(".weight")
-        if key in adapter_meta.extra:
-            x = adapter_tensors[key]
-            plans.append(TensorPlan(key, tuple(x.shape), dtype, lambda x=x: x.to(dtype)))
-        elif name in adapted:
-            out_dtype = base_tensors[key].dtype if key in base_tensors else dtype  # a dequantized one: the base's
-            plans.append(TensorPlan(key, tuple(t.shape), out_dtype, lambda n=name: merged(n)))
-        elif name in quantized:
-            plans.append(TensorPlan(key, tuple(t.shape), dtype, lambda n=name: weight(n)))
-        else:
-            x = base_tensors[key]
-            plans.append(TensorPlan(key, tuple(x.shape), x.dtype, lambda x=x: x))
-    return plans
-
-
-def merged_tensors(
-    base_tensors: dict[str, torch.Tensor],
-    base_meta: CheckpointMeta,
-    adapter_meta: AdapterMeta,
-    adapter_tensors: dict[str, torch.Tensor],
-    source: str = "the base",
-) -> dict[str, torch.Tensor]:
-    """The adapted model's tensors (see ``merged_plans``), every merged one computed now."""
-    return {p.name: p.produce() for p in merged_plans(base_tensors, base_meta, adapter_meta, adapter_tensors, source)}
-
-
-def adapted_tensors(
-    base_tensors: dict[str, torch.Tensor],
-    base_meta: CheckpointMeta,
-    adapter_meta: AdapterMeta,
-    adapter_tensors: dict[str, torch.Tensor],
-    source: str = "the base",
-) -> dict[str, torch.Tensor]:
-    """The tensors of a wrapped (unmerged) adapted model: the base's, without those the adapted model lacks (a
-    language-model head under a scalar one) or the extras replace, and the adapter's."""
-    if base_meta.quant is not None:
-        quantized = set(linear_names(base_meta.args, base_meta.quant))
-        if stored := [e for e in adapter_meta.extra if e.removesuffix(".weight") in quantized]:
-            raise UserError(f"{adapter_meta.path or 'the adapter'}: trains {stored[0]} in full, which {source} stores "
-                            "quantized; apply it to the floating-point model")  # fmt: skip
-    with torch.device("meta"):  # the adapted model's modules decide what of the base stays
-        modules = {k.split(".")[0] for k in Transformer(adapter_meta.args).state_dict()}
-    kept = {k: v for k, v in base_tensors.items() if k.split(".")[0] in modules and k not in adapter_meta.extra}
-    return kept | dict(adapter_tensors)

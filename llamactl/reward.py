@@ -40,7 +40,7 @@ class Scorer:
     batches of ``batch_size`` sequences packed into rows (attention kept inside each)."""
 
     def __init__(self, path: str, device: torch.device, dtype: str, batch_size: int = 8, adapter: str | None = None):
-        from llamactl.checkpoint import load_for_inference
+        from llamactl.loading import load_for_inference
         from llamactl.tokenizer import Tokenizer
 
         self.path, self.batch_size, self.device = path, batch_size, device
@@ -106,14 +106,31 @@ def shaped_reward(helpful: torch.Tensor, safety: torch.Tensor | None, is_safety:
     return whiten(logit(torch.sigmoid(hybrid_reward(helpful, safety, is_safety))))
 
 
+def answer_tokens(scorer: Scorer, rec: dict, field: str | None, where: str) -> list[int]:
+    """The record's dialog as the reward model reads it: chat format, ending with an answer and its EOS, its oldest
+    exchanges dropped when it outgrows the model's context (as ``train-rm`` cuts them)."""
+    from llamactl.chat_format import DialogError
+    from llamactl.data import fit_dialog, record_messages
+
+    try:
+        messages = record_messages(rec, field)
+    except DialogError as e:
+        raise UserError(f"{where}: {e}") from None
+    if messages[-1]["role"] != "assistant":
+        raise UserError(f"{where}: the dialog ends with the user's turn; a score needs the answer to score")
+    enc, _ = fit_dialog(scorer.tokenizer, messages, scorer.context)
+    if len(enc.tokens) > scorer.context:
+        raise UserError(f"{where}: its last exchange alone takes {len(enc.tokens)} tokens; the context holds "
+                        f"{scorer.context}")  # fmt: skip
+    return enc.tokens
+
+
 class Judge:
     """The helpfulness reward model and, optionally, the safety one: each answer's scores and the hybrid R_c. Each
     may come with a LoRA adapter file (``rm_adapter``, ``safety_adapter``)."""
 
     def __init__(self, rm: str, safety_rm: str | None, device, dtype: str, batch_size: int,
                  rm_adapter: str | None = None, safety_adapter: str | None = None):  # fmt: skip
-        from llamactl.reward import Scorer
-
         self.helpful = Scorer(rm, device, dtype, batch_size, rm_adapter)
         self.safety = Scorer(safety_rm, device, dtype, batch_size, safety_adapter) if safety_rm is not None else None
 
@@ -143,11 +160,6 @@ class Judge:
         """(R_c, helpfulness, safety or None) tensors (N,) for (``data.Prompt``, non-empty answer) pairs. Equal pairs
         are scored once: the same answer gets the same score (packed into other rows, its score would move in the last
         bits, and compare's tie of two equal answers with it)."""
-        import torch
-
-        from llamactl.commands.score import answer_tokens
-        from llamactl.reward import hybrid_reward
-
         unique: dict[tuple, int] = {}  # (prompt, answer) -> its place among the scored sequences
         pairs, slots = [], []
         for p, text in items:

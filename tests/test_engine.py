@@ -8,10 +8,10 @@ import torch
 from helpers import FIXTURES, peaked_model
 from llama2c_ref import Llama2cRef
 
-from llamactl.checkpoint import load_model
 from llamactl.commands.convert import ConvertConfig, run
 from llamactl.device import resolve_dtype
 from llamactl.generate import SamplingParams, finished_rows, generate, prefill, stream
+from llamactl.loading import load_model
 from llamactl.model import KVCache
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0)

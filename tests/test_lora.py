@@ -15,18 +15,11 @@ import torch.nn as nn
 from helpers import assert_user_error, peaked_model, run_cli, save_chatty_model
 from lora_helpers import random_adapter
 
-from llamactl.checkpoint import (
-    cached_sha256,
-    load_for_inference,
-    load_tensors,
-    model_sha256,
-    read_meta,
-    save_model,
-    sha256_file,
-)
+from llamactl.checkpoint import cached_sha256, load_tensors, model_sha256, read_meta, save_model, sha256_file
 from llamactl.commands.quantize import QuantizeConfig
 from llamactl.commands.quantize import run as quantize
 from llamactl.errors import UserError
+from llamactl.loading import load_for_inference, merged_tensors
 from llamactl.lora import (
     TARGETS,
     AdapterMeta,
@@ -37,7 +30,6 @@ from llamactl.lora import (
     adapters_disabled,
     add_lora,
     check_base,
-    merged_tensors,
     parse_targets,
     read_adapter,
     save_adapter,

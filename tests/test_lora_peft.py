@@ -12,8 +12,9 @@ import torch
 from lora_helpers import random_adapter
 from safetensors.torch import load_file
 
-from llamactl.checkpoint import load_for_inference, load_model, load_tensors
+from llamactl.checkpoint import load_tensors
 from llamactl.commands.convert import ConvertConfig, run
+from llamactl.loading import load_for_inference, load_model
 from llamactl.lora import TARGETS, LoraSpec, add_lora, read_adapter
 
 peft = pytest.importorskip("peft")

@@ -9,11 +9,12 @@ import pytest
 import torch
 from helpers import assert_user_error, run_cli, save_chatty_model
 
-from llamactl.checkpoint import load_model, read_meta
+from llamactl.checkpoint import read_meta
 from llamactl.commands.sft import SFTConfig
 from llamactl.commands.sft import run as sft
 from llamactl.commands.train_rm import TrainRMConfig
 from llamactl.commands.train_rm import run as train_rm
+from llamactl.loading import load_model
 from llamactl.lora import read_adapter
 
 PAIRS = [("What is 2 + 2?", "It is 4."), ("Name a colour.", "Blue."), ("Say hi.", "Hi!"), ("Count to 3.", "1, 2, 3.")]

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from llamactl.checkpoint import load_model
 from llamactl.commands.convert import ConvertConfig, run
 from llamactl.generate import SamplingParams, generate
+from llamactl.loading import load_model
 from llamactl.model import PRESETS, ModelArgs, Transformer, preset
 
 

@@ -53,124 +53,6 @@ class ChatConfig(SamplingFlags):
             raise UserError("; ".join(problems))
 
 
-@dataclass
-class Chatter:
-    """A loaded chat model with its tokenizer and sampling settings: what both modes (and gatt-augment) use."""
-
-    model: object
-    tokenizer: object
-    params: object
-    generator: object
-    source: str
-    meta: object = None  # the checkpoint's CheckpointMeta
-
-    @classmethod
-    def load(cls, path: str, device, dtype: str, max_new_tokens: int, temperature: float, top_p: float, seed,
-             purpose: str = "to chat with", adapter: str | None = None):  # fmt: skip
-        """``device`` a --device name or a torch.device; ``purpose`` completes the refusal of a reward model;
-        ``adapter`` a LoRA adapter file on the model."""
-        import torch
-
-        from llamactl.checkpoint import load_for_inference
-        from llamactl.device import resolve_device
-        from llamactl.generate import SamplingParams
-        from llamactl.tokenizer import Tokenizer
-
-        dev = device if isinstance(device, torch.device) else resolve_device(device)
-        model, meta = load_for_inference(path, dev, dtype, "lm", purpose, decode=True, adapter=adapter)
-        params = SamplingParams(max_new_tokens, temperature, top_p, min_new_tokens=1)
-        generator = torch.Generator(device=dev).manual_seed(seed)
-        return cls(model, Tokenizer(meta.tokenizer, path), params, generator, path, meta)
-
-    @classmethod
-    def of(cls, cfg):
-        """The model of a command's config: its model, adapter, device, dtype and sampling flags."""
-        return cls.load(cfg.model, cfg.device, cfg.dtype, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed,
-                        adapter=cfg.adapter)  # fmt: skip
-
-    @property
-    def context(self) -> int:
-        return self.model.args.max_seq_len
-
-    def text(self, prompt: list[int], new: list[int]) -> str:
-        """The answer's text: the new tokens without their EOS, as the chat format strips it."""
-        new = new[:-1] if new and new[-1] == self.tokenizer.eos_id else new
-        return self.tokenizer.decode(new).strip()
-
-    def answer_all(self, prompts: list[list[int]]) -> list[str]:
-        """Answers to a batch of prompt token lists, through the engine."""
-        from llamactl.generate import completions
-
-        return [
-            self.text(p, c.tokens)
-            for p, c in zip(prompts, completions(self.model, prompts, self.params, self.tokenizer.eos_id,
-                                                  self.generator), strict=True)
-        ]  # fmt: skip
-
-    def prompt_tokens(self, messages: list[dict], where: str) -> list[int]:
-        from llamactl.chat_format import DialogError, encode_prompt
-
-        try:
-            ids = encode_prompt(self.tokenizer, messages)
-        except DialogError as e:
-            raise UserError(f"{where}: {e}") from None
-        if len(ids) + 1 > self.context:
-            raise UserError(f"{where}: the dialog's {len(ids)} tokens leave no room in the context of {self.context}")
-        return ids
-
-
-def answer_turns(cfg, records: list[tuple[str, dict]]) -> Chatter:
-    """Answer every user turn of each record's dialog in turn order, batched across dialogs, each answer seeing the
-    answers sampled before it (gatt-augment's sampler). The records' messages are replaced in place."""
-    chat = Chatter.of(cfg)
-    from llamactl.chat_format import encode_dialog
-
-    dialogs = []
-    for where, rec in records:
-        msgs = rec["messages"]
-        first = 1 if msgs[0]["role"] == "system" else 0
-        users = [m for m in msgs[first:] if m["role"] == "user"]
-        # the prompt of its last turn (its own earlier answers standing in for the new ones) and a full answer
-        last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
-        need = len(encode_dialog(chat.tokenizer, msgs[: last_user + 1]).tokens) + cfg.max_new_tokens
-        if need > chat.context:
-            raise UserError(
-                f"{where}: with the instruction on each of its {len(users)} user turns and --max-new-tokens "
-                f"{cfg.max_new_tokens}, the dialog needs {need} tokens, more than the context of {chat.context}"
-            )
-        dialogs.append((where, rec, msgs[:first], users, []))
-    turns = max((len(u) for *_, u, _ in dialogs), default=0)
-    for k in range(turns):
-        live = [d for d in dialogs if len(d[3]) > k]
-        for s in range(0, len(live), cfg.batch_size):
-            chunk = live[s : s + cfg.batch_size]
-            prompts = [chat.prompt_tokens(sys_ + _interleave(users[: k + 1], answers), w)
-                       for w, _, sys_, users, answers in chunk]  # fmt: skip
-            texts = chat.answer_all(prompts)
-            for _ in range(3):  # an answer of only whitespace is no answer: sample those again
-                empty = [i for i, t in enumerate(texts) if not t]
-                if not empty:
-                    break
-                for i, t in zip(empty, chat.answer_all([prompts[i] for i in empty]), strict=True):
-                    texts[i] = t
-            for (where, *_, answers), text in zip(chunk, texts, strict=True):
-                if not text:
-                    raise UserError(f"{where}: the model answered turn {k + 1} with nothing, four times")
-                answers.append(text)
-    for _, rec, sys_, users, answers in dialogs:
-        rec["messages"] = sys_ + _interleave(users, answers)
-    return chat
-
-
-def _interleave(users: list[dict], answers: list[str]) -> list[dict]:
-    out = []
-    for i, u in enumerate(users):
-        out.append(u)
-        if i < len(answers):
-            out.append({"role": "assistant", "content": answers[i]})
-    return out
-
-
 def run(cfg: ChatConfig) -> int:
     cfg.validate()
     interactive = not cfg.batch and cfg.input == "-" and sys.stdin.isatty()
@@ -182,8 +64,8 @@ def run(cfg: ChatConfig) -> int:
 def run_batch(cfg: ChatConfig) -> int:
     """Dialogs JSONL in, each out with the answer appended to ``messages``, in order, flushed batch by batch."""
     from llamactl.chat_format import DialogError, check_dialog
-    from llamactl.commands.generate import BATCH_WAIT_S
-    from llamactl.jsonl import batches, dumps, open_output, parsed_records
+    from llamactl.jsonl import BATCH_WAIT_S, batches, dumps, open_output, parsed_records
+    from llamactl.policy import Chatter
 
     chat = Chatter.of(cfg)
 
@@ -212,6 +94,7 @@ class Session:
 
     def __init__(self, cfg: ChatConfig):
         from llamactl.model import KVCache
+        from llamactl.policy import Chatter
 
         self.cfg = cfg
         self.chat = Chatter.of(cfg)
@@ -235,16 +118,16 @@ class Session:
             msgs.append({"role": "user", "content": extra_user})
         return msgs
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
         self.cache.truncate(0)
         self.fed, self.marks = [], []
 
-    def _rebuild(self) -> None:
+    def rebuild(self) -> None:
         """Re-encode the history into the cache (after /system, /load, or an overflow)."""
         from llamactl.chat_format import encode_dialog
         from llamactl.generate import prefill
 
-        self._reset()
+        self.reset()
         for k in range(len(self.turns)):
             msgs = self.messages()[: (1 if self.system else 0) + 2 * (k + 1)]
             tokens = encode_dialog(self.chat.tokenizer, msgs).tokens
@@ -272,9 +155,9 @@ class Session:
         if msgs and msgs[0]["role"] == "system":
             self.system, msgs = msgs[0]["content"], msgs[1:]
         self.turns = [(u["content"], a["content"]) for u, a in zip(msgs[::2], msgs[1::2], strict=False)]
-        self._rebuild()
+        self.rebuild()
 
-    def _fit(self, user: str) -> list[int]:
+    def fit_turn(self, user: str) -> list[int]:
         """The tokens of the new turn's prompt (BOS [INST] user [/INST], the system prompt merged into the first), after
         dropping the oldest exchanges if the history has outgrown the context (the system prompt stays; the user is
         told once). Pairs are encoded independently in Llama 2's format, so the cache's tokens stay a prefix."""
@@ -293,7 +176,7 @@ class Session:
             if not self.told_overflow:
                 self.say("(the conversation outgrew the model's context: its oldest exchanges are dropped from now on)")
                 self.told_overflow = True
-            self._rebuild()
+            self.rebuild()
         if len(self.fed) + len(new) + 2 > self.chat.context:  # not even a one-token answer and its EOS fit
             raise UserError(f"that message takes {len(new)} tokens; the context holds {self.chat.context}")
         return new
@@ -304,7 +187,7 @@ class Session:
         """Stream the answer to ``user``; the turn is kept (a Ctrl-C keeps what was said so far)."""
         from llamactl.generate import prefill, stream
 
-        new = self._fit(user)
+        new = self.fit_turn(user)
         self.marks.append(len(self.fed))
         logits = prefill(self.chat.model, self.cache, [new])
         self.fed += new
@@ -392,12 +275,12 @@ class Session:
             self.say("(last exchange removed)")
         elif cmd == "/clear":
             self.turns = []
-            self._reset()
+            self.reset()
             self.say("(conversation cleared" + (", system prompt kept)" if self.system else ")"))
         elif cmd == "/system":
             self.system = arg.strip() or None
             self.turns = []
-            self._reset()
+            self.reset()
             self.say("(system prompt " + ("set" if self.system else "removed") + "; conversation started over)")
         elif cmd == "/save":
             self.save(arg.strip())

@@ -173,7 +173,7 @@ def run(cfg: ConvertConfig) -> list[str]:
     from llamactl import convert as cv
     from llamactl.checkpoint import CheckpointMeta, check_state, make_lineage, parse_size
     from llamactl.device import DTYPES
-    from llamactl.model import Transformer
+    from llamactl.swap import build
 
     cfg.validate()
     from llamactl.lora import is_adapter
@@ -210,8 +210,7 @@ def run(cfg: ConvertConfig) -> list[str]:
         raise UserError(f"{cfg.src}: is quantized ({src.quant.describe()}); convert rewrites floating-point "
                         "checkpoints (--info describes this one; every command loads it as it is)")  # fmt: skip
     # Names and shapes checked against the architecture before anything is hashed or written.
-    with torch.device("meta"):
-        expected = Transformer(src.args).state_dict()
+    expected = build(src.args).state_dict()
     check_state(cfg.src, expected, {p.name: torch.empty(p.shape, device="meta") for p in src.plans})
     order = {name: i for i, name in enumerate(expected)}
     src.plans.sort(key=lambda p: order[p.name])

@@ -58,9 +58,8 @@ class EvalConfig:
     reference_adapter: str | None = None  # one trained on the reference
 
     def validate(self) -> None:
-        from llamactl.commands.tokenize import FORMATS
         from llamactl.files import io_problems, overlaps
-        from llamactl.jsonl import input_kind
+        from llamactl.jsonl import FORMATS, input_kind
 
         problems = []
         if self.format not in FORMATS:
@@ -155,11 +154,11 @@ def run(cfg: EvalConfig) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from llamactl.checkpoint import load_for_inference, read_checked_meta
     from llamactl.data import document_ids, read_documents
     from llamactl.device import DTYPE_NAMES, resolve_device
     from llamactl.files import display_name
     from llamactl.jsonl import dumps, open_output
+    from llamactl.loading import load_for_inference, read_checked_meta
     from llamactl.progress import progress
     from llamactl.tokenizer import Tokenizer
 

@@ -123,7 +123,7 @@ def run(cfg: GattConfig) -> int:
             raise UserError(f"{where}: {e}") from None
         records.append((where, out))
     if cfg.model is not None:
-        from llamactl.commands.chat import answer_turns
+        from llamactl.policy import answer_turns
 
         chat = answer_turns(cfg, records)
         if records:

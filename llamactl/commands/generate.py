@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from llamactl.errors import UserError
 from llamactl.flags import SamplingFlags
 
-BATCH_WAIT_S = 0.05  # how long a batch waits for more records from input that arrives over time (a pipe)
-
 
 @dataclass(kw_only=True)
 class GenerateConfig(SamplingFlags):
@@ -70,18 +68,18 @@ def run(cfg: GenerateConfig) -> int:
     """Generate for every input record; returns the number of records written.
 
     Records are processed as they arrive: a batch is up to --batch-size records, or fewer when the input has had
-    nothing new for ``BATCH_WAIT_S``, and each batch's results are written and flushed before the next is read. A
+    nothing new for ``jsonl.BATCH_WAIT_S``, and each batch's results are written and flushed before the next is read. A
     regular file is read and checked whole first, so that a bad record in it writes nothing.
     """
     import time
 
     import torch
 
-    from llamactl.checkpoint import load_for_inference
     from llamactl.config import check_memory, kv_cache_bytes
     from llamactl.device import resolve_device
     from llamactl.generate import SamplingParams, completions
-    from llamactl.jsonl import batches, dumps, open_output, parsed_records
+    from llamactl.jsonl import BATCH_WAIT_S, batches, dumps, open_output, parsed_records
+    from llamactl.loading import load_for_inference
     from llamactl.progress import progress
     from llamactl.tokenizer import Tokenizer
 

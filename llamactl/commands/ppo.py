@@ -114,12 +114,14 @@ def run_settings(cfg: PPOConfig, beta: float, lr: float) -> dict:
 
 
 def run(cfg: PPOConfig) -> dict:
-    from llamactl.checkpoint import CheckpointMeta, load_tensors, make_lineage, read_checked_meta
+    from llamactl.checkpoint import CheckpointMeta, load_tensors, make_lineage
     from llamactl.config import rope_bytes
-    from llamactl.ppo import ActorCritic, AdaptersOff, PPOTask, encode_prompts
+    from llamactl.loading import read_checked_meta
+    from llamactl.ppo import ActorCritic, AdaptersOff, encode_prompts
     from llamactl.reward import Scorer
     from llamactl.tokenizer import Tokenizer
     from llamactl.training import distributed, lifecycle
+    from llamactl.training.tasks import PPOTask
 
     cfg.validate()
     base = read_checked_meta(cfg.model, "lm", "as the policy ppo trains", train=not cfg.lora_rank)
@@ -169,7 +171,8 @@ def run(cfg: PPOConfig) -> dict:
     lineage = make_lineage("ppo", cfg.argv or sys.argv[1:], inputs, parent=adapted.lineage)
     value_tensors = load_tensors(cfg.rm)
     if cfg.rm_adapter is not None:  # the value model starts from the reward model the adapter makes
-        from llamactl.lora import merged_tensors, read_adapter
+        from llamactl.loading import merged_tensors
+        from llamactl.lora import read_adapter
 
         rm_adapter, rm_adapter_tensors = read_adapter(cfg.rm_adapter)
         value_tensors = merged_tensors(value_tensors, rm_meta, rm_adapter, rm_adapter_tensors, cfg.rm)

@@ -94,9 +94,10 @@ def run(cfg: PretrainConfig) -> dict:
 
     from llamactl.checkpoint import CheckpointMeta, make_lineage
     from llamactl.config import rope_bytes
-    from llamactl.data import Windows, WindowsTask
+    from llamactl.data import Windows
     from llamactl.shards import INDEX_NAME, open_shards
     from llamactl.training import lifecycle, loop
+    from llamactl.training.tasks import WindowsTask
 
     cfg.validate()
     data = open_shards(cfg.data)

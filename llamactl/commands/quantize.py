@@ -3,7 +3,7 @@
 Round to nearest by default; with ``--calibration``, GPTQ on that text (``llamactl.quant.quantize_gptq``). Each
 layer's error goes to stderr as it is done; the output's header says the scheme, the group size, the method and the
 source's sha256, so nothing else is needed to load it. With ``--adapter`` the model quantized is the checkpoint with
-that LoRA adapter merged in (``lora.merged_tensors``); the source's identity is then the base's and the adapter's.
+that LoRA adapter merged in (``loading.merged_tensors``); the source's identity is then the base's and the adapter's.
 """
 
 from __future__ import annotations
@@ -117,7 +117,6 @@ def run(cfg: QuantizeConfig) -> dict:
     from llamactl.checkpoint import (
         CheckpointMeta,
         TensorPlan,
-        build_model,
         cached_sha256,
         check_state,
         checkpoint_files,
@@ -125,11 +124,10 @@ def run(cfg: QuantizeConfig) -> dict:
         make_lineage,
         model_sha256,
         parse_size,
-        read_checked_meta,
         save_plans,
     )
     from llamactl.device import resolve_device
-    from llamactl.model import Transformer
+    from llamactl.loading import build_model, read_checked_meta
     from llamactl.quant import (
         Quantized,
         QuantLinear,
@@ -139,6 +137,7 @@ def run(cfg: QuantizeConfig) -> dict:
         quantize_rtn,
         undivided_dims,
     )
+    from llamactl.swap import build
     from llamactl.tokenizer import Tokenizer
 
     cfg.validate()
@@ -149,11 +148,11 @@ def run(cfg: QuantizeConfig) -> dict:
     tensors = load_tensors(cfg.model)  # memory-mapped
     source_sha = model_sha256(cfg.model)
     if cfg.adapter is not None:
-        from llamactl import lora
+        from llamactl import loading, lora
 
         ameta, atensors = lora.read_adapter(cfg.adapter)
         lora.check_base(ameta, cfg.model, meta)
-        tensors = lora.merged_tensors(tensors, meta, ameta, atensors, cfg.model)
+        tensors = loading.merged_tensors(tensors, meta, ameta, atensors, cfg.model)
         meta = ameta.adapted(meta, merged=True)
         source_sha += "+" + cached_sha256(cfg.adapter)  # the merged model exists as these two files only
     args = meta.args
@@ -166,8 +165,7 @@ def run(cfg: QuantizeConfig) -> dict:
     if bad := undivided_dims(args, group):
         raise UserError(f"{cfg.model}: int4 --group-size {group} does not divide the input dims of its linear "
                         f"layers ({', '.join(bad)}); choose a group size that does")  # fmt: skip
-    with torch.device("meta"):
-        check_state(cfg.model, Transformer(args).state_dict(), tensors)
+    check_state(cfg.model, build(args).state_dict(), tensors)
     method = "gptq" if cfg.calibration else "rtn"
     tokenizer = Tokenizer(meta.tokenizer, cfg.model) if meta.tokenizer is not None else None
     sequences = None

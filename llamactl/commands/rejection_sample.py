@@ -96,24 +96,6 @@ class RejectionSampleConfig(SamplingFlags):
             raise UserError("; ".join(problems))
 
 
-# ---------------------------------------------------------------------------------------- prompts and policies
-
-
-def load_policy(path: str, device, dtype: str, cfg, adapter: str | None = None):
-    """A language model (with a LoRA ``adapter`` file) to sample answers from, as a ``chat.Chatter``, and its
-    header."""
-    from llamactl.commands.chat import Chatter
-
-    chat = Chatter.load(path, device, dtype, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed,
-                        purpose="to sample answers from", adapter=adapter)  # fmt: skip
-    return chat, chat.meta
-
-
-def policy_name(model: str, adapter: str | None) -> str:
-    """How an output record names the policy that sampled it."""
-    return model if adapter is None else f"{model} --adapter {adapter}"
-
-
 # -------------------------------------------------------------------------------------------------- the judge
 
 
@@ -188,6 +170,8 @@ def sample_and_judge(chat, judge: Judge, chunk: list[Prompt], k: int, bar) -> li
 
 def records(prompt: Prompt, texts: list[str], scores: list, cfg: RejectionSampleConfig, pool: dict) -> list[dict]:
     """The output records of one prompt (none when all its answers were empty)."""
+    from llamactl.policy import policy_name
+
     chosen = best(scores)
     if cfg.keep == "all":
         return [
@@ -220,6 +204,7 @@ def run(cfg: RejectionSampleConfig) -> int:
     from llamactl.data import read_prompts
     from llamactl.device import resolve_device
     from llamactl.jsonl import display_name, dumps, open_output, streams
+    from llamactl.policy import load_policy
     from llamactl.progress import progress
     from llamactl.reward import Judge
     from llamactl.training.distributed import init_distributed

@@ -39,35 +39,15 @@ class ScoreConfig:
             raise UserError("; ".join(problems))
 
 
-def answer_tokens(scorer, rec: dict, field: str | None, where: str) -> list[int]:
-    """The record's dialog as the reward model reads it: chat format, ending with an answer and its EOS, its oldest
-    exchanges dropped when it outgrows the model's context (as ``train-rm`` cuts them)."""
-    from llamactl.chat_format import DialogError
-    from llamactl.data import fit_dialog, record_messages
-
-    try:
-        messages = record_messages(rec, field)
-    except DialogError as e:
-        raise UserError(f"{where}: {e}") from None
-    if messages[-1]["role"] != "assistant":
-        raise UserError(f"{where}: the dialog ends with the user's turn; a score needs the answer to score")
-    enc, _ = fit_dialog(scorer.tokenizer, messages, scorer.context)
-    if len(enc.tokens) > scorer.context:
-        raise UserError(f"{where}: its last exchange alone takes {len(enc.tokens)} tokens; the context holds "
-                        f"{scorer.context}")  # fmt: skip
-    return enc.tokens
-
-
 def run(cfg: ScoreConfig) -> int:
     """Score every record; returns how many were written. A regular file is checked whole before anything is
     written; a pipe is scored as it arrives."""
     import torch
 
-    from llamactl.commands.generate import BATCH_WAIT_S
     from llamactl.device import resolve_device
-    from llamactl.jsonl import batches, check_free, dumps, open_output, parsed_records
+    from llamactl.jsonl import BATCH_WAIT_S, batches, check_free, dumps, open_output, parsed_records
     from llamactl.progress import progress
-    from llamactl.reward import Scorer
+    from llamactl.reward import Scorer, answer_tokens
 
     cfg.validate()
     scorer = Scorer(cfg.model, resolve_device(cfg.device), cfg.dtype, cfg.batch_size, cfg.adapter)

@@ -54,10 +54,12 @@ def read_dialogs(path: str, field_name: str | None):
 def run(cfg: SFTConfig) -> dict:
     """Fine-tune; returns a summary (final step, last train and validation loss, checkpoint path)."""
 
-    from llamactl.checkpoint import CheckpointMeta, make_lineage, read_checked_meta
-    from llamactl.data import RowsTask, encode_for_sft, pack_rows, split_val
+    from llamactl.checkpoint import CheckpointMeta, make_lineage
+    from llamactl.data import encode_for_sft, pack_rows, split_val
+    from llamactl.loading import read_checked_meta
     from llamactl.tokenizer import Tokenizer
     from llamactl.training import lifecycle, loop
+    from llamactl.training.tasks import RowsTask
 
     cfg.validate()
     base = read_checked_meta(cfg.model, "lm", "to fine-tune with sft", train=not cfg.lora_rank)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from llamactl.errors import UserError
 from llamactl.files import check_output, input_problem, overlaps
 from llamactl.files import display_name as _display
-from llamactl.jsonl import check_free, decode_text, input_kind, parse_record, read_chunks
+from llamactl.jsonl import FORMATS, check_free, decode_text, input_kind, parse_record, read_chunks
 
 if TYPE_CHECKING:
     from concurrent.futures import ProcessPoolExecutor
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from llamactl.shards import ShardWriter
     from llamactl.tokenizer import Tokenizer
 
-FORMATS = ("auto", "text", "jsonl")
 DOC_SPLITS = ("paragraph", "line", "file")
 # NOTE: 64 KiB blocks are ~12 ms of encoding for one worker with Llama 2's tokenizer: the hand-off to a worker
 # costs well under 1% of that, and a 1 MB input still spreads over 16 blocks.

@@ -82,12 +82,14 @@ def run(cfg: TrainRMConfig) -> dict:
     """Train; returns a summary (final step, last train loss, held-out loss and accuracy, checkpoint path)."""
     from dataclasses import replace
 
-    from llamactl.checkpoint import make_lineage, read_checked_meta
-    from llamactl.data import PairsTask, encode_pairs, split_val
+    from llamactl.checkpoint import make_lineage
+    from llamactl.data import encode_pairs, split_val
+    from llamactl.loading import read_checked_meta
     from llamactl.model import PRESETS
     from llamactl.reward import reward_init
     from llamactl.tokenizer import Tokenizer
     from llamactl.training import lifecycle
+    from llamactl.training.tasks import PairsTask
 
     cfg.validate()
     base = read_checked_meta(cfg.model, None, "to train a reward model from", train=not cfg.lora_rank)

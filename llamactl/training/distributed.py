@@ -151,3 +151,31 @@ def build_wrapped(
 
         return DistributedDataParallel(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
     return model
+
+
+def sum_over_ranks(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """A scalar summed over every rank."""
+    return all_reduce_sum(x.reshape(1), d)[0]
+
+
+def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """``x`` (on the CPU) summed over every rank, through the process group's device."""
+    if d.world == 1:
+        return x
+    y = x.clone().to(collective_device())
+    dist.all_reduce(y)
+    return y.cpu()
+
+
+def all_gather_rows(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Every rank's rows, interleaved as the ranks' prompts are (rank r holds rows r, r + world, ...)."""
+    if d.world == 1:
+        return x
+    parts = [torch.empty_like(x, device=collective_device()) for _ in range(d.world)]
+    dist.all_gather(parts, x.to(collective_device()))
+    return torch.stack([p.cpu() for p in parts], 1).reshape(-1, *x.shape[1:])
+
+
+def collective_device() -> torch.device:
+    """Where the process group's collectives take their tensors: this rank's GPU under NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

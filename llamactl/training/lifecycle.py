@@ -398,7 +398,7 @@ def base_weights(cfg, base: CheckpointMeta, head: str | None, purpose: str):
     """``cfg.model``'s tensors for a training command (memory-mapped), with ``--adapter``: merged into them for full
     fine-tuning (the merged model in memory), or, with ``--lora-rank``, kept apart to continue training (same rank
     and targets). Returns (tensors, header of the model they make, the continued adapter's tensors or None)."""
-    from llamactl import lora
+    from llamactl import loading, lora
     from llamactl.checkpoint import load_tensors
 
     tensors = load_tensors(cfg.model)
@@ -409,7 +409,7 @@ def base_weights(cfg, base: CheckpointMeta, head: str | None, purpose: str):
     if head is not None:
         lora.check_adapted_head(adapter, cfg.model, head, purpose)
     if not cfg.lora_rank:
-        merged = lora.merged_tensors(tensors, base, adapter, adapter_tensors, cfg.model)
+        merged = loading.merged_tensors(tensors, base, adapter, adapter_tensors, cfg.model)
         return merged, adapter.adapted(base, merged=True), None
     spec = lora_spec(cfg)
     if (adapter.spec.rank, adapter.spec.targets) != (spec.rank, spec.targets):

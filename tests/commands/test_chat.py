@@ -15,8 +15,8 @@ import sentencepiece as spm
 import torch
 from helpers import ENV, FIXTURES, run_cli, save_chatty_model
 
-from llamactl.checkpoint import load_model
 from llamactl.commands.chat import ChatConfig, Session
+from llamactl.loading import load_model
 
 TOKENIZER = os.path.join(FIXTURES, "llama2-tokenizer.model")
 

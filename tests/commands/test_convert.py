@@ -9,10 +9,11 @@ from helpers import FIXTURES, assert_user_error, run_cli
 from llama2c_ref import Llama2cRef
 from safetensors.torch import load_file
 
-from llamactl.checkpoint import load_model, load_tensors, read_meta, save_model
+from llamactl.checkpoint import load_tensors, read_meta, save_model
 from llamactl.commands.convert import ConvertConfig, run
 from llamactl.convert import _META_SPLIT_DIM
 from llamactl.generate import SamplingParams, generate
+from llamactl.loading import load_model
 from llamactl.model import ModelArgs, Transformer
 
 STORIES = os.path.join(FIXTURES, "stories260K.bin")

@@ -9,9 +9,10 @@ import torch
 from helpers import FIXTURES, assert_user_error, run_cli, save_chatty_model
 from llama2c_ref import Llama2cRef
 
-from llamactl.checkpoint import build_model, load_model, save_model
+from llamactl.checkpoint import save_model
 from llamactl.commands.convert import ConvertConfig, run
 from llamactl.generate import SamplingParams, generate, sample
+from llamactl.loading import build_model, load_model
 from llamactl.model import ModelArgs, Transformer
 from llamactl.swap import PackedLinear
 from llamactl.tokenizer import Tokenizer

@@ -14,8 +14,9 @@ import torch
 from helpers import FIXTURES, assert_user_error, run_cli
 
 from llamactl.chat_format import encode_dialog
-from llamactl.checkpoint import CheckpointMeta, load_model, load_tensors, plan_from_tensors, read_meta, save_plans
+from llamactl.checkpoint import CheckpointMeta, load_tensors, plan_from_tensors, read_meta, save_plans
 from llamactl.commands.convert import ConvertConfig, run
+from llamactl.loading import load_model
 from llamactl.model import ModelArgs, Transformer
 from llamactl.quant import QuantSpec
 from llamactl.tokenizer import Tokenizer, train_bpe

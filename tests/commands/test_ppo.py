@@ -148,8 +148,8 @@ def test_a_controlled_reward_rises_with_the_kl_bounded(models, tmp_path, monkeyp
 def test_rollout_kl_is_the_direct_per_token_kl(models, tmp_path, monkeypatch):
     """After training, the KL the rollout reports equals sum over answer tokens of log pi - log pi_0 computed
     directly from full forwards of the trained policy and the original one, per sample."""
-    from llamactl import ppo as P
-    from llamactl.checkpoint import load_model
+    from llamactl.loading import load_model
+    from llamactl.training import tasks as P
 
     target_share_scorer(monkeypatch, _prompt_lengths(models))
     cfg = _cfg(models, tmp_path / "run", iterations=2)
@@ -248,7 +248,7 @@ def test_lora_ppo_writes_adapters_of_policy_and_value(models, tmp_path, monkeypa
 def test_adapters_off_is_the_base_model(models):
     """The reference of a LoRA run: the policy with non-zero adapters, called through AdaptersOff, gives the log-probs
     of the base checkpoint loaded on its own."""
-    from llamactl.checkpoint import load_model
+    from llamactl.loading import load_model
     from llamactl.lora import LoraSpec, add_lora
     from llamactl.ppo import AdaptersOff
 

@@ -10,8 +10,8 @@ import time
 import pytest
 from helpers import FIXTURES, assert_user_error, run_cli
 
-from llamactl.checkpoint import load_model
 from llamactl.commands.pretrain import PretrainConfig, run
+from llamactl.loading import load_model
 from llamactl.shards import ShardWriter
 from llamactl.tokenizer import Tokenizer
 

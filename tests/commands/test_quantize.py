@@ -12,9 +12,10 @@ import pytest
 import torch
 from helpers import FIXTURES, peaked_model, run_cli
 
-from llamactl.checkpoint import load_for_inference, load_tensors, read_meta, save_model
+from llamactl.checkpoint import load_tensors, read_meta, save_model
 from llamactl.commands.quantize import QuantizeConfig, run
 from llamactl.generate import SamplingParams, generate
+from llamactl.loading import load_for_inference
 from llamactl.model import Transformer
 from llamactl.quant import QuantLinear, QuantSpec, quantize_gptq, quantize_rtn
 from llamactl.swap import PackedLinear
@@ -259,8 +260,8 @@ def test_damaged_files_are_one_line(source, tmp_path):
 def test_gptq_file_holds_the_levels_gptq_chose(source, tmp_path):
     """The file's tensors are the Quantized results of GPTQ run on the same windows (the writer's plans, sorted by
     element size, put every layer's tensors under the right names)."""
-    from llamactl.checkpoint import load_model
     from llamactl.commands.quantize import _calibration_sequences
+    from llamactl.loading import load_model
     from llamactl.quant import quantize_calibrated
 
     data = tmp_path / "calib.jsonl"

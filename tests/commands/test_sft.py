@@ -10,9 +10,10 @@ import sentencepiece as spm
 import torch
 from helpers import FIXTURES, save_chatty_model
 
-from llamactl.checkpoint import load_model, read_meta
+from llamactl.checkpoint import read_meta
 from llamactl.commands.sft import SFTConfig, run
 from llamactl.data import encode_for_sft, hh_messages, pack_rows
+from llamactl.loading import load_model
 from llamactl.tokenizer import Tokenizer
 
 TOKENIZER = os.path.join(FIXTURES, "llama2-tokenizer.model")

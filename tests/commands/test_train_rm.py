@@ -15,8 +15,9 @@ from helpers import FIXTURES, assert_user_error, run_cli, save_chatty_model, sav
 from llamactl.chat_format import DialogError, encode_dialog
 from llamactl.checkpoint import load_tensors, read_meta
 from llamactl.commands.train_rm import TrainRMConfig, run
-from llamactl.data import MARGINS, PairsTask, encode_pairs, pair_margin, record_pair
+from llamactl.data import MARGINS, encode_pairs, pair_margin, record_pair
 from llamactl.tokenizer import Tokenizer
+from llamactl.training.tasks import PairsTask
 
 TOKENIZER = os.path.join(FIXTURES, "llama2-tokenizer.model")
 RATED = [
@@ -67,7 +68,7 @@ def test_pair_loss_is_the_margin_ranking_loss_of_transformers_scores(rm_path, tm
     want = sum(-math.log(1 / (1 + math.exp(-(hf[i] - hf[3 + i] - margins[i])))) for i in range(3))
 
     meta = read_meta(rm_path)
-    from llamactl.checkpoint import build_model
+    from llamactl.loading import build_model
 
     model = build_model(meta.args, load_tensors(rm_path), rm_path)
     task = PairsTask(ps, 3, 1, "cpu", 0, pack=pack)
