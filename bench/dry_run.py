@@ -14,10 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
+
+import torch
+
+from llamactl.training.loop import Task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,52 +124,72 @@ def _rss() -> tuple[int, int]:
     return out["VmRSS"], out["VmHWM"]
 
 
-def add_lora(model, rank: int, bf16: bool, targets: tuple[str, ...] = LORA_TARGETS) -> None:
-    """Adapters (dropout 0.05) on the ``targets`` linears, the rest frozen and, in bf16 runs, kept in bf16 (as
-    ``train.trainee`` makes a LoRA model)."""
-    import torch
+def flags(case: Case, lora_rank: int | None = None, targets: tuple[str, ...] = LORA_TARGETS):
+    """The training flags ``case`` stands for, as a command would hand them to the run lifecycle."""
+    from llamactl.flags import TrainFlags
 
-    from llamactl.lora import LoraSpec
-    from llamactl.lora import add_lora as wrap
-
-    wrap(model, LoraSpec(rank, 2.0 * rank, 0.05, targets))
-    for m in model.modules():
-        for key, p in list(m.named_parameters(recurse=False)):
-            if bf16 and not key.startswith("lora_"):
-                setattr(m, key, torch.nn.Parameter(p.to(torch.bfloat16), requires_grad=False))
+    rank = case.lora_rank if lora_rank is None else lora_rank
+    return TrainFlags(distributed=case.strategy, activation_checkpointing=case.checkpointing, lora_rank=rank,
+                      lora_targets=",".join(targets), dtype="bf16" if case.bf16 else "fp32", device="cpu",
+                      lr=1e-4, grad_clip=1.0, save_every=0, log_every=1 << 30)  # fmt: skip
 
 
-def _train(case: Case, args, micro_batch: int, seq_len: int, d, device) -> None:
-    """Steps of a model of ``args`` built as the training commands build one (on the meta device, sharded by FSDP2
-    or wrapped by DDP, materialised: ``train.prepare``), each step as ``train.fit`` runs one: the micro-step's summed
-    loss scaled and backpropagated under autocast, the gradients clipped, AdamW."""
-    import torch
+def trainable(args, case: Case, lora_rank: int | None = None, targets: tuple[str, ...] = LORA_TARGETS):
+    """The meta-device model the training commands would train for ``case`` (``lifecycle.trainable``: LoRA adapters
+    on a frozen base kept in bf16 under bf16, or every weight)."""
+    from llamactl.training import lifecycle
 
-    from llamactl.training import distributed, lifecycle
-
-    gen = torch.Generator().manual_seed(d.rank)
-    batch = torch.randint(0, args.vocab_size, (micro_batch, seq_len + 1), generator=gen)
-    x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
-    model = lifecycle.meta_model(args, None, case.preset)
-    if case.lora_rank:
-        add_lora(model, case.lora_rank, case.bf16)
-    model.grad_checkpointing = case.checkpointing
-    wrapped, optim, _ = lifecycle.prepare(
-        model, {"": None}, 0, None, None, d, device, case.strategy, case.bf16, 1e-4, 0.1
-    )
-    model.train()
-    for _ in range(settled_steps(case)):
-        for micro in range(case.accumulation):
-            sync = micro == case.accumulation - 1
-            with distributed.grad_sync(wrapped, sync), torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.bf16):
-                total, count = wrapped(x, y, output="loss_sum")
-                (total * (d.world / count)).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optim.step()
-        optim.zero_grad(set_to_none=True)
+    return lifecycle.trainable(flags(case, lora_rank, targets), args, None, case.preset, None, case.bf16)
 
 
-def worker(case: Case) -> dict:
+class RandomTokens(Task):
+    """A pretraining-shaped task on random tokens for the real loop (``llamactl.training.loop.fit``): each
+    micro-batch's summed next-token loss; after the last step's optimizer step (before the loop's final save) it
+    reads the process's high-water resident set, so the save and the export that follow are not counted."""
+
+    def __init__(self, vocab_size: int, micro_batch: int, seq_len: int, steps: int):
+        self.vocab, self.shape, self.steps, self.peak = vocab_size, (micro_batch, seq_len + 1), steps, None
+
+    def batch(self, step: int, micro: int, rank: int, world: int) -> dict:
+        gen = torch.Generator().manual_seed(rank)  # the same batch at every micro-step
+        t = torch.randint(0, self.vocab, self.shape, generator=gen)
+        return {"tokens": t[:, :-1].contiguous(), "targets": t[:, 1:].contiguous()}
+
+    def count(self, batch: dict) -> int:
+        return batch["targets"].numel()
+
+    def loss(self, model, batch):
+        return model(batch["tokens"], batch["targets"], output="loss_sum")
+
+    def metrics(self, step: int) -> dict:
+        if step == self.steps:
+            self.peak = _rss()[1]
+        return {}
+
+
+def _train(case: Case, args, micro_batch: int, seq_len: int, d, device, run_dir: str) -> RandomTokens:
+    """Steps of ``case`` through the training commands' own path: the model the lifecycle builds
+    (``lifecycle.trainable``) run by the run lifecycle (``lifecycle.train``: sharded or wrapped and materialised,
+    the loop's micro-steps, accumulation, clipping and AdamW) on random tokens, into ``run_dir``."""
+    from llamactl.checkpoint import CheckpointMeta
+    from llamactl.lora import AdapterMeta
+    from llamactl.training import lifecycle
+
+    cfg = flags(case)
+    steps = settled_steps(case)
+    model = trainable(args, case)
+    header = AdapterMeta(lifecycle.lora_spec(cfg), "0" * 64, args) if case.lora_rank else CheckpointMeta(args)
+    task = RandomTokens(args.vocab_size, micro_batch, seq_len, steps)
+    spec = lifecycle.RunSpec(
+        command="bench", flags=cfg, output=run_dir, args=args,
+        parts=[lifecycle.Trained(model, None, lifecycle.output_name(cfg), header)], settings={}, steps=steps,
+        loop=dict(accum=case.accumulation, lr=cfg.lr, warmup=0, bf16=case.bf16), task=lambda: task,
+    )  # fmt: skip
+    lifecycle.train(spec, d, device)
+    return task
+
+
+def worker(case: Case, run_dir: str) -> dict:
     """Run ``case`` as one rank in this process; its peak memory above the baseline, in bytes (see ``measure``)."""
     import gc
 
@@ -177,15 +202,110 @@ def worker(case: Case) -> dict:
     d, device = distributed.init_distributed(torch.device("cpu"))
     # the warm-up: the same code on a model too small to matter, so that what a first run loads once (code pages,
     # the math libraries' and the process group's own buffers) is in the baseline
-    _train(case, preset("llama2-15m", dim=64, n_layers=1, n_heads=2, vocab_size=256), 1, 16, d, device)
+    tiny = preset("llama2-15m", dim=64, n_layers=1, n_heads=2, vocab_size=256)
+    _train(case, tiny, 1, 16, d, device, os.path.join(run_dir, "warm-up"))
     gc.collect()
     distributed.barrier(d)
     base, _ = _rss()
     with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
         f.write("5")
-    _train(case, preset(case.preset, **case.overrides), case.micro_batch, case.seq_len, d, device)
-    _, peak = _rss()
-    return {"rank": d.rank, "peak": peak - base, "base": base}
+    task = _train(case, preset(case.preset, **case.overrides), case.micro_batch, case.seq_len, d, device,
+                  os.path.join(run_dir, "run"))  # fmt: skip
+    return {"rank": d.rank, "peak": task.peak - base, "base": base}
+
+
+# ppo's training step with and without --activation-checkpointing: a policy and a value model of this shape on
+# Llama 2's tokenizer, one minibatch of PPO_SAMPLES rollouts of PPO_NEW tokens an iteration
+PPO_SHAPE = {"dim": 256, "n_layers": 8, "n_heads": 8, "multiple_of": 32, "vocab_size": 32000}
+PPO_SAMPLES, PPO_MICRO, PPO_NEW = 16, 8, 64
+PPO_PROMPT = "Tell me a story about a dragon."
+
+
+def ppo_config(folder: str, checkpointing: bool, **kw):
+    """The ppo run ``ppo_worker`` measures (its models made in ``folder`` by ``ppo_models``)."""
+    from llamactl.commands.ppo import PPOConfig
+
+    return PPOConfig(model=os.path.join(folder, "policy.safetensors"), rm=os.path.join(folder, "rm.safetensors"),
+                     prompts=os.path.join(folder, "prompts.jsonl"), output=os.path.join(folder, "run"), iterations=2,
+                     prompts_per_iteration=PPO_SAMPLES, minibatch_size=PPO_SAMPLES, batch_size=PPO_MICRO,
+                     gen_batch_size=PPO_SAMPLES, max_new_tokens=PPO_NEW, dtype="fp32", device="cpu",
+                     activation_checkpointing=checkpointing, seed=0, **kw)  # fmt: skip
+
+
+def ppo_models(folder: str) -> None:
+    """A random policy with Llama 2's tokenizer whose context just holds the prompt and the answer, the value
+    model's reward model made from it, and the prompts."""
+    from llamactl.chat_format import encode_prompt
+    from llamactl.checkpoint import load_tensors, plan_from_tensors, read_meta, save_model, save_plans
+    from llamactl.model import ModelArgs, Transformer
+    from llamactl.reward import reward_init
+    from llamactl.tokenizer import Tokenizer
+
+    os.makedirs(folder, exist_ok=True)
+    tok = Tokenizer.from_file(os.path.join(ROOT, "tests", "fixtures", "llama2-tokenizer.model"))
+    prompt_len = len(encode_prompt(tok, [{"role": "user", "content": PPO_PROMPT}]))
+    model = Transformer(ModelArgs(**PPO_SHAPE, max_seq_len=prompt_len + PPO_NEW + 1))
+    model.init_weights(0)
+    policy = os.path.join(folder, "policy.safetensors")
+    save_model(policy, model, tokenizer=tok.model_bytes)
+    meta, tensors = reward_init(read_meta(policy), load_tensors(policy))
+    meta.role = "helpfulness"
+    save_plans(os.path.join(folder, "rm.safetensors"), plan_from_tensors(tensors), meta)
+    with open(os.path.join(folder, "prompts.jsonl"), "w") as f:
+        f.write(json.dumps({"prompt": PPO_PROMPT}) + "\n")
+
+
+def ppo_worker(folder: str, checkpointing: bool) -> dict:
+    """The real ``llamactl ppo`` run in this process: the peak resident memory of its second iteration's training
+    step above the resident set that step starts from (the high-water mark is reset when the iteration's rollouts
+    are made, and read when its figures are, after the optimizer step): the gradients, activations and the
+    optimizer step's transients, which activation checkpointing should cut as the planner plans."""
+    import gc
+
+    from llamactl.commands.ppo import run
+    from llamactl.training.tasks import PPOTask
+
+    torch.set_num_threads(1)
+    seen: dict = {}
+    rollout, metrics = PPOTask.rollout, PPOTask.metrics
+
+    def reset_after_rollout(self, iteration):
+        rollout(self, iteration)
+        gc.collect()
+        seen["base"] = _rss()[0]
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    def read_peak(self, step):
+        seen["peak"] = _rss()[1]
+        return metrics(self, step)
+
+    PPOTask.rollout, PPOTask.metrics = reset_after_rollout, read_peak
+    run(ppo_config(folder, checkpointing))
+    return {"peak": seen["peak"] - seen["base"]}
+
+
+def measure_ppo(checkpointing: bool, folder: str) -> int:
+    """``ppo_worker`` in a fresh process (glibc's mmap threshold fixed, as ``measure`` does): bytes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+    out = os.path.join(folder, f"ckpt-{int(checkpointing)}")
+    shutil.copytree(folder, out, ignore=shutil.ignore_patterns("ckpt-*", "run"))
+    cmd = [sys.executable, "-P", os.path.abspath(__file__), "--ppo-worker", out, str(int(checkpointing))]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"ppo (checkpointing {checkpointing}): the worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
+
+
+def planned_ppo(folder: str, checkpointing: bool) -> int:
+    """What ``llamactl ppo --dry-run`` plans for the run ``ppo_worker`` measures (bytes a rank)."""
+    import contextlib
+    import io
+
+    from llamactl.commands.ppo import run
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return run(ppo_config(folder, checkpointing, dry_run=True))["bytes_per_rank"]
 
 
 def _free_port() -> int:
@@ -211,8 +331,11 @@ def measure(case: Case, default_malloc: bool = False) -> list[int]:
     higher by the heap's retention (``--default-malloc`` shows it), the counterpart of a CUDA caching allocator's
     reserved-but-free memory, which the planner does not model either.
     """
+    import tempfile
+
     port = _free_port()
     procs = []
+    run_dir = tempfile.mkdtemp(prefix="llamactl-dry-run-")
     for rank in range(case.world):
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         if not default_malloc:
@@ -220,14 +343,17 @@ def measure(case: Case, default_malloc: bool = False) -> list[int]:
         if case.world > 1:
             env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(case.world),
                        LOCAL_RANK=str(rank))  # fmt: skip
-        cmd = [sys.executable, "-P", os.path.abspath(__file__), "--worker", json.dumps(asdict(case))]
+        cmd = [sys.executable, "-P", os.path.abspath(__file__), "--worker", json.dumps(asdict(case)), run_dir]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     peaks = []
-    for p in procs:
-        out, err = p.communicate()
-        if p.returncode:
-            raise RuntimeError(f"{case.name}: a worker failed:\n{err[-3000:]}")
-        peaks.append(json.loads(out.strip().splitlines()[-1])["peak"])
+    try:
+        for p in procs:
+            out, err = p.communicate()
+            if p.returncode:
+                raise RuntimeError(f"{case.name}: a worker failed:\n{err[-3000:]}")
+            peaks.append(json.loads(out.strip().splitlines()[-1])["peak"])
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
     return peaks
 
 
@@ -316,7 +442,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        print(json.dumps(worker(Case(**json.loads(sys.argv[2])))))
+    if len(sys.argv) == 4 and sys.argv[1] == "--ppo-worker":
+        print(json.dumps(ppo_worker(sys.argv[2], sys.argv[3] == "1")))
+    elif len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        print(json.dumps(worker(Case(**json.loads(sys.argv[2])), sys.argv[3])))
     else:
         main()

@@ -4,8 +4,8 @@ Two independent checks. What one block saves for its backward is counted exactly
 see every tensor a real block's forward keeps, and the planner's count must equal their bytes. And the planner's
 peak must come within 15% of the peak memory measured while real training steps run on this CPU
 (``bench/dry_run.py``'s ``measure``): each case's ranks run in fresh processes (two over gloo for DDP and FSDP2),
-build the model as the training commands do (``train.prepare``), step as ``train.fit`` does (autocast, summed loss,
-clipping, AdamW) until the steady state, and report their high-water resident set above the one just before the
+run the training commands' own lifecycle and loop (``lifecycle.train``, ``loop.fit``) on random tokens until the
+steady state, and report their high-water resident set above the one just before the
 model was built, after a warm-up on a tiny model (code pages and libraries' one-time buffers are in the baseline),
 with glibc's mmap threshold fixed so that freed tensors leave the resident set (its default heap keeps them: that
 retention, like a CUDA caching allocator's, is not planned). The measurement knows nothing of the planner.
@@ -23,7 +23,7 @@ import torch
 
 from llamactl.errors import UserError
 from llamactl.memory import Part, block_activations, parse_memory, plan
-from llamactl.model import Transformer, preset
+from llamactl.model import preset
 from llamactl.quant import QuantSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,10 +57,11 @@ def test_table_adds_up_and_says_whether_it_fits():
 def _saved_bytes(args, bf16: bool, packed: bool, lora_rank: int = 0, targets: tuple[str, ...] = ALL) -> int:
     """Bytes a real block's forward keeps for its backward on this CPU: the distinct storages autograd saves, less
     the parameters and autocast's cached bf16 copies of them (a plan's weight copies, not its activations)."""
-    torch.manual_seed(0)
-    model = Transformer(args)
-    if lora_rank:
-        bench.add_lora(model, lora_rank, bf16, targets)
+    from llamactl.training.distributed import materialize
+
+    # the model the training commands train (adapters on a frozen base kept in bf16 under bf16), materialised
+    model = bench.trainable(args, bench.Case("", 1, 1, bf16=bf16), lora_rank, targets)
+    materialize(model, {"": None}, 0, torch.device("cpu"))
     model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     shapes = {s for p in model.parameters() if p.requires_grad for s in (tuple(p.shape), tuple(p.shape)[::-1])}
@@ -184,3 +185,18 @@ def test_plan_matches_measured_peak(case, quick_peaks):
 @pytest.mark.parametrize("case", bench.SLOW, ids=[c.name for c in bench.SLOW])
 def test_plan_matches_measured_peak_slow(case):
     _check(case, bench.measure(case))
+
+
+def test_ppo_activation_checkpointing_lowers_the_measured_peak_as_planned(tmp_path):
+    """ppo once accepted --activation-checkpointing, planned with it, and never turned it on. The real command's
+    second training step, with and without it, in fresh processes (``bench.ppo_worker``): the peak above what the
+    step starts from must fall by what ``ppo --dry-run`` says it saves."""
+    bench.ppo_models(str(tmp_path))
+    with ThreadPoolExecutor(2) as pool:
+        off, on = pool.map(lambda c: bench.measure_ppo(c, str(tmp_path)), (False, True))
+    planned = bench.planned_ppo(str(tmp_path), False) - bench.planned_ppo(str(tmp_path), True)
+    assert planned > 50 * 2**20  # the activations are a large share of this step: the comparison means something
+    saved = off - on
+    assert abs(saved / planned - 1) <= 0.2, (
+        f"checkpointing saved {saved / 2**20:.1f} MiB measured, {planned / 2**20:.1f} MiB planned"
+    )

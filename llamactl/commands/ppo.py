@@ -197,7 +197,7 @@ def run(cfg: PPOConfig) -> dict:
         return tasks[0]
 
     spec = lifecycle.RunSpec(
-        command="ppo", flags=cfg, args=base.args, parts=[policy, value],
+        command="ppo", flags=cfg, output=cfg.output, args=base.args, parts=[policy, value],
         module=ActorCritic(policy.model, value.model), settings=settings, steps=steps, task=make_task,
         # one optimizer step a minibatch; a constant learning rate (Llama 2); checkpoints between iterations only
         loop=dict(accum=accum, lr=lr, warmup=0, bf16=use_bf16, unit="samples", units_per_step=cfg.minibatch_size,

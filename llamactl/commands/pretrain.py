@@ -133,7 +133,7 @@ def run(cfg: PretrainConfig) -> dict:
     lineage = make_lineage("pretrain", cfg.argv or sys.argv[1:], [os.path.join(cfg.data, INDEX_NAME)])
     model = lifecycle.meta_model(args, None, f"--preset {cfg.preset}")
     spec = lifecycle.RunSpec(
-        command="pretrain", flags=cfg, args=args,
+        command="pretrain", flags=cfg, output=cfg.output, args=args,
         parts=[lifecycle.Trained(model, None, "model.safetensors", CheckpointMeta(args, tok.model_bytes, lineage))],
         settings=run_settings(cfg, global_tokens), steps=cfg.steps,
         loop=dict(accum=accum, lr=lr, warmup=warmup, bf16=use_bf16, tokens_per_step=global_tokens,

@@ -195,6 +195,7 @@ class RunSpec:
 
     command: str  # "pretrain", "sft" ... (messages, the progress bar)
     flags: TrainFlags
+    output: str  # the run directory
     args: ModelArgs  # the model config a resumed run must have been trained with
     parts: list[Trained]
     settings: dict  # what fixes the loss curve besides the model: a resume must be started with the same
@@ -219,10 +220,10 @@ def train(spec: RunSpec, d: Dist, device: torch.device) -> dict:
 
     flags, name = spec.flags, spec.command
     settings = {**spec.settings, "lora": lora_spec(flags).to_json() if flags.lora_rank else None}
-    ckpt, state = open_run(flags.output, flags.resume, spec.args, settings)
+    ckpt, state = open_run(spec.output, flags.resume, spec.args, settings)
     start_step = state["step"] if state else 0
     if ckpt and start_step >= spec.steps:
-        return finished_run(flags.output, ckpt, start_step, spec.steps, d, name)
+        return finished_run(spec.output, ckpt, start_step, spec.steps, d, name)
     assert spec.module is not None or len(spec.parts) == 1, "several trained parts need the module holding them"
     module = spec.module if spec.module is not None else spec.parts[0].model
     sharded = d.world > 1 and flags.distributed == "fsdp"
@@ -237,16 +238,16 @@ def train(spec: RunSpec, d: Dist, device: torch.device) -> dict:
         bf16, spec.loop["lr"], flags.weight_decay, flags.compile, functools.partial(say, d, name),
     )  # fmt: skip
     ready_quantized(module, bf16)
-    start_run_dir(flags.output, d)
+    start_run_dir(spec.output, d)
     task = spec.task()
     finals = {p.file: (p.prefix, p.meta) for p in spec.parts}
     trainer_state = {"model_args": spec.args.to_dict(), "settings": settings, "parts": part_headers(finals)}
     loop_cfg = LoopConfig.from_flags(flags, steps=spec.steps, name=name, **spec.loop)
     result = fit(
-        task, module, wrapped, optim, loop_cfg, flags.output, trainer_state, d, device, start_step, forward,
+        task, module, wrapped, optim, loop_cfg, spec.output, trainer_state, d, device, start_step, forward,
         metrics_resume=ckpt is not None,
     )  # fmt: skip
-    return {**result, "checkpoint": conclude(flags.output, result, d, name)}
+    return {**result, "checkpoint": conclude(spec.output, result, d, name)}
 
 
 def finetune(
@@ -273,7 +274,7 @@ def finetune(
     part = trainee(cfg, cfg.model, meta, base, tensors, loop["bf16"], continued=continued)
     eval_every = cfg.eval_every or (steps if cfg.val_fraction > 0 else 0)
     spec = RunSpec(
-        command=name, flags=cfg, args=meta.args, parts=[part], settings=settings, steps=steps,
+        command=name, flags=cfg, output=cfg.output, args=meta.args, parts=[part], settings=settings, steps=steps,
         loop={**loop, "eval_every": eval_every}, task=make_task,
         memory_what=f"fine-tuning {meta.args.num_params():,} parameters", memory_source=cfg.model,
     )  # fmt: skip
@@ -340,6 +341,30 @@ def lora_spec(cfg):
     return LoraSpec(cfg.lora_rank, float(alpha), cfg.lora_dropout, parse_targets(cfg.lora_targets))
 
 
+def trainable(
+    cfg: TrainFlags, args: ModelArgs, tensors: dict[str, torch.Tensor] | None, source: str, quant, bf16: bool
+) -> Transformer:
+    """The meta-device model a run trains (``meta_model``; ``tensors`` None: a seeded start). Full training trains
+    every weight. With ``--lora-rank`` the block linears of the target kinds get adapters and the rest is frozen
+    (kept quantized as ``quant`` says: QLoRA; kept in bf16 when training in bf16, as no master copy of it is
+    needed), a scalar head trained in full."""
+    if not cfg.lora_rank:
+        return meta_model(args, tensors, source)
+    model = meta_model(args, tensors, source, quant, lora_spec(cfg))
+    for module_name, m in model.named_modules():
+        for key, p in list(m.named_parameters(recurse=False)):
+            if f"{module_name}.{key}".lstrip(".") in trained_extras(args):
+                p.requires_grad_(True)
+            elif bf16 and not key.startswith("lora_") and p.is_floating_point():
+                setattr(m, key, torch.nn.Parameter(p.to(torch.bfloat16), requires_grad=False))
+    return model
+
+
+def trained_extras(args: ModelArgs) -> tuple[str, ...]:
+    """What a LoRA run trains in full besides the adapters: a reward or value model's scalar head."""
+    return ("score.weight",) if args.head == "scalar" else ()
+
+
 def trainee(
     cfg: TrainFlags,
     path: str,
@@ -351,27 +376,17 @@ def trainee(
     file: str | None = None,
     continued: dict[str, torch.Tensor] | None = None,
 ) -> Trained:
-    """The model to train from checkpoint ``path`` (its ``tensors``; ``continued``: an adapter's that LoRA training
-    continues), on the meta device. Full fine-tuning trains every weight (its final file a model checkpoint of
-    ``meta``). With ``--lora-rank`` the block linears of the target kinds get adapters and the rest is frozen (kept
-    quantized when ``base`` is: QLoRA; kept in bf16 when training in bf16, as no master copy of it is needed), a
-    scalar head trained in full; its final file is an adapter of ``path``. ``file`` names the final file (default:
-    ``output_name``)."""
+    """The model to train from checkpoint ``path`` (``trainable``; ``continued``: an adapter's tensors that LoRA
+    training continues) with its final file: a model checkpoint of ``meta`` for full fine-tuning, with
+    ``--lora-rank`` an adapter of ``path``. ``file`` names the final file (default: ``output_name``)."""
     from llamactl import lora
 
+    model = trainable(cfg, meta.args, tensors, path, base.quant, bf16)
     file = file or output_name(cfg)
     if not cfg.lora_rank:
-        return Trained(meta_model(meta.args, tensors, path), tensors, file, meta, prefix)
-    spec = lora_spec(cfg)
-    model = meta_model(meta.args, tensors, path, base.quant, spec)
-    extra = ("score.weight",) if meta.args.head == "scalar" else ()
-    for module_name, m in model.named_modules():
-        for key, p in list(m.named_parameters(recurse=False)):
-            if f"{module_name}.{key}".lstrip(".") in extra:
-                p.requires_grad_(True)
-            elif bf16 and not key.startswith("lora_") and p.is_floating_point():
-                setattr(m, key, torch.nn.Parameter(p.to(torch.bfloat16), requires_grad=False))
-    adapter = lora.AdapterMeta.of_base(spec, path, base, extra, meta.lineage, meta.role)
+        return Trained(model, tensors, file, meta, prefix)
+    extra = trained_extras(meta.args)
+    adapter = lora.AdapterMeta.of_base(lora_spec(cfg), path, base, extra, meta.lineage, meta.role)
     return Trained(model, {**tensors, **(continued or {})}, file, adapter, prefix)
 
 
