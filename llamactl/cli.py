@@ -374,6 +374,7 @@ TRAIN_HELP = {
     "lora_dropout": "Dropout on the adapters' input.",
     "lora_targets": "all, or a comma list of wq,wk,wv,wo,w1,w2,w3: the block layers that get adapters.",
     "adapter": "An adapter file on -m/--model: continued with --lora-rank (same rank and targets), else merged.",
+    "tensorboard": "Also write the metrics.jsonl rows to this TensorBoard log directory (tensorboard --logdir).",
 }
 
 config_command(

@@ -35,6 +35,7 @@ class TrainFlags:
     lora_dropout: float = 0.05
     lora_targets: str = "all"  # "all" or a comma list of wq,wk,wv,wo,w1,w2,w3
     adapter: str | None = None  # an adapter (adapter.safetensors) on the model: continued with --lora-rank, else merged
+    tensorboard: str | None = None  # a TensorBoard log directory that gets the metrics rows too
     argv: list[str] = field(default_factory=list)
 
 
@@ -96,6 +97,8 @@ def flag_problems(cfg) -> list[str]:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.lr is not None and cfg.lr <= 0:
         problems.append(f"--lr must be positive, got {cfg.lr}")
+    if cfg.tensorboard is not None:
+        problems += tensorboard_problems(cfg.tensorboard)
     if not 0 <= cfg.min_lr_ratio <= 1:
         problems.append(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
     if cfg.distributed not in ("ddp", "fsdp"):
@@ -152,4 +155,18 @@ def sampling_problems(cfg) -> list[str]:
         problems.append(f"--top-k must be >= 0, got {cfg.top_k}")
     if cfg.batch_size < 1:
         problems.append(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    return problems
+
+
+def tensorboard_problems(log_dir: str) -> list[str]:
+    """--tensorboard DIR: a directory that can be written, and TensorBoard's package to write it with."""
+    import importlib.util
+
+    from llamactl.files import check_output
+
+    problems = []
+    if importlib.util.find_spec("tensorboard") is None:
+        problems.append("--tensorboard needs the tensorboard package (pip install 'llamactl[tensorboard]')")
+    if problem := check_output(log_dir, "--tensorboard", directory=True):
+        problems.append(problem)
     return problems

@@ -82,12 +82,19 @@ def flops_per_token(a: ModelArgs, seq_len: int) -> float:
 
 
 class MetricsLog:
-    """metrics.jsonl of a run; on resume, rows past the checkpoint's step are dropped so the curve stays single."""
+    """metrics.jsonl of a run; on resume, rows past the checkpoint's step are dropped so the curve stays single.
+    With ``tensorboard`` (a log directory) every row's numbers also go to TensorBoard as scalars at the row's step,
+    through the writer torch ships (``torch.utils.tensorboard``); a resume purges its events past the step too."""
 
-    def __init__(self, path: str, resume_step: int | None, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: str, resume_step: int | None, enabled: bool, tensorboard: str | None = None):
+        self.path, self.enabled, self.tb = path, enabled, None
         if not enabled:
             return
+        if tensorboard is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            purge = resume_step + 1 if resume_step is not None else None
+            self.tb = SummaryWriter(tensorboard, purge_step=purge)
         rows = []
         if resume_step is not None and os.path.isfile(path):
             with open(path, encoding="utf-8", errors="replace") as f:
@@ -113,10 +120,17 @@ class MetricsLog:
         if self.enabled:
             self.f.write(dumps(row) + "\n")
             self.f.flush()
+            if self.tb is not None:
+                for key, value in row.items():
+                    if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                        self.tb.add_scalar(key, value, row["step"])
+                self.tb.flush()
 
     def close(self) -> None:
         if self.enabled:
             self.f.close()
+            if self.tb is not None:
+                self.tb.close()
 
 
 class Task(abc.ABC):
@@ -168,12 +182,13 @@ class LoopConfig:
     unit: str | None = None  # a task's own unit for throughput ("pairs": pairs/s in the metrics and the bar)
     units_per_step: int = 0
     name: str = "train"  # the command, for the progress bar and messages
+    tensorboard: str | None = None  # a TensorBoard log directory that gets the metrics rows too
 
     @classmethod
     def from_flags(cls, flags, **resolved) -> LoopConfig:
         """The loop's settings from a command's ``TrainFlags`` (``llamactl.flags``), with the values the command
         resolved itself (steps, accumulation, learning rate, warmup ...) given by name."""
-        shared = ("min_lr_ratio", "grad_clip", "eval_every", "save_every", "keep", "log_every")
+        shared = ("min_lr_ratio", "grad_clip", "eval_every", "save_every", "keep", "log_every", "tensorboard")
         return cls(**{**{k: getattr(flags, k) for k in shared}, **resolved})
 
 
@@ -202,7 +217,9 @@ def fit(
     from llamactl.progress import progress
 
     forward = forward if forward is not None else wrapped
-    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), start_step if metrics_resume else None, d.main)
+    metrics = MetricsLog(
+        os.path.join(run_dir, "metrics.jsonl"), start_step if metrics_resume else None, d.main, cfg.tensorboard
+    )
     peak_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     peak_flops = matmul_peak_flops(peak_dtype, device) * d.world if cfg.flops_per_token else None
     remeasured = False

@@ -203,3 +203,47 @@ def test_torchrun_two_processes_match_one(shards, tmp_path, strategy):
     m2, _ = load_model(str(tmp_path / "two" / "model.safetensors"))
     for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
         assert (a - b).abs().max() < 1e-4, k
+
+
+def _tensorboard_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of a TensorBoard log directory as TensorBoard's own reader loads it: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_gets_the_metrics_rows_and_a_resume_keeps_one_curve(shards, tmp_path):
+    """--tensorboard DIR: every number of every metrics.jsonl row, at its step, read back by TensorBoard's reader;
+    a run resumed from step 4 after writing steps 5-8 leaves one value per step (the resumed run's), as
+    metrics.jsonl does."""
+    import shutil
+
+    tb, out = tmp_path / "tb", tmp_path / "a"
+    run(_cfg(shards, out, keep=0, tensorboard=str(tb)))
+    for step in (6, 8):  # back to the checkpoint of step 4, as if the run had died after step 5
+        shutil.rmtree(out / f"step-{step:07d}")
+    (out / "latest").write_text("step-0000004\n")
+    run(_cfg(shards, out, keep=0, tensorboard=str(tb), resume=True))
+    assert (out / "step-0000006").is_dir()  # steps 5 to 8 ran again
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    want: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k != "step" and isinstance(v, (int, float)):
+                want.setdefault(k, []).append((r["step"], v))
+    got = _tensorboard_scalars(tb)
+    assert set(got) == set(want) and {"loss", "lr", "grad_norm", "val_loss"} <= set(got)
+    for tag, points in want.items():
+        assert [s for s, _ in got[tag]] == [s for s, _ in points], tag
+        assert [v for _, v in got[tag]] == pytest.approx([v for _, v in points], rel=1e-6), tag  # stored as fp32
+
+
+def test_tensorboard_flag_is_checked_before_work(shards, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_user_error(run_cli("pretrain", shards, "-o", tmp_path / "run", "--tensorboard", blocker / "tb"),
+                      "--tensorboard")  # fmt: skip
+    assert not (tmp_path / "run").exists()
