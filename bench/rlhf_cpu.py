@@ -56,7 +56,8 @@ def main() -> None:
     n_val = len(pairs) // 10
     # held out: pairs whose last exchange fits the model's context (train-rm leaves the others out; score refuses them)
     from llamactl.checkpoint import read_meta
-    from llamactl.data import encode_pairs, record_pair
+    from llamactl.data import encode_pairs
+    from llamactl.records import record_pair
     from llamactl.tokenizer import Tokenizer
 
     meta = read_meta(a.model)

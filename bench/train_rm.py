@@ -93,7 +93,8 @@ trainer.save_model(cfg["out"] + "/model")
 
 def encoded_records(tok, seq_len: int) -> list[tuple[dict, list[int], list[int]]]:
     """Each record of the pairs file that fits ``seq_len`` by train-rm's rules, with its chosen and rejected ids."""
-    from llamactl.data import encode_pairs, record_pair
+    from llamactl.data import encode_pairs
+    from llamactl.records import record_pair
 
     out = []
     for line in open(PAIRS):

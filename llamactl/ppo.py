@@ -48,8 +48,8 @@ def encode_prompts(path: str, tokenizer, context: int, max_new_tokens: int) -> l
     """The prompt records of ``path`` (``data.read_prompts``: a dialog ending with the user's turn, or ``prompt``
     text; ``is_safety`` optional) with their chat-format tokens, each checked to leave room for an answer."""
     from llamactl.chat_format import DialogError, encode_prompt
-    from llamactl.data import read_prompts
     from llamactl.files import display_name
+    from llamactl.records import read_prompts
 
     prompts = read_prompts(path, ())
     if not prompts:

@@ -110,7 +110,8 @@ def answer_tokens(scorer: Scorer, rec: dict, field: str | None, where: str) -> l
     """The record's dialog as the reward model reads it: chat format, ending with an answer and its EOS, its oldest
     exchanges dropped when it outgrows the model's context (as ``train-rm`` cuts them)."""
     from llamactl.chat_format import DialogError
-    from llamactl.data import fit_dialog, record_messages
+    from llamactl.data import fit_dialog
+    from llamactl.records import record_messages
 
     try:
         messages = record_messages(rec, field)

@@ -119,13 +119,13 @@ def run(cfg: CompareConfig) -> dict:
     """Answer, judge and summarise; returns the summary (also written to ``--output``)."""
     import torch
 
-    from llamactl.data import read_prompts
     from llamactl.device import resolve_device
     from llamactl.files import display_name
     from llamactl.jsonl import dumps, open_output
     from llamactl.jsonl import field as get_field
     from llamactl.policy import load_policy
     from llamactl.progress import progress
+    from llamactl.records import read_prompts
     from llamactl.reward import SAFETY_THRESHOLD, Judge
 
     cfg.validate()

@@ -154,12 +154,13 @@ def run(cfg: EvalConfig) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from llamactl.data import document_ids, read_documents
+    from llamactl.data import document_ids
     from llamactl.device import DTYPE_NAMES, resolve_device
     from llamactl.files import display_name
     from llamactl.jsonl import dumps, open_output
     from llamactl.loading import load_for_inference, read_checked_meta
     from llamactl.progress import progress
+    from llamactl.records import read_documents
     from llamactl.tokenizer import Tokenizer
 
     cfg.validate()

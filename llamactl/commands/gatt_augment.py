@@ -94,8 +94,8 @@ def run(cfg: GattConfig) -> int:
 
     from llamactl import gatt
     from llamactl.chat_format import DialogError, check_dialog
-    from llamactl.data import record_messages
     from llamactl.jsonl import display_name, dumps, open_output, read_jsonl
+    from llamactl.records import record_messages
 
     cfg.validate()
     pool = read_instructions(cfg.instructions) if cfg.instructions else None

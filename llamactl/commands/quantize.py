@@ -82,7 +82,8 @@ def _calibration_sequences(cfg: QuantizeConfig, tokenizer, vocab: int, context: 
     drawn without replacement (seeded) from the non-overlapping windows there are."""
     import torch
 
-    from llamactl.data import document_ids, read_documents
+    from llamactl.data import document_ids
+    from llamactl.records import read_documents
 
     length = cfg.calibration_len or min(512, context)
     if length > context:

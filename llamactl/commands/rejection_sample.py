@@ -40,7 +40,7 @@ from llamactl.errors import UserError
 from llamactl.flags import SamplingFlags
 
 if TYPE_CHECKING:
-    from llamactl.data import Prompt
+    from llamactl.records import Prompt
     from llamactl.reward import Judge
 
 WRITES = {"best": ("score", "scores", "sampled_by", "pooled_from"), "all": ("score", "sample", "best", "sampled_by")}
@@ -201,11 +201,11 @@ def run(cfg: RejectionSampleConfig) -> int:
     import torch.distributed as dist
 
     from llamactl.config import check_memory, kv_cache_bytes
-    from llamactl.data import read_prompts
     from llamactl.device import resolve_device
     from llamactl.jsonl import display_name, dumps, open_output, streams
     from llamactl.policy import load_policy
     from llamactl.progress import progress
+    from llamactl.records import read_prompts
     from llamactl.reward import Judge
     from llamactl.training.distributed import init_distributed
 

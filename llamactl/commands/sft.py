@@ -37,9 +37,9 @@ def run_settings(cfg: SFTConfig, global_batch: int, steps: int) -> dict:
 def read_dialogs(path: str, field_name: str | None):
     """(where, messages) for each record of ``path``; a bad record is a UserError naming file, line and field."""
     from llamactl.chat_format import DialogError
-    from llamactl.data import record_messages
     from llamactl.files import display_name
     from llamactl.jsonl import read_jsonl
+    from llamactl.records import record_messages
 
     name = display_name(path)
     for item in read_jsonl(path):

@@ -51,9 +51,9 @@ def read_pairs(path: str, margin: str) -> list:
     file that rates some pairs but not others while a margin is asked for (the unrated ones would silently get
     none)."""
     from llamactl.chat_format import DialogError
-    from llamactl.data import record_pair
     from llamactl.files import display_name
     from llamactl.jsonl import read_jsonl
+    from llamactl.records import record_pair
 
     name = display_name(path)
     pairs, rated, unrated = [], None, None

@@ -14,9 +14,9 @@ from helpers import FIXTURES, peaked_model, run_cli, save_chatty_model, save_rew
 
 from llamactl.chat_format import encode_dialog
 from llamactl.commands import rejection_sample as rs
-from llamactl.data import record_messages
 from llamactl.errors import UserError
 from llamactl.generate import SamplingParams, sample_k
+from llamactl.records import record_messages
 from llamactl.reward import Scorer
 from llamactl.tokenizer import Tokenizer
 
@@ -103,7 +103,7 @@ def _judge(helpful, safety):
 
 
 def _prompt(is_safety=False):
-    from llamactl.data import Prompt
+    from llamactl.records import Prompt
 
     return Prompt("p.jsonl:1", 0, {}, [{"role": "user", "content": "Hi"}], is_safety)
 
@@ -237,7 +237,7 @@ def test_pool_keeps_the_better_answer_across_iterations(models, known_scores, tm
 
 
 def test_a_pool_keeps_its_best_record_per_prompt_and_refuses_other_prompts(tmp_path):
-    from llamactl.data import Prompt
+    from llamactl.records import Prompt
 
     prompts = [_prompt(), Prompt("p.jsonl:2", 1, {}, [{"role": "user", "content": "Bye"}], False)]
     hi = [{"role": "user", "content": "Hi"}]

@@ -12,8 +12,9 @@ from helpers import FIXTURES, save_chatty_model
 
 from llamactl.checkpoint import read_meta
 from llamactl.commands.sft import SFTConfig, run
-from llamactl.data import encode_for_sft, hh_messages, pack_rows
+from llamactl.data import encode_for_sft, pack_rows
 from llamactl.loading import load_model
+from llamactl.records import hh_messages
 from llamactl.tokenizer import Tokenizer
 
 TOKENIZER = os.path.join(FIXTURES, "llama2-tokenizer.model")

@@ -15,7 +15,8 @@ from helpers import FIXTURES, assert_user_error, run_cli, save_chatty_model, sav
 from llamactl.chat_format import DialogError, encode_dialog
 from llamactl.checkpoint import load_tensors, read_meta
 from llamactl.commands.train_rm import TrainRMConfig, run
-from llamactl.data import MARGINS, encode_pairs, pair_margin, record_pair
+from llamactl.data import MARGINS, encode_pairs, pair_margin
+from llamactl.records import record_pair
 from llamactl.tokenizer import Tokenizer
 from llamactl.training.tasks import PairsTask
 
@@ -166,7 +167,7 @@ def test_score_gives_transformers_scores(rm_path, tmp_path):
     tok = Tokenizer.from_file(TOKENIZER)
     hello = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]
     records = [{"prompt": "What is 2 + 2?", "response": "It is 4.", "id": 1}, {"messages": hello}]
-    from llamactl.data import record_messages
+    from llamactl.records import record_messages
 
     hf = _hf_scores(rm_path, tmp_path, [encode_dialog(tok, record_messages(r, None)).tokens for r in records])
     proc = run_cli("score", "-m", rm_path, "--batch-size", "2", stdin="".join(json.dumps(r) + "\n" for r in records))
