@@ -99,25 +99,82 @@ def test_retry_refeeds_the_last_prompt_token(model):
     torch.testing.assert_close(again, first, rtol=1e-5, atol=1e-5)
 
 
-def test_streamed_tokens_equal_the_batch_result(model):
+def _greedy_full(model, prompt, n, eos):
+    """Greedy continuation by full fp32 forwards over the whole sequence, up to ``n`` tokens or ``eos`` included."""
+    out = []
+    while len(out) < n and (not out or out[-1] != eos):
+        out.append(int(_last_logits(model, prompt + out).argmax()))
+    return out
+
+
+def test_streamed_tokens_equal_full_forwards(model):
+    """Greedy, three prompts of different lengths in one batch and each alone: the stream's tokens are those of a
+    loop of full forwards (no cache, no engine), each row ending at its EOS or its length limit, reported once."""
+    prompts = [[1, 2, 3], [1, 9, 8, 7, 6, 5, 4], [1]]
+    eos = _greedy_full(model, prompts[0], 4, None)[3]  # the first row ends at its 4th token
+    want = [_greedy_full(model, p, 10, eos) for p in prompts]
+    assert len(want[0]) == 4 and any(len(w) == 10 and eos not in w for w in want)  # both endings occur
+    greedy = SamplingParams(max_new_tokens=10, temperature=0)
+    cache = _cache(model, 3, 20)
+    steps = list(stream(model, cache, prefill(model, cache, prompts), greedy, eos))
+    assert _collect(steps) == want
+    assert sorted(r for s in steps for r in s.finished) == [0, 1, 2]  # each row reported once
+    for p, w in zip(prompts, want, strict=True):
+        alone = _cache(model, 1, 20)
+        assert _collect(stream(model, alone, prefill(model, alone, [p]), greedy, eos)) == [w]
+    # generate over the same engine: the rows back in prompt order, each with how it ended
+    got = generate(model, prompts, greedy, eos)
+    assert [c.tokens for c in got] == want
+    assert [c.finish_reason for c in got] == ["eos" if w[-1] == eos else "length" for w in want]
+
+
+def test_sampled_tokens_against_full_forwards(model):
+    """Sampling (temperature 0.9, top-k 20), the batch and each prompt alone: every token is one of the 20 most
+    likely under a full forward over the row's sequence so far, its log-probability is that forward's, a row
+    ends at EOS or after max_new_tokens; and the first token's frequencies over 4,000 seeded draws are the tempered
+    top-k softmax of the full forward's logits, computed here."""
     prompts = [[1, 2, 3], [1, 9, 8, 7, 6, 5, 4], [1]]
     params = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=20, logprobs=True)
+    eos = 5
+    runs = []
     cache = _cache(model, 3, 20)
-    steps = list(stream(model, cache, prefill(model, cache, prompts), params, 5, torch.Generator().manual_seed(7)))
-    batch = generate(model, prompts, params, 5, torch.Generator().manual_seed(7))
-    assert _collect(steps) == [c.tokens for c in batch]
-    assert sorted(r for s in steps for r in s.finished) == [0, 1, 2]  # each row reported once
-    for p, c in zip(prompts, batch, strict=True):
-        assert c.finish_reason == ("eos" if c.tokens[-1] == 5 else "length")
-        assert c.finish_reason == "eos" or len(c.tokens) == 10
-        # the log-probabilities are the full forward's, at each sampled token
-        with torch.no_grad():
-            full = torch.log_softmax(model(torch.tensor([p + c.tokens[:-1]]))[0, len(p) - 1 :], -1)
-        want = full.gather(1, torch.tensor(c.tokens)[:, None])[:, 0]
-        torch.testing.assert_close(torch.tensor(c.logprobs), want, rtol=1e-5, atol=1e-5)
+    steps = list(stream(model, cache, prefill(model, cache, prompts), params, eos, torch.Generator().manual_seed(7)))
+    assert sorted(r for s in steps for r in s.finished) == [0, 1, 2]
+    runs.append(dict(finished_rows(iter(steps), eos)))
+    for i, p in enumerate(prompts):
+        alone = _cache(model, 1, 20)
+        s = stream(model, alone, prefill(model, alone, [p]), params, eos, torch.Generator().manual_seed(i))
+        ((_, c),) = finished_rows(s, eos)
+        runs.append({i: c})
+    greedy = {i: _greedy_full(model, p, 10, eos) for i, p in enumerate(prompts)}
+    differs = False
+    for run_ in runs:
+        for i, c in run_.items():
+            p = prompts[i]
+            assert c.finish_reason == ("eos" if c.tokens[-1] == eos else "length")
+            assert (c.tokens[-1] == eos and eos not in c.tokens[:-1]) or (len(c.tokens) == 10 and eos not in c.tokens)
+            with torch.no_grad():
+                full = model(torch.tensor([p + c.tokens[:-1]]), output="logits")[0, len(p) - 1 :]
+            top = full.topk(20, -1).indices
+            assert all(t in top[k].tolist() for k, t in enumerate(c.tokens))
+            want = torch.log_softmax(full, -1).gather(1, torch.tensor(c.tokens)[:, None])[:, 0]
+            torch.testing.assert_close(torch.tensor(c.logprobs), want, rtol=1e-5, atol=1e-5)
+            differs |= c.tokens != greedy[i][: len(c.tokens)]
+    assert differs  # it sampled: not every answer is the greedy one
 
-    greedy = SamplingParams(max_new_tokens=10, temperature=0)
-    assert [c.tokens for c in generate(model, prompts, greedy, None)] == [_greedy_alone(model, p, 10) for p in prompts]
+    n, prompt = 4000, [1, 2, 3]
+    cache = _cache(model, 1, 8)
+    logits = prefill(model, cache, [prompt])
+    many = cache.fork([0] * n)
+    first = torch.cat([s.tokens for s in stream(model, many, logits.expand(n, -1), SamplingParams(1, 0.9, top_k=20),
+                                                None, torch.Generator().manual_seed(3))])  # fmt: skip
+    scaled = _last_logits(model, prompt) / 0.9
+    kth = scaled.topk(20).values[-1]
+    p = torch.softmax(scaled.masked_fill(scaled < kth, float("-inf")), -1).double()
+    freq = torch.bincount(first, minlength=len(p)).double() / n
+    assert freq[p == 0].sum() == 0
+    # each frequency within 4.5 standard errors of its probability (a seeded draw: the same every run)
+    assert ((freq - p).abs() <= 4.5 * (p * (1 - p) / n).sqrt() + 1e-12).all(), (freq - p).abs().max()
 
 
 def test_batch_shrinks_without_changing_any_row(model):

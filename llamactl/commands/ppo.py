@@ -142,7 +142,7 @@ def run(cfg: PPOConfig) -> dict:
             parts.append(lifecycle.memory_part(cfg, base.args, None, "logprobs", frozen=True))
         seq = min(base.args.max_seq_len, rm_meta.args.max_seq_len)  # at most: the prompt and answer fill the context
         return lifecycle.dry_run(cfg, parts, micro_batch=cfg.batch_size, seq_len=seq, items_per_step=cfg.minibatch_size)
-    policy_tensors, adapted, continued = lifecycle.base_weights(cfg, base, "lm", "as the policy ppo trains")
+    policy_tensors, adapted, continued = lifecycle.base_weights(cfg, cfg.model, base, "lm", "as the policy ppo trains")
     d, device, say, use_bf16 = lifecycle.start(cfg, "ppo")
     if cfg.prompts_per_iteration % d.world or cfg.minibatch_size % (cfg.batch_size * d.world):
         raise UserError(f"--minibatch-size {cfg.minibatch_size} is not a multiple of --batch-size x processes = "

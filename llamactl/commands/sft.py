@@ -68,7 +68,7 @@ def run(cfg: SFTConfig) -> dict:
         part = lifecycle.memory_part(cfg, base.args, base.quant)
         return lifecycle.dry_run(cfg, [part], micro_batch=cfg.batch_size, seq_len=seq, packed=cfg.pack,
                          items_per_step=cfg.global_batch_size)  # fmt: skip
-    tensors, adapted, continued = lifecycle.base_weights(cfg, base, "lm", "to fine-tune with sft")
+    tensors, adapted, continued = lifecycle.base_weights(cfg, cfg.model, base, "lm", "to fine-tune with sft")
     tok = Tokenizer(base.tokenizer, cfg.model)
     seq_len = min(cfg.seq_len, base.args.max_seq_len)
     d, device, say, use_bf16 = lifecycle.start(cfg, "sft")

@@ -99,7 +99,7 @@ def run(cfg: TrainRMConfig) -> dict:
         part = lifecycle.memory_part(cfg, args, base.quant)
         return lifecycle.dry_run(cfg, [part], micro_batch=cfg.batch_size, seq_len=seq, sequences_per_item=2,
                                  packed=cfg.pack, items_per_step=cfg.global_batch_size)  # fmt: skip
-    tensors, adapted, continued = lifecycle.base_weights(cfg, base, None, "to train a reward model from")
+    tensors, adapted, continued = lifecycle.base_weights(cfg, cfg.model, base, None, "to train a reward model from")
     if adapted.args.head == "scalar" and adapted.role not in (None, cfg.kind):
         raise UserError(f"{cfg.model}: is a {base.role} model; --kind {cfg.kind} would train it into another kind")
     tok = Tokenizer(base.tokenizer, cfg.model)

@@ -134,7 +134,7 @@ def autocast_bf16(dtype: str, device: torch.device) -> bool:
     return dtype == "bf16" or (dtype == "auto" and bf16_supported(device))
 
 
-def start(cfg, command: str):
+def start(cfg: TrainFlags, command: str):
     """What every training command does first: its device (under torchrun, this rank's), the process group, its
     stderr notes (rank 0 only) and whether it autocasts to bf16. Returns (dist, device, say, bf16)."""
     from llamactl.device import resolve_device
@@ -149,7 +149,7 @@ def say(d: Dist, command: str, message: str) -> None:
         print(f"llamactl {command}: {message}", file=sys.stderr)
 
 
-def check_global_batch(cfg, d: Dist) -> None:
+def check_global_batch(cfg: FinetuneFlags, d: Dist) -> None:
     """Refuse, before any data is read, a --global-batch-size that accumulation cannot reach exactly."""
     per_micro = cfg.batch_size * d.world
     if cfg.global_batch_size % per_micro:
@@ -158,7 +158,9 @@ def check_global_batch(cfg, d: Dist) -> None:
         )
 
 
-def plan_schedule(cfg, n_items: int, d: Dist, unit: str, say, min_warmup: int = 0) -> tuple[int, int, int, int]:
+def plan_schedule(
+    cfg: FinetuneFlags, n_items: int, d: Dist, unit: str, say, min_warmup: int = 0
+) -> tuple[int, int, int, int]:
     """(global batch, accumulation, steps, warmup) of a fine-tuning run over ``n_items`` records, from the flags of
     ``llamactl.flags.FinetuneFlags``: a dataset smaller than one global batch trains on what it has (said once);
     ``--steps`` wins over ``--epochs``; warmup defaults to 3% of the steps, at least ``min_warmup`` (below the
@@ -281,8 +283,8 @@ def finetune(
     return train(spec, d, device)
 
 
-def dry_run(cfg, parts: list, *, micro_batch: int, seq_len: int, sequences_per_item: int = 1, packed: bool = False,
-            items_per_step: int | None = None):  # fmt: skip
+def dry_run(cfg: TrainFlags, parts: list, *, micro_batch: int, seq_len: int, sequences_per_item: int = 1,
+            packed: bool = False, items_per_step: int | None = None):  # fmt: skip
     """``--dry-run``: the memory plan of one rank (``llamactl.memory``) for these flags on stdout, from rank 0 only,
     before any process group, device or weight exists; with ``--device-memory``, whether it fits. Plans for the
     world ``--world-size`` says (else torchrun's, else one process) and the device ``--device`` names (auto: this
@@ -304,7 +306,7 @@ def dry_run(cfg, parts: list, *, micro_batch: int, seq_len: int, sequences_per_i
     return {"dry_run": True, "bytes_per_rank": result.total, "fits": None if limit is None else result.total <= limit}
 
 
-def planned_device(cfg) -> tuple[str, bool]:
+def planned_device(cfg: TrainFlags) -> tuple[str, bool]:
     """(cuda or cpu, bf16) a dry run plans for: ``--device`` (auto: this machine's) and ``--dtype`` (auto: bf16 on
     CUDA, and on a CPU that runs it natively)."""
     from llamactl.device import bf16_supported
@@ -315,7 +317,7 @@ def planned_device(cfg) -> tuple[str, bool]:
     return kind, cfg.dtype == "bf16" or (cfg.dtype == "auto" and auto)
 
 
-def memory_part(cfg, args: ModelArgs, quant=None, output: str | None = None, frozen: bool = False):
+def memory_part(cfg: TrainFlags, args: ModelArgs, quant=None, output: str | None = None, frozen: bool = False):
     """The ``llamactl.memory.Part`` of a model this run trains (fully, or through LoRA adapters) or only runs."""
     from llamactl import memory
 
@@ -328,12 +330,12 @@ def memory_part(cfg, args: ModelArgs, quant=None, output: str | None = None, fro
     return memory.Part(args, "lora", quant, spec.rank, spec.targets, spec.dropout, output, 2 if bf16 else 4)
 
 
-def output_name(cfg) -> str:
+def output_name(cfg: TrainFlags) -> str:
     """The file a training command's run ends with."""
     return "adapter.safetensors" if cfg.lora_rank else "model.safetensors"
 
 
-def lora_spec(cfg):
+def lora_spec(cfg: TrainFlags):
     """The LoRA adapters ``--lora-rank/--lora-alpha/--lora-dropout/--lora-targets`` ask for."""
     from llamactl.lora import LoraSpec, parse_targets
 
@@ -409,22 +411,23 @@ def ready_quantized(model: torch.nn.Module, bf16: bool) -> None:
             m.prepare(torch.bfloat16 if bf16 else torch.float32)
 
 
-def base_weights(cfg, base: CheckpointMeta, head: str | None, purpose: str):
-    """``cfg.model``'s tensors for a training command (memory-mapped), with ``--adapter``: merged into them for full
-    fine-tuning (the merged model in memory), or, with ``--lora-rank``, kept apart to continue training (same rank
-    and targets). Returns (tensors, header of the model they make, the continued adapter's tensors or None)."""
+def base_weights(cfg: TrainFlags, path: str, base: CheckpointMeta, head: str | None, purpose: str):
+    """The tensors of checkpoint ``path`` (``-m/--model``) for a training command (memory-mapped), with
+    ``--adapter``: merged into them for full fine-tuning (the merged model in memory), or, with ``--lora-rank``,
+    kept apart to continue training (same rank and targets). Returns (tensors, header of the model they make, the
+    continued adapter's tensors or None)."""
     from llamactl import loading, lora
     from llamactl.checkpoint import load_tensors
 
-    tensors = load_tensors(cfg.model)
+    tensors = load_tensors(path)
     if cfg.adapter is None:
         return tensors, base, None
     adapter, adapter_tensors = lora.read_adapter(cfg.adapter)
-    lora.check_base(adapter, cfg.model, base)
+    lora.check_base(adapter, path, base)
     if head is not None:
-        lora.check_adapted_head(adapter, cfg.model, head, purpose)
+        lora.check_adapted_head(adapter, path, head, purpose)
     if not cfg.lora_rank:
-        merged = loading.merged_tensors(tensors, base, adapter, adapter_tensors, cfg.model)
+        merged = loading.merged_tensors(tensors, base, adapter, adapter_tensors, path)
         return merged, adapter.adapted(base, merged=True), None
     spec = lora_spec(cfg)
     if (adapter.spec.rank, adapter.spec.targets) != (spec.rank, spec.targets):

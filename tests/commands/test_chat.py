@@ -63,8 +63,8 @@ def test_batch_answers_are_the_greedy_continuation(model_path, tmp_path):
 
 def test_session_cache_holds_exactly_the_history(model_path):
     """After two turns the cache's next-token logits equal a full forward over the tokens the session says it fed,
-    and those start with the first turn's prompt as sentencepiece encodes it; /retry (greedy) repeats the answer and
-    /undo rewinds the cache to before the turn."""
+    and those start with the first turn's prompt as sentencepiece encodes it; /undo rewinds the cache to before the
+    turn (what /retry does is shown with sampling, below: greedy, a retry and a no-op look the same)."""
     sp = spm.SentencePieceProcessor(model_file=TOKENIZER)
     s = Session(ChatConfig(model=model_path, temperature=0, max_new_tokens=5, dtype="fp32"))
     first = s.answer("Hi")
@@ -80,10 +80,57 @@ def test_session_cache_holds_exactly_the_history(model_path):
     torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
     s.cache.truncate(len(s.fed))
     mark = s.marks[-1]
+    before = list(s.fed)
     s.handle("/undo")
-    assert s.cache.lengths == [mark] and len(s.turns) == 1
+    assert s.cache.lengths == [mark] and s.fed == before[:mark] and s.turns == [("Hi", first)]
+
+
+def _cache_is_the_history(s: Session) -> None:
+    """The session's cache holds exactly ``s.fed``: its logits for a probe equal a full forward over fed + probe."""
+    from llamactl.generate import prefill
+
+    assert s.cache.lengths == [len(s.fed)]
+    probe = [1, 518, 25580, 29962]  # BOS "[INST]"
+    cached = prefill(s.chat.model, s.cache, [probe])[0]
+    with torch.no_grad():
+        full = s.chat.model(torch.tensor([s.fed + probe]), output="logits")[0, -1]
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
+    s.cache.truncate(len(s.fed))
+
+
+def test_retry_replaces_the_last_answer_and_undo_drops_the_last_exchange(model_path):
+    """Sampling (temperature 1, seed 0): /retry keeps the number of turns and the first turn as they were, and
+    replaces the last answer by a new sample of the same prompt: the tokens fed are the history before that turn,
+    the turn's prompt as sentencepiece encodes it, then the new answer closed by EOS. /undo then drops exactly the
+    last exchange, cache included, and a second /undo the first."""
+    sp = spm.SentencePieceProcessor(model_file=TOKENIZER)
+    s = Session(ChatConfig(model=model_path, temperature=1.0, top_p=1.0, max_new_tokens=8, dtype="fp32", seed=0))
+    first = s.answer("Hi")
+    second = s.answer("And then?")
+    mark0, mark1 = s.marks
+    head = s.fed[:mark1]  # the first exchange, as fed
+    assert mark0 == 0 and head[-1] == 2 and s.fed[mark1:].count(2) == 1
+    _cache_is_the_history(s)
+
     s.handle("/retry")
-    assert s.turns[-1] == ("Hi", first)
+    assert len(s.turns) == 2 and s.turns[0] == ("Hi", first) and s.turns[1][0] == "And then?"
+    again = s.turns[1][1]
+    assert again != second and again  # a new sample (32,000 tokens at temperature 1: the same 8 are no chance)
+    prompt = [1] + sp.encode("[INST] And then? [/INST]")
+    assert s.marks == [0, mark1] and s.fed[:mark1] == head  # the first exchange is untouched
+    assert s.fed[mark1 : mark1 + len(prompt)] == prompt
+    answer = s.fed[mark1 + len(prompt) :]
+    assert answer[-1] == 2 and 2 not in answer[:-1] and sp.decode(answer[:-1]).strip() == again
+    _cache_is_the_history(s)
+
+    s.handle("/retry")  # and again: another sample, still two turns
+    assert len(s.turns) == 2 and s.turns[0] == ("Hi", first) and s.turns[1][1] not in (second, again)
+
+    s.handle("/undo")
+    assert s.turns == [("Hi", first)] and s.fed == head and s.marks == [0]
+    _cache_is_the_history(s)
+    s.handle("/undo")
+    assert s.turns == [] and s.fed == [] and s.marks == [] and s.cache.lengths == [0]
 
 
 def _expect(fd: int, pattern: str, buf: list[str], timeout: float = 60.0) -> str:

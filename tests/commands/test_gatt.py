@@ -79,6 +79,68 @@ def test_cli_prepare_finalize_and_with_a_model(tmp_path):
     assert msgs[2]["content"] != "Hello." and msgs[2]["loss"] is False and "loss" not in msgs[4]
 
 
+def test_each_answer_is_sampled_from_the_dialog_so_far_with_the_instruction_on_every_turn(tmp_path, monkeypatch):
+    """gatt-augment -m, in this process, with the sampler's entry point (Chatter.answer_all) recording each prompt it
+    is given: the answer to user turn k is sampled from BOS [INST] inst\\n\\nu_1 [/INST] a_1 EOS ... BOS [INST]
+    inst\\n\\nu_k [/INST], built here with sentencepiece (the dialog's own system prompt merged into the first turn),
+    where a_j are the answers the model gave before; and the training example written then carries the instruction
+    once, as the system prompt of the first turn, the user turns as they came and the sampled answers."""
+    import sentencepiece as spm
+
+    from llamactl.commands.gatt_augment import GattConfig, run
+    from llamactl.policy import Chatter
+
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(FIXTURES, "llama2-tokenizer.model"))
+    inst = "Answer in one word."
+    dialogs = [DIALOG[:4], [{"role": "system", "content": "Be kind."}, *DIALOG]]  # two and three user turns
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"messages": d}) + "\n" for d in dialogs))
+    (tmp_path / "inst.txt").write_text(inst + "\n")
+    model = str(tmp_path / "m.safetensors")
+    save_chatty_model(model, max_seq_len=256)
+
+    seen = []  # (prompt tokens, the answer sampled from them)
+    real = Chatter.answer_all
+
+    def spy(self, prompts):
+        texts = real(self, prompts)
+        seen.extend((tuple(p), t) for p, t in zip(prompts, texts, strict=True))
+        return texts
+
+    monkeypatch.setattr(Chatter, "answer_all", spy)
+    out = tmp_path / "out.jsonl"
+    cfg = GattConfig(input=str(src), output=str(out), instructions=str(tmp_path / "inst.txt"), model=model,
+                     max_new_tokens=6, batch_size=2, dtype="fp32", device="cpu")  # fmt: skip
+    assert run(cfg) == 2
+    results = [json.loads(line)["messages"] for line in open(out)]
+    assert len(seen) == 5  # one answer a user turn (2 + 3), none sampled again
+    sampled = dict(seen)
+
+    for given, got in zip(dialogs, results, strict=True):
+        system = given[0]["content"] if given[0]["role"] == "system" else None
+        users = [m["content"] for m in given if m["role"] == "user"]
+        answers = [m["content"] for m in got if m["role"] == "assistant"]
+        assert len(answers) == len(users) and all(answers)
+        sys_text = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if system else ""
+        for k in range(len(users)):
+            turn = [sys_text * (j == 0) + f"{inst}\n\n{users[j]}" for j in range(k + 1)]
+            prompt = []
+            for j in range(k):
+                prompt += [1] + sp.encode(f"[INST] {turn[j]} [/INST] {answers[j]} ") + [2]
+            prompt += [1] + sp.encode(f"[INST] {turn[k]} [/INST]")
+            assert sampled.get(tuple(prompt)) == answers[k], (k, sp.decode(prompt))
+        # the training example: the instruction once, as the first turn's system prompt; loss on the last turn only
+        assert got[0] == {"role": "system", "content": (system + "\n" if system else "") + inst}
+        assert [m["content"] for m in got[1:] if m["role"] == "user"] == users
+        assert [m.get("loss", True) for m in got[1:]] == [False] * (2 * len(users) - 2) + [True, True]
+        tok = Tokenizer.from_file(os.path.join(FIXTURES, "llama2-tokenizer.model"))
+        tokens = encode_dialog(tok, got).tokens
+        first = f"<<SYS>>\n{got[0]['content']}\n<</SYS>>\n\n{users[0]}"
+        want = [t for j, u in enumerate(users) for t in
+                [1] + sp.encode(f"[INST] {first if j == 0 else u} [/INST] {answers[j]} ") + [2]]  # fmt: skip
+        assert tokens == want and sp.decode(tokens).count(inst) == 1
+
+
 @pytest.mark.parametrize(
     "stdin, needle",
     [

@@ -53,6 +53,62 @@ def test_gae_and_kl_penalty_by_hand():
     assert ret[0].tolist() == pytest.approx([0, 0, a2 + 0.5, a3 + 1.0, a4 + 1.5, 0])
 
 
+def test_clipped_ppo_loss_by_hand():
+    """PPOTask.loss on six hand-made tokens (five answer tokens, one masked out), from a stub model that returns
+    fixed (log pi, V), against the objective written out here: per token max(-A r, -A clip(r, 1-eps, 1+eps)) +
+    value_coef * 0.5 max((V-R)^2, (V_clip-R)^2), V_clip = V_old + clip(V - V_old, -eps, eps), summed over the mask.
+    The tokens take each side of both clips: the ratio inside the band, above it with A > 0 (clipped) and A < 0 (not),
+    below it with A < 0 (clipped) and A > 0 (not); the value inside its band, and outside it on either side, with
+    the clipped and the unclipped error each the larger in turn."""
+    from types import SimpleNamespace
+
+    from llamactl.training.tasks import PPOTask
+
+    eps, coef = 0.2, 0.5
+    # per token: (new log pi, old log pi, advantage, new V, old V, return, in the mask)
+    rows = [
+        [(-1.0, -1.1, 1.0, 0.1, 0.0, 1.0, True),  # r = e^0.1 in the band; V in its band
+         (-0.5, -1.0, 2.0, 1.0, 0.0, 0.0, True),  # r = e^0.5 > 1.2, A > 0: clipped; V clipped, unclipped error larger
+         (-0.5, -1.0, -1.0, 1.0, 0.0, 2.0, True)],  # r > 1.2, A < 0: unclipped; V clipped, clipped error larger
+        [(-2.0, -1.5, -1.5, 0.5, 1.0, 0.0, True),  # r = e^-0.5 < 0.8, A < 0: clipped; V below its band
+         (-2.0, -1.5, 1.0, -0.1, 0.0, 0.5, True),  # r < 0.8, A > 0: unclipped
+         (3.0, -3.0, 100.0, 50.0, 0.0, -50.0, False)],  # padding: must count for nothing
+    ]  # fmt: skip
+    want_total, want_clipped, want_value, want_kl = 0.0, 0, 0.0, 0.0
+    for new_lp, old_lp, a, v, v_old, ret, on in (t for row in rows for t in row):
+        if not on:
+            continue
+        r = math.exp(new_lp - old_lp)
+        policy = max(-a * r, -a * min(max(r, 1 - eps), 1 + eps))
+        v_clip = v_old + min(max(v - v_old, -eps), eps)
+        value = 0.5 * max((v - ret) ** 2, (v_clip - ret) ** 2)
+        want_total += policy + coef * value
+        want_clipped += abs(r - 1) > eps
+        want_value += value
+        want_kl += r - 1 - math.log(r)
+
+    def col(i, dtype=torch.float32):
+        return torch.tensor([[t[i] for t in row] for row in rows], dtype=dtype)
+
+    none = torch.zeros(2, 3, dtype=torch.long)  # the stub reads no tokens
+    batch = {"tokens": none, "targets": none, "mask": col(6, torch.bool), "logp": col(1), "adv": col(2),
+             "values": col(4), "returns": col(5)}  # fmt: skip
+
+    def stub(tokens, targets, mask):  # what ActorCritic returns: (log pi of the targets, V) per position
+        assert mask.tolist() == col(6).tolist()
+        return col(0), col(3)
+
+    cfg = SimpleNamespace(seed=0, prompts_per_iteration=2, minibatch_size=2, clip=eps, value_coef=coef)
+    d = SimpleNamespace(world=1, rank=0, main=True)
+    task = PPOTask(cfg, [object()] * 2, (None, None, None), (None, None), d, torch.device("cpu"), 0.1, False)
+    task.loss_stats = torch.zeros(4, dtype=torch.float64)  # what the rollout starts each iteration with
+    total, count = task.loss(stub, batch)
+    assert float(count) == 5
+    assert float(total) == pytest.approx(want_total, rel=1e-6)
+    assert task.loss_stats.tolist() == pytest.approx([want_clipped, want_value, 5, want_kl], rel=1e-6)
+    assert want_clipped == 4  # the test's own premise: every token but the first has its ratio outside the band
+
+
 CHOICES = list(range(1000, 1008))  # the policy's eight tokens
 TARGET = 1003  # the one the controlled reward prefers
 
@@ -199,23 +255,148 @@ def test_kill_9_then_resume_gives_the_uninterrupted_curve(models, tmp_path):
     assert curve(tmp_path / "broken") == curve(tmp_path / "straight")
 
 
-def test_torchrun_two_processes_run_data_parallel(models, tmp_path):
-    """Two gloo ranks run the whole loop (each samples half of an iteration's prompts; rewards are whitened and the
-    figures reduced across both): the KL at the first iteration is 0, the whitened reward averages 0, every figure is
-    finite, and rank 0 writes the policy and the value model."""
-    policy, rm, prompts = models
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-           "llamactl.cli", "ppo", "-m", policy, "--rm", rm, "--prompts", prompts, "-o", str(tmp_path / "run"),
-           "--iterations", "2", "--prompts-per-iteration", "16", "--minibatch-size", "8", "--batch-size", "4",
-           "--max-new-tokens", "8", "--lr", "3e-2", "--dtype", "fp32"]  # fmt: skip
+def pin_rollouts(patch, record: str) -> None:
+    """Rollouts that depend on the iteration and the prompt only, not on which rank samples the prompt or what it is
+    batched with (the run's own generator is seeded per (seed, iteration, rank), and a row's draws depend on its
+    batch): each prompt is sampled alone, from the policy, with a generator seeded by (iteration, prompt tokens).
+    Every [iteration, prompt, answer] is appended to ``record``.RANK. ``patch`` has ``setattr(obj, name, value)``
+    (pytest's monkeypatch, or ``Setattr`` in a torchrun child)."""
+    import zlib
+
+    import torch.distributed as dist
+
+    from llamactl import generate
+    from llamactl.training import tasks
+
+    real_rollout, real_completions, now = tasks.PPOTask.rollout, generate.completions, {}
+
+    def rollout(self, iteration):
+        now["iteration"] = iteration
+        return real_rollout(self, iteration)
+
+    def completions(model, prompts, params, eos_id, generator=None):
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        for p in prompts:
+            g = torch.Generator(device=generator.device)
+            g.manual_seed(zlib.crc32(repr((now["iteration"], list(p))).encode()))
+            (c,) = real_completions(model, [p], params, eos_id, g)
+            with open(f"{record}.{rank}", "a") as f:
+                f.write(json.dumps([now["iteration"], list(p), c.tokens]) + "\n")
+            yield c
+
+    patch.setattr(tasks.PPOTask, "rollout", rollout)
+    patch.setattr(generate, "completions", completions)
+
+
+class Setattr:
+    setattr = staticmethod(setattr)
+
+
+def record_gradients(path: str):
+    """Save, on rank 0, the gradient every optimizer step takes (after the loop's normalisation, DDP's all-reduce
+    and the clip: what AdamW is given), one list of tensors per step in parameter order; returns the hook's handle."""
+    import torch.distributed as dist
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    steps = []
+
+    def hook(optimizer, args, kwargs):
+        steps.append([p.grad.detach().clone() for g in optimizer.param_groups for p in g["params"]])
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            torch.save(steps, path)
+
+    return register_optimizer_step_pre_hook(hook)
+
+
+# A torchrun child: the rollouts pinned and the gradients recorded as in the one-process run, then the command line.
+TORCHRUN_CHILD = """
+import json, sys
+paths, argv, record, grads = (json.loads(a) for a in sys.argv[1:5])
+sys.path[:0] = paths
+import test_ppo
+from llamactl.cli import main
+test_ppo.pin_rollouts(test_ppo.Setattr(), record)
+test_ppo.record_gradients(grads)
+main(argv)
+"""
+
+
+def _records(path) -> list:
+    return sorted(json.loads(x) for x in open(path))
+
+
+def test_torchrun_two_processes_equal_one_process(models, tmp_path, monkeypatch):
+    """Two gloo ranks (each samples half of an iteration's prompts; rewards are whitened over both, gradients and
+    figures reduced across them) train as one process does on the same global batch: with the rollouts pinned to
+    depend on (iteration, prompt) alone, both runs sample the same answers, and take the same gradient at each step,
+    log the same figures and end with the same policy and value model. An iteration is one minibatch (prompts per
+    iteration = minibatch size), so each takes one step over all its samples: a minibatch is a shuffle of each
+    rank's own samples, so with several minibatches per iteration two world sizes split them differently by design.
+
+    The models are a random chat model and a reward model with a random head (not the fixture's: with every
+    position's features the same, the value head's first gradient is 0 by construction, and AdamW's eps-sized
+    denominator turns the fp32 noise around 0 into steps of lr x noise / eps: 5e-4 apart after one step)."""
+    from helpers import save_reward_model
+
+    policy = str(tmp_path / "chatty.safetensors")
+    save_chatty_model(policy, max_seq_len=64)
+    rm = save_reward_model(policy, str(tmp_path / "rm.safetensors"), 0, "helpfulness")
+    prompts = models[2]
+    common = dict(iterations=2, prompts_per_iteration=8, minibatch_size=8, batch_size=4, device="cpu")
+    hook = record_gradients(str(tmp_path / "one.grads"))
+    try:
+        with monkeypatch.context() as m:
+            pin_rollouts(m, str(tmp_path / "one.rollouts"))
+            run(_cfg((policy, rm, prompts), tmp_path / "one", **common))
+    finally:
+        hook.remove()
+    child = tmp_path / "child.py"
+    child.write_text(TORCHRUN_CHILD)
+    here = os.path.dirname(os.path.abspath(__file__))
+    # the flags of _cfg(..., **common)
+    argv = ["ppo", "-m", policy, "--rm", rm, "--prompts", prompts, "-o", str(tmp_path / "two"),
+            "--iterations", "2", "--prompts-per-iteration", "8", "--minibatch-size", "8", "--batch-size", "4",
+            "--max-new-tokens", "8", "--lr", "3e-2", "--kl-beta", "0.1", "--gen-batch-size", "16", "--seed", "0",
+            "--dtype", "fp32", "--device", "cpu"]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(child),
+           *(json.dumps(a) for a in ([here, os.path.dirname(here)], argv, str(tmp_path / "two.rollouts"),
+                                     str(tmp_path / "two.grads")))]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    its = _iterations(tmp_path / "run")
-    assert [r["iteration"] for r in its] == [1, 2]
-    assert its[0]["kl"] == pytest.approx(0, abs=1e-6)
-    assert all(r["reward_whitened"] == pytest.approx(0, abs=1e-5) for r in its)
-    assert all(math.isfinite(r[k]) for r in its for k in ("reward_raw", "kl", "value_loss", "entropy"))
-    assert read_meta(str(tmp_path / "run" / "value.safetensors")).role == "value"
+
+    # the same samples: every prompt once an iteration, half of them on each rank (the first iteration's first:
+    # they come from the same weights; the second's from the weights after the step compared below)
+    one = _records(tmp_path / "one.rollouts.0")
+    ranks = [_records(tmp_path / f"two.rollouts.{r}") for r in (0, 1)]
+    assert [len(r) for r in ranks] == [8, 8]
+    two = sorted(ranks[0] + ranks[1])
+    assert [r for r in two if r[0] == 0] == [r for r in one if r[0] == 0]
+    assert sorted((i, tuple(p)) for i, p, _ in one) == sorted((i, tuple(p)) for i in (0, 1) for p in
+                                                               {tuple(p) for _, p, _ in one})  # fmt: skip
+    # the same gradient at each step, to fp32 sums taken in another order (gloo's all-reduce, DDP's averaging, one
+    # micro-batch a rank instead of two accumulated, other padding widths): ~1e-7 of the gradient's scale
+    g1, g2 = torch.load(tmp_path / "one.grads"), torch.load(tmp_path / "two.grads")
+    assert len(g1) == len(g2) == 2
+    for step, (a, b) in enumerate(zip(g1, g2, strict=True)):
+        scale = max(float(x.abs().max()) for x in a)
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            where = f"step {step}, parameter {i}"
+            torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5 * scale, msg=lambda m, w=where: f"{w}: {m}")
+    assert two == one
+    # the same figures (metrics.jsonl rounds them to 6 decimals)
+    its1, its2 = _iterations(tmp_path / "one"), _iterations(tmp_path / "two")
+    assert [r["iteration"] for r in its2] == [1, 2] and its2[0]["kl"] == pytest.approx(0, abs=1e-6)
+    assert its2[1]["kl"] != pytest.approx(0, abs=1e-4)  # the first step moved the policy: the second is compared
+    for key in ("loss", "grad_norm", "reward_raw", "reward_whitened", "helpful_raw", "kl", "entropy",
+                "response_length", "value_loss", "clip_fraction", "policy_kl_step", "safety_samples"):  # fmt: skip
+        assert [r[key] for r in its2] == pytest.approx([r[key] for r in its1], rel=1e-4, abs=2e-6), key
+    # and the same weights after two AdamW steps of lr 3e-2 (each moves a weight by up to 3e-2)
+    for name in ("model.safetensors", "value.safetensors"):
+        a, b = (dict(load_tensors(str(tmp_path / run / name))) for run in ("one", "two"))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=lambda m, n=name, k=k: f"{n}: {k}: {m}")
+    assert read_meta(str(tmp_path / "two" / "value.safetensors")).role == "value"
 
 
 def test_lora_ppo_writes_adapters_of_policy_and_value(models, tmp_path, monkeypatch):
