@@ -254,6 +254,7 @@ def _build_command(
 
 
 INPUTS_HELP = "Text or JSONL files (.jsonl is JSONL unless --format says); - is stdin."
+TIMINGS_HELP = "At the end, one line on stderr: load time, prompt and decode tokens and tokens/s (as llama.cpp prints)."
 ADAPTER_HELP = "LoRA adapter file trained on -m/--model (a quantized copy of it too), applied to it."
 FORMAT_HELP = "auto (.jsonl files and stdin are JSONL, other files text), text or jsonl."
 
@@ -557,6 +558,7 @@ config_command(
         "adapter": "LoRA adapter file trained on the policy -m/--model, applied to it.",
         "rm_adapter": "LoRA adapter file trained on --rm (or one making a language model a reward model).",
         "safety_rm_adapter": "LoRA adapter file trained on --safety-rm.",
+        "timings": TIMINGS_HELP,
     },
 )
 
@@ -587,6 +589,7 @@ config_command(
         "adapter_b": "LoRA adapter file trained on model B, applied to it.",
         "rm_adapter": "LoRA adapter file trained on --rm (or one making a language model a reward model).",
         "safety_rm_adapter": "LoRA adapter file trained on --safety-rm.",
+        "timings": TIMINGS_HELP,
     },
 )
 
@@ -637,6 +640,7 @@ SAMPLING_HELP = {
     "seed": "Random seed.",
     "device": "auto (cuda if present, else cpu), cpu, cuda or cuda:N.",
     "dtype": "auto (the checkpoint's own where native), fp32, bf16 or fp16.",
+    "timings": TIMINGS_HELP,
 }
 
 config_command(

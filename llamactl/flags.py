@@ -139,6 +139,7 @@ class SamplingFlags:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    timings: bool = False  # one line on stderr at the end: load, prompt and decode tokens/s
     argv: list[str] | None = None
 
 

@@ -17,7 +17,9 @@ leave the batch when enough of them are.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -88,22 +90,62 @@ def inverse_cdf(weights: torch.Tensor, generator=None) -> torch.Tensor:
 
 
 @dataclass
+class Timings:
+    """What generation cost, counted by the engine as llama.cpp counts its own: the model's load, the prompt tokens
+    prefilled and their time, the new tokens sampled and the decode time (sampling included; the time a consumer
+    spends between steps is not). The engine adds to the one it is given; ``line`` is what ``--timings`` prints."""
+
+    load_s: float = 0.0
+    prompt_tokens: int = 0
+    prompt_s: float = 0.0
+    new_tokens: int = 0
+    decode_s: float = 0.0
+    sequences: int = 0
+
+    def line(self, name: str = "") -> str:
+        def rate(n: int, s: float) -> str:
+            return f"{n / s:.1f} tok/s" if s > 0 else "- tok/s"
+
+        who = f" {name}" if name else ""
+        prompt = f"{self.prompt_tokens} tokens in {self.prompt_s:.2f} s ({rate(self.prompt_tokens, self.prompt_s)})"
+        decode = f"{self.new_tokens} tokens in {self.decode_s:.2f} s ({rate(self.new_tokens, self.decode_s)})"
+        done = f"{self.sequences} sequences"
+        return f"timings{who}: load {self.load_s:.2f} s | prompt {prompt} | decode {decode} | {done}"
+
+
+def _synced(device: torch.device) -> float:
+    """The time once the device has done what was queued (what a timing of GPU work must wait for)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+@dataclass
 class Step:
     """One decoding step of a batch: what each row sampled, still on the device (reading it is the caller's sync)."""
 
     rows: list[int]  # the row each entry belongs to, numbered as the batch the stream started with
     tokens: torch.Tensor  # (b,) int64: the token each row sampled
-    live: torch.Tensor  # (b,) bool: False where the row had already finished (its token is to be ignored)
+    live: torch.Tensor  # (b,) bool: False where the row had already finished or is free (its token is to be ignored)
     logprobs: torch.Tensor | None  # (b,) fp32: log-probability of each token under the model (params.logprobs)
-    finished: list[int]  # rows whose last token is in this step or an earlier one, each reported once
+    finished: list[int]  # rows whose last token is in this step or an earlier one, each reported once per sequence
+
+
+# refill(free rows, idle) -> [(row, logits (V,)), ...]: sequences put into free rows of the cache (prefilled there,
+# the cache's ``lengths`` set), or None once there will be no more. With ``idle`` (every row is free) it waits for at
+# least one sequence or returns None.
+Refill = Callable[[list[int], bool], "list[tuple[int, torch.Tensor]] | None"]
 
 
 @torch.inference_mode()
-def prefill(model: Transformer, cache: KVCache, tokens: list[list[int]]) -> torch.Tensor:
+def prefill(
+    model: Transformer, cache: KVCache, tokens: list[list[int]], timings: Timings | None = None
+) -> torch.Tensor:
     """Extend row b of ``cache`` by ``tokens[b]`` at its length ``cache.lengths[b]``; logits (B, V) after each row's
     last new token. On a fresh cache this is the prompt prefill; after ``cache.truncate`` it is a retry."""
     assert len(tokens) == cache.batch and all(tokens), "one non-empty list of new tokens per cache row"
     device = model.tok_embeddings.weight.device
+    t0 = time.perf_counter() if timings is not None else 0.0
     starts, n = cache.lengths, [len(t) for t in tokens]
     ends = [s + k for s, k in zip(starts, n, strict=True)]
     assert max(ends) <= cache.max_len, f"rows would reach {max(ends)} positions in a cache of {cache.max_len}"
@@ -115,13 +157,18 @@ def prefill(model: Transformer, cache: KVCache, tokens: list[list[int]]) -> torc
             one = cache.row(b)
             logits.append(prefill(model, one, [new]))
             cache.lengths[b] = one.lengths[0]
-        return torch.cat(logits)
-    batch = torch.tensor([t + [0] * (T - len(t)) for t in tokens], device=device)  # (B, T) right-padded
-    start = None if not any(starts) else torch.tensor(starts, device=device)  # None: plain causal attention
-    h = model.hidden(batch, cache=cache, start=start)
-    last = h[torch.arange(len(tokens), device=device), torch.tensor(n, device=device) - 1]
-    cache.lengths = ends
-    return model.logits(last)
+        out = torch.cat(logits)
+    else:
+        batch = torch.tensor([t + [0] * (T - len(t)) for t in tokens], device=device)  # (B, T) right-padded
+        start = None if not any(starts) else torch.tensor(starts, device=device)  # None: plain causal attention
+        h = model.hidden(batch, cache=cache, start=start)
+        last = h[torch.arange(len(tokens), device=device), torch.tensor(n, device=device) - 1]
+        cache.lengths = ends
+        out = model.logits(last)
+    if timings is not None:
+        timings.prompt_tokens += sum(n)
+        timings.prompt_s += _synced(device) - t0
+    return out
 
 
 @torch.inference_mode()
@@ -135,76 +182,125 @@ def decode_one_token(model: Transformer, token: torch.Tensor, pos: torch.Tensor,
 def stream(
     model: Transformer,
     cache: KVCache,
-    logits: torch.Tensor,
+    logits: torch.Tensor | None,
     params: SamplingParams,
     eos_id: int | None,
     generator: torch.Generator | None = None,
     *,
     shrink: bool = True,
     sync_every: int | None = None,
+    refill: Refill | None = None,
+    timings: Timings | None = None,
 ) -> Iterator[Step]:
     """Sample from ``logits`` (B, V) (what ``prefill`` returned for the cache's rows), then decode step by step.
 
-    A row finishes at ``eos_id``, after ``params.max_new_tokens`` or when its sequence fills the cache; the stream
-    ends when every row has. The last token of a row is not fed: afterwards ``cache.lengths`` counts each row's
-    prompt and every new token but its last, so a caller continues by extending with that token (chat's next turn).
-    The done mask is read every ``sync_every`` steps (default 1 on a CPU, where reading it costs nothing); at those
-    steps finished rows are reported, and with ``shrink`` they leave the batch (and the cache, in place) once at
-    least half of the rows are done. ``Step.rows`` says which rows the entries are.
+    A row finishes at ``eos_id``, after ``params.max_new_tokens`` or when its sequence fills the cache. The last
+    token of a row is not fed: afterwards ``cache.lengths`` counts each row's prompt and every new token but its
+    last, so a caller continues by extending with that token (chat's next turn). The done mask is read every
+    ``sync_every`` steps (default 1 on a CPU, where reading it costs nothing) and whenever a row reaches its length
+    limit; at those reads finished rows are reported.
+
+    Continuous batching: with ``refill``, a finished row is free, and at each read the free rows are offered to
+    ``refill``, which puts new sequences into them (``logits`` may then be None: every row starts free); the stream
+    ends when every row is free and ``refill`` has no more. Without it (or once it has no more), with ``shrink`` the
+    finished rows leave the batch (and the cache, in place) once at least half of the rows are. ``Step.rows`` says
+    which rows the entries are.
     """
-    device = logits.device
-    assert logits.shape[0] == cache.batch and min(cache.lengths) >= 1, "logits for every row of a filled cache"
-    # On a GPU, reading the mask every step would make the host wait for each step before it queues the next, so it
-    # is read every 8 steps there (up to 7 steps computed past the last row's end). Not measured on a GPU yet.
+    device = model.tok_embeddings.weight.device
     sync_every = sync_every or (1 if device.type == "cpu" else 8)
-    rows, start, pos = list(range(cache.batch)), list(cache.lengths), list(cache.lengths)  # host
-    reported = [False] * len(rows)
+    n = cache.batch
+    # per row, on the host: where its sequence started and its next position, tokens sampled, finish reported
+    rows, start, pos = list(range(n)), list(cache.lengths), list(cache.lengths)
+    made = [0] * n
+    reported = [logits is None] * n
+    assert logits is None or (logits.shape[0] == n and min(cache.lengths) >= 1), "logits for each row of a filled cache"
+    assert logits is not None or refill is not None, "rows start free only when there is a refill to fill them"
     pos_dev = torch.tensor(pos, device=device)
-    done = torch.zeros(len(rows), dtype=torch.bool, device=device)
-    count = torch.zeros(len(rows), dtype=torch.long, device=device)  # tokens each row has produced
+    done = torch.tensor(reported, device=device)
+    count = torch.zeros(n, dtype=torch.long, device=device)  # tokens each row's sequence has produced
+    new_tokens = torch.zeros((), dtype=torch.long, device=device)
+    exhausted = refill is None
+    busy, resumed = 0.0, time.perf_counter()  # the stream's own time, for timings (None while at a yield)
+    synced, step = True, 0
     try:
-        for step in range(params.max_new_tokens):
-            if step < params.min_new_tokens and eos_id is not None:
+        while True:
+            if not exhausted and synced and any(reported):
+                free = [i for i, r in enumerate(reported) if r]
+                busy += time.perf_counter() - resumed
+                got = refill(free, len(free) == len(rows))
+                resumed = time.perf_counter()
+                if got is None:
+                    exhausted = True
+                elif got:
+                    if logits is None:
+                        logits = torch.zeros(n, got[0][1].shape[-1], device=device)
+                    idx = torch.tensor([i for i, _ in got], device=device)
+                    logits[idx] = torch.stack([lg for _, lg in got]).to(logits.dtype)
+                    for i, _ in got:
+                        start[i] = pos[i] = cache.lengths[i]
+                        made[i], reported[i] = 0, False
+                    done[idx], count[idx] = False, 0
+                    pos_dev[idx] = torch.tensor([pos[i] for i, _ in got], device=device)
+            if all(reported):
+                if exhausted:
+                    break
+                assert refill is not None
+                continue  # refill was offered only some of the rows: impossible here, all are free
+            early = [i for i, m in enumerate(made) if m < params.min_new_tokens]
+            if early and eos_id is not None:
                 logits = logits.clone()
-                logits[:, eos_id] = float("-inf")
+                logits[torch.tensor(early, device=device), eos_id] = float("-inf")
             tok = sample(logits, params.temperature, params.top_p, params.top_k, generator)
             lp = torch.log_softmax(logits, -1).gather(1, tok[:, None]).squeeze(1) if params.logprobs else None
             live = ~done
             count += live
+            new_tokens += live.sum()
             if eos_id is not None:
                 done |= tok == eos_id
-            if max(pos) + 1 >= cache.max_len:  # the host knows when a row can fill its cache: no check before
-                done |= pos_dev + 1 >= cache.max_len
-            last = step + 1 == params.max_new_tokens or min(pos) + 1 >= cache.max_len
+            made = [m + 1 for m in made]
+            # the host knows when a row reaches max_new_tokens or fills its cache: no read of the device for that
+            ends = [not r and (m >= params.max_new_tokens or p + 1 >= cache.max_len)
+                    for m, p, r in zip(made, pos, reported, strict=True)]  # fmt: skip
             flags = None
-            if last or (step + 1) % sync_every == 0:
+            if any(ends):
+                done |= torch.tensor(ends, device=device)
+            step += 1
+            if any(ends) or step % sync_every == 0:
                 flags = done.tolist()  # the one read of the device per sync, whatever the batch size
-                last = last or all(flags)
+            synced = flags is not None
             finished = []
-            if flags is not None:
-                finished = [r for r, f, seen in zip(rows, flags, reported, strict=True) if (f or last) and not seen]
-                reported = [seen or f or last for f, seen in zip(flags, reported, strict=True)]
+            if synced:
+                finished = [rows[i] for i, f in enumerate(flags) if f and not reported[i]]
+                reported = [r or f for r, f in zip(reported, flags, strict=True)]
             cache.lengths = list(pos)  # exact for live rows; done rows are set right below and at the end
+            busy += time.perf_counter() - resumed
+            resumed = None
             yield Step(rows, tok, live, lp, finished)
-            if last:
-                break
-            if shrink and flags is not None and 2 * sum(flags) >= len(rows) > 1:
-                keep = [i for i, f in enumerate(flags) if not f]
+            resumed = time.perf_counter()
+            if synced and all(reported):
+                continue  # nothing left to decode: refill, or the end
+            if shrink and exhausted and synced and 2 * sum(reported) >= len(rows) > 1:
+                keep = [i for i, r in enumerate(reported) if not r]
                 idx = torch.tensor(keep, device=device)
                 cache.keep(keep)
-                rows, start, pos, reported = ([x[i] for i in keep] for x in (rows, start, pos, reported))
+                rows, start, pos, made, reported = ([x[i] for i in keep] for x in (rows, start, pos, made, reported))
                 tok, pos_dev, done, count = (t.index_select(0, idx) for t in (tok, pos_dev, done, count))
-            # A done row keeps decoding in place until the batch shrinks; its slots past its length are never read.
+            # A done row keeps decoding in place until it is refilled or the batch shrinks; its slots past its length
+            # are never read.
             at = pos_dev if max(pos) < cache.max_len else pos_dev.clamp(max=cache.max_len - 1)
             logits = decode_one_token(model, tok, at, cache)
             pos = [p + 1 for p in pos]
             pos_dev = pos_dev + 1
     finally:  # also when the caller stops early (Ctrl-C in chat): lengths exact for every row
-        cache.lengths = [s + c - 1 for s, c in zip(start, count.tolist(), strict=True)]
+        cache.lengths = [s + max(c - 1, 0) for s, c in zip(start, count.tolist(), strict=True)]
+        if timings is not None:
+            timings.new_tokens += int(new_tokens)
+            timings.decode_s += busy + (_synced(device) - resumed if resumed is not None else 0.0)
 
 
 def finished_rows(steps: Iterable[Step], eos_id: int | None) -> Iterator[tuple[int, Completion]]:
-    """(row, Completion) for each row as soon as the stream reports it finished, reading the device only then."""
+    """(row, Completion) for each row as soon as the stream reports it finished, reading the device only then. A
+    row the stream refills gives one Completion per sequence it held."""
     out: dict[int, list[int]] = {}
     lps: dict[int, list[float]] = {}
     pending: list[Step] = []
@@ -228,28 +324,178 @@ def finished_rows(steps: Iterable[Step], eos_id: int | None) -> Iterator[tuple[i
             yield row, Completion(new, reason, lps.pop(row, []))
 
 
-def completions(
+def _background(requests: Iterable[Request | None]):
+    """A generator over ``requests`` read ahead by a daemon thread: ``send(block)`` gives the next request, or None
+    when none has come and ``block`` is false; an error raised while reading them is raised here."""
+    import queue
+    import threading
+
+    box: queue.Queue = queue.Queue()
+    end = object()
+
+    def read() -> None:
+        try:
+            for r in requests:
+                if r is not None:
+                    box.put(r)
+            box.put(end)
+        except BaseException as e:  # noqa: BLE001 - handed to the engine's thread, which raises it
+            box.put(e)
+
+    threading.Thread(target=read, name="llamactl-requests", daemon=True).start()
+    block = yield  # started by a first next()
+    while True:
+        try:
+            got = box.get(block=bool(block))
+        except queue.Empty:
+            block = yield None
+            continue
+        if got is end:
+            return
+        if isinstance(got, BaseException):
+            raise got
+        block = yield got
+
+
+# A request: a prompt's tokens and how many samples to draw from it (each its own row, from one prefill), or None:
+# nothing has come yet (a pipe), so the engine goes on with what it has.
+Request = tuple[list[int], int]
+
+
+def run_requests(
     model: Transformer,
-    prompts: list[list[int]],
+    requests: Iterable[Request | None],
     params: SamplingParams,
     eos_id: int | None,
     generator: torch.Generator | None = None,
-) -> Iterator[Completion]:
-    """Complete a batch of token prompts over a cache of their own; each completion is yielded, in prompt order, as
-    soon as it and those before it are finished. Stops at EOS, max_new_tokens or the context end."""
-    assert prompts and all(prompts), "every prompt needs at least one token"
-    max_len = min(max(len(p) for p in prompts) + params.max_new_tokens, model.args.max_seq_len)
+    *,
+    rows: int,
+    max_len: int | None = None,
+    timings: Timings | None = None,
+    reserve: Callable[[int, int], None] | None = None,
+    sync_every: int | None = None,
+    background: bool = False,
+) -> Iterator[tuple[int, int, Completion]]:
+    """The engine with continuous batching: (request index, sample index, Completion) for each sample of each
+    request as soon as it is finished, decoding ``rows`` sequences at a time (fewer when the requests are fewer).
+
+    Requests are taken as rows free up: a finished row is refilled with the next waiting sample at the next read of
+    the done mask, its prompt prefilled beside the running batch (the samples of one prompt admitted together share
+    one prefill, their cache rows copies of it), instead of the batch draining. The cache holds ``max_len``
+    positions (default: what the first requests need, grown when a later one needs more, up to the context);
+    ``reserve(rows, max_len)`` is called before it is made or grown (a memory check that refuses in one line).
+
+    With ``background`` the requests are read in a thread of their own (input that arrives over time, a pipe, whose
+    read blocks): the engine takes what has come at each read of the done mask and waits only when no row is busy.
+    Without it, a None from ``requests`` says that nothing has come yet."""
+    src = _background(requests) if background else iter(requests)
+    if background:
+        next(src)  # start it: it waits for the first send
+    waiting: deque[tuple[int, list[int], int]] = deque()  # (request, prompt, sample) not yet admitted
+    ended = False
+    count = 0
     weight = model.tok_embeddings.weight
-    cache = KVCache(model.args, len(prompts), max_len, weight.device, weight.dtype)
-    logits = prefill(model, cache, prompts)
+    context = model.args.max_seq_len
+
+    def pull(want: int, block: bool) -> None:
+        nonlocal ended, count
+        while not ended and len(waiting) < want:
+            try:
+                req = src.send(block and not waiting) if background else next(src)
+            except StopIteration:
+                ended = True
+                break
+            if req is None:
+                if block and not waiting:
+                    continue
+                break
+            prompt, k = req
+            assert prompt and 1 <= k <= rows and len(prompt) < context, "a non-empty prompt, 1 <= k <= rows"
+            waiting.extend((count, prompt, j) for j in range(k))
+            count += 1
+
+    def room(prompts: list[list[int]]) -> int:
+        return min(max(len(p) for p in prompts) + params.max_new_tokens, context)
+
+    pull(rows, True)
+    if not waiting:
+        return
+    if not ended:  # more may come: the batch keeps all its rows
+        n_rows = rows
+    else:
+        n_rows = min(rows, len(waiting))
+    size = max_len or room([p for _, p, _ in waiting])
+    if reserve is not None:
+        reserve(n_rows, size)
+    cache = KVCache(model.args, n_rows, size, weight.device, weight.dtype)
+    held: dict[int, tuple[int, int]] = {}  # cache row -> (request, sample)
+
+    def admit(free: list[int], idle: bool) -> list[tuple[int, torch.Tensor]] | None:
+        pull(len(free), idle)
+        if not waiting:
+            return None if ended else []
+        take = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
+        groups: dict[int, list[int]] = {}  # request -> positions in take
+        for t, (req, _, _) in enumerate(take):
+            groups.setdefault(req, []).append(t)
+        prompts = [take[ts[0]][1] for ts in groups.values()]
+        need = room(prompts)
+        if need > cache.max_len and max_len is None:
+            grown = min(context, max(need, 2 * cache.max_len))
+            if reserve is not None:
+                reserve(cache.batch, grown)
+            cache.grow(grown)
+        fresh = KVCache(model.args, len(prompts), max(len(p) for p in prompts), weight.device, weight.dtype)
+        logits = prefill(model, fresh, prompts, timings)
+        out = []
+        for g, ts in enumerate(groups.values()):
+            for t in ts:
+                row = free[t]
+                cache.put(row, fresh, g)
+                held[row] = take[t][0], take[t][2]
+                out.append((row, logits[g]))
+        return out
+
+    for row, completion in finished_rows(
+        stream(model, cache, None, params, eos_id, generator, refill=admit, timings=timings, sync_every=sync_every),
+        eos_id,
+    ):
+        if timings is not None:
+            timings.sequences += 1
+        req, j = held.pop(row)
+        yield req, j, completion
+
+
+def completions(
+    model: Transformer,
+    prompts: Iterable[list[int] | None],
+    params: SamplingParams,
+    eos_id: int | None,
+    generator: torch.Generator | None = None,
+    *,
+    rows: int | None = None,
+    timings: Timings | None = None,
+    reserve: Callable[[int, int], None] | None = None,
+    background: bool = False,
+) -> Iterator[Completion]:
+    """Complete token prompts, ``rows`` at a time (default: a list's all at once) with continuous batching; each
+    completion is yielded, in prompt order, as soon as it and those before it are finished. ``prompts`` may be a
+    stream, with None where nothing has come yet (see ``run_requests``). Stops at EOS, max_new_tokens or the context
+    end."""
+    if rows is None:
+        prompts = list(prompts)
+        assert prompts and all(prompts), "every prompt needs at least one token"
+        rows = len(prompts)
     ready: dict[int, Completion] = {}
     nxt = 0
-    for row, completion in finished_rows(stream(model, cache, logits, params, eos_id, generator), eos_id):
-        ready[row] = completion
+    requests = (None if p is None else (p, 1) for p in prompts)
+    for i, _, completion in run_requests(model, requests, params, eos_id, generator, rows=rows, timings=timings,
+                                         reserve=reserve, background=background):  # fmt: skip
+        ready[i] = completion
         while nxt in ready:
             yield ready.pop(nxt)
             nxt += 1
-    assert nxt == len(prompts), f"the stream reported {nxt} of {len(prompts)} rows finished"
+    assert not ready, f"the engine finished {nxt} prompts in order and {len(ready)} past a gap"
 
 
 def generate(
@@ -258,29 +504,30 @@ def generate(
     params: SamplingParams,
     eos_id: int | None,
     generator: torch.Generator | None = None,
+    **kw,
 ) -> list[Completion]:
     """Complete a batch of token prompts (the engine's convenience for callers that want every result at once)."""
-    return list(completions(model, prompts, params, eos_id, generator))
+    return list(completions(model, prompts, params, eos_id, generator, **kw))
 
 
 def sample_k(
     model: Transformer,
-    prompts: list[list[int]],
+    prompts: Iterable[list[int] | None],
     k: int,
     params: SamplingParams,
     eos_id: int | None,
     generator: torch.Generator | None = None,
+    *,
+    rows: int | None = None,
+    timings: Timings | None = None,
 ) -> Iterator[tuple[int, int, Completion]]:
-    """``k`` samples of each prompt with each prompt prefilled once: its cache row is forked to ``k`` rows
-    (``KVCache.fork``) that decode as one batch. Yields (prompt index, sample index, Completion) for each sample as
-    soon as it is finished (rejection sampling's best-of-K, ppo's rollouts)."""
-    assert prompts and all(prompts) and k >= 1, "at least one non-empty prompt and k >= 1"
-    max_len = min(max(len(p) for p in prompts) + params.max_new_tokens, model.args.max_seq_len)
-    weight = model.tok_embeddings.weight
-    cache = KVCache(model.args, len(prompts), max_len, weight.device, weight.dtype)
-    logits = prefill(model, cache, prompts)  # (B, V)
-    forked = cache.fork([b for b in range(len(prompts)) for _ in range(k)])  # row b * k + j: sample j of prompt b
-    del cache  # the B prefilled rows live on in their copies only
-    logits = logits.repeat_interleave(k, dim=0)  # (B * k, V)
-    for row, completion in finished_rows(stream(model, forked, logits, params, eos_id, generator), eos_id):
-        yield row // k, row % k, completion
+    """``k`` samples of each prompt with each prompt prefilled once: its cache row is copied to ``k`` rows that decode
+    together, ``rows`` rows at a time (default all at once) with continuous batching. Yields (prompt index, sample
+    index, Completion) for each sample as soon as it is finished (rejection sampling's best-of-K, ppo's rollouts)."""
+    assert k >= 1, "k >= 1"
+    if rows is None:
+        prompts = list(prompts)
+        assert prompts and all(prompts), "at least one non-empty prompt"
+        rows = len(prompts) * k
+    requests = (None if p is None else (p, k) for p in prompts)
+    yield from run_requests(model, requests, params, eos_id, generator, rows=max(rows, k), timings=timings)

@@ -201,6 +201,27 @@ class KVCache:
         self.k, self.v = self._take(rows)
         self.lengths = [self.lengths[r] for r in rows]
 
+    def put(self, row: int, src: KVCache, src_row: int) -> None:
+        """Row ``row`` of this cache becomes a copy of ``src``'s row ``src_row`` (its filled positions; the engine
+        puts a freshly prefilled prompt into a free row of a running batch)."""
+        n = src.lengths[src_row]
+        assert n <= self.max_len, f"a row of {n} positions does not fit a cache of {self.max_len}"
+        for dst, part in ((self.k, src.k), (self.v, src.v)):
+            for d, s in zip(dst, part, strict=True):
+                d[row, :, :n] = s[src_row, :, :n]
+        self.lengths[row] = n
+
+    def grow(self, max_len: int) -> None:
+        """Room for ``max_len`` positions a row, every row's keys and values kept (a longer prompt has come)."""
+        assert max_len >= self.max_len, f"a cache of {self.max_len} positions cannot grow to {max_len}"
+        grown = []
+        for t in (*self.k, *self.v):
+            g = t.new_zeros(*t.shape[:2], max_len, t.shape[3])
+            g[:, :, : self.max_len] = t
+            grown.append(g)
+        n = len(self.k)
+        self.k, self.v, self.max_len = grown[:n], grown[n:], max_len
+
     def row(self, b: int) -> KVCache:
         """Row ``b`` as a cache of one row sharing this one's storage (its ``lengths`` is a copy)."""
         return self._of([t[b : b + 1] for t in self.k], [t[b : b + 1] for t in self.v], [self.lengths[b]])

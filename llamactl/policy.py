@@ -21,24 +21,29 @@ class Chatter:
     generator: object
     source: str
     meta: object = None  # the checkpoint's CheckpointMeta
+    timings: object = None  # generate.Timings: what its generation has cost so far
 
     @classmethod
     def load(cls, path: str, device, dtype: str, max_new_tokens: int, temperature: float, top_p: float, seed,
              purpose: str = "to chat with", adapter: str | None = None):  # fmt: skip
         """``device`` a --device name or a torch.device; ``purpose`` completes the refusal of a reward model;
         ``adapter`` a LoRA adapter file on the model."""
+        import time
+
         import torch
 
         from llamactl.device import resolve_device
-        from llamactl.generate import SamplingParams
+        from llamactl.generate import SamplingParams, Timings
         from llamactl.loading import load_for_inference
         from llamactl.tokenizer import Tokenizer
 
         dev = device if isinstance(device, torch.device) else resolve_device(device)
+        t0 = time.perf_counter()
         model, meta = load_for_inference(path, dev, dtype, "lm", purpose, decode=True, adapter=adapter)
+        timings = Timings(load_s=time.perf_counter() - t0)
         params = SamplingParams(max_new_tokens, temperature, top_p, min_new_tokens=1)
         generator = torch.Generator(device=dev).manual_seed(seed)
-        return cls(model, Tokenizer(meta.tokenizer, path), params, generator, path, meta)
+        return cls(model, Tokenizer(meta.tokenizer, path), params, generator, path, meta, timings)
 
     @classmethod
     def of(cls, cfg):
@@ -55,15 +60,45 @@ class Chatter:
         new = new[:-1] if new and new[-1] == self.tokenizer.eos_id else new
         return self.tokenizer.decode(new).strip()
 
-    def answer_all(self, prompts: list[list[int]]) -> list[str]:
-        """Answers to a batch of prompt token lists, through the engine."""
+    def answer_all(self, prompts: list[list[int]], rows: int | None = None) -> list[str]:
+        """Answers to prompt token lists, in order, through the engine: ``rows`` decoding at a time (default all)
+        with continuous batching."""
         from llamactl.generate import completions
 
         return [
             self.text(p, c.tokens)
             for p, c in zip(prompts, completions(self.model, prompts, self.params, self.tokenizer.eos_id,
-                                                  self.generator), strict=True)
+                                                  self.generator, rows=rows, timings=self.timings), strict=True)
         ]  # fmt: skip
+
+    def answer_stream(self, items, rows: int, background: bool = False):
+        """(item, answer) for each (item, prompt tokens) of ``items``, in order, each as soon as it and those before
+        it are answered; ``rows`` dialogs decode at a time with continuous batching. ``background``: ``items`` is
+        input arriving over time (a pipe), read in a thread of its own while the running rows decode."""
+        from collections import deque
+
+        from llamactl.generate import completions
+
+        held = deque()
+
+        def prompts():
+            for it in items:
+                if it is None:
+                    yield None
+                else:
+                    held.append(it)
+                    yield it[1]
+
+        for c in completions(self.model, prompts(), self.params, self.tokenizer.eos_id, self.generator, rows=rows,
+                             timings=self.timings, background=background):  # fmt: skip
+            item, prompt = held.popleft()
+            yield item, self.text(prompt, c.tokens)
+
+    def report(self, name: str = "") -> None:
+        """The timings line on stderr (``--timings``)."""
+        import sys
+
+        print(self.timings.line(name), file=sys.stderr, flush=True)
 
     def prompt_tokens(self, messages: list[dict], where: str) -> list[int]:
         from llamactl.chat_format import DialogError, encode_prompt
@@ -100,21 +135,19 @@ def answer_turns(cfg, records: list[tuple[str, dict]]) -> Chatter:
     turns = max((len(u) for *_, u, _ in dialogs), default=0)
     for k in range(turns):
         live = [d for d in dialogs if len(d[3]) > k]
-        for s in range(0, len(live), cfg.batch_size):
-            chunk = live[s : s + cfg.batch_size]
-            prompts = [chat.prompt_tokens(sys_ + _interleave(users[: k + 1], answers), w)
-                       for w, _, sys_, users, answers in chunk]  # fmt: skip
-            texts = chat.answer_all(prompts)
-            for _ in range(3):  # an answer of only whitespace is no answer: sample those again
-                empty = [i for i, t in enumerate(texts) if not t]
-                if not empty:
-                    break
-                for i, t in zip(empty, chat.answer_all([prompts[i] for i in empty]), strict=True):
-                    texts[i] = t
-            for (where, *_, answers), text in zip(chunk, texts, strict=True):
-                if not text:
-                    raise UserError(f"{where}: the model answered turn {k + 1} with nothing, four times")
-                answers.append(text)
+        prompts = [chat.prompt_tokens(sys_ + _interleave(users[: k + 1], answers), w)
+                   for w, _, sys_, users, answers in live]  # fmt: skip
+        texts = chat.answer_all(prompts, rows=cfg.batch_size)
+        for _ in range(3):  # an answer of only whitespace is no answer: sample those again
+            empty = [i for i, t in enumerate(texts) if not t]
+            if not empty:
+                break
+            for i, t in zip(empty, chat.answer_all([prompts[i] for i in empty], rows=cfg.batch_size), strict=True):
+                texts[i] = t
+        for (where, *_, answers), text in zip(live, texts, strict=True):
+            if not text:
+                raise UserError(f"{where}: the model answered turn {k + 1} with nothing, four times")
+            answers.append(text)
     for _, rec, sys_, users, answers in dialogs:
         rec["messages"] = sys_ + _interleave(users, answers)
     return chat

@@ -290,3 +290,57 @@ def test_min_new_tokens_keeps_eos_out_of_the_first_steps(model):
     held = generate(model, [prompt], params, eos_id=eos)[0]
     assert held.tokens[0] == int(logits.topk(2).indices[1])
     assert eos not in held.tokens[:2]
+
+
+def _requests(prompts, k=1, gaps=()):
+    """The prompts as engine requests, with a None (nothing has come yet, as from a pipe) before each index in
+    ``gaps``."""
+    for i, p in enumerate(prompts):
+        if i in gaps:
+            yield None
+        yield p, k
+
+
+@pytest.mark.parametrize("sync_every", [1, 3])
+def test_continuous_batching_gives_each_prompt_its_own_completion(model, sync_every):
+    """Nine prompts of different lengths through three rows: rows that finish (EOS, or their token limit) are
+    refilled with the next prompt while the others decode; each prompt's greedy completion is what full forwards
+    give it alone, and prompts come out in the order they finish, each exactly once. A later prompt longer than the
+    first ones makes the cache grow; Nones in the requests (input not come yet) change nothing."""
+    from llamactl.generate import Timings, run_requests
+
+    prompts = [[1, 2, 3], [1, 9, 8, 7, 6, 5, 4], [1], [1, 40, 41], [1, 5, 5], [1, 22, 23, 24, 25],
+               [1, 3] + list(range(50, 80)), [1, 7], [1, 60, 61, 62]]  # fmt: skip
+    eos = _greedy_full(model, prompts[0], 4, None)[3]
+    want = [_greedy_full(model, p, 9, eos) for p in prompts]
+    lengths = {len(w) for w in want}
+    assert len(lengths) > 2 and any(w[-1] == eos for w in want) and 9 in lengths  # EOS and the limit both occur
+    timings, order = Timings(), []
+    got = {}
+    for i, j, c in run_requests(model, _requests(prompts, gaps={4, 5}), SamplingParams(9, temperature=0), eos,
+                                rows=3, timings=timings, sync_every=sync_every):  # fmt: skip
+        assert j == 0 and i not in got
+        got[i] = c
+        order.append(i)
+    assert [got[i].tokens for i in range(len(prompts))] == want
+    assert [got[i].finish_reason for i in range(len(prompts))] == ["eos" if w[-1] == eos else "length" for w in want]
+    assert order != sorted(order)  # some later prompt finished first: rows were refilled, not drained in turn
+    assert timings.prompt_tokens == sum(map(len, prompts)) and timings.sequences == len(prompts)
+    assert timings.new_tokens == sum(map(len, want))
+
+
+def test_continuous_samples_of_a_prompt_share_its_prefill(model):
+    """k = 3 samples of each of four prompts through four rows (fewer than 4 x 3): a prompt's samples admitted
+    together are copies of one prefill; greedy, every sample is the prompt's greedy completion, and each prompt is
+    prefilled only as many times as its samples were admitted in separate groups (here at most twice)."""
+    from llamactl.generate import Timings, sample_k
+
+    prompts = [[1, 2, 3], [1, 30, 31, 32, 33], [1, 7], [1, 12, 13]]
+    want = [_greedy_full(model, p, 6, None) for p in prompts]
+    timings = Timings()
+    got = {}
+    for i, j, c in sample_k(model, prompts, 3, SamplingParams(6, temperature=0), None, rows=4, timings=timings):
+        got[i, j] = c.tokens
+    assert got == {(i, j): want[i] for i in range(4) for j in range(3)}
+    assert sum(map(len, prompts)) <= timings.prompt_tokens <= 2 * sum(map(len, prompts))
+    assert timings.sequences == 12 and timings.new_tokens == 12 * 6

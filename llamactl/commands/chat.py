@@ -21,6 +21,7 @@ HELP = """commands:
   /clear         start over (the system prompt stays)
   /system TEXT   set the system prompt (empty TEXT removes it); the conversation starts over
   /save FILE     append the dialog to FILE as one JSONL record (what sft and chat --load read)
+  /stats         load time, prompt and decode tokens/s so far (--timings prints them at exit too)
   /help          this list
 Ctrl-C stops an answer; Ctrl-D (or /exit) ends the session."""
 
@@ -64,7 +65,7 @@ def run(cfg: ChatConfig) -> int:
 def run_batch(cfg: ChatConfig) -> int:
     """Dialogs JSONL in, each out with the answer appended to ``messages``, in order, flushed batch by batch."""
     from llamactl.chat_format import DialogError, check_dialog
-    from llamactl.jsonl import BATCH_WAIT_S, batches, dumps, open_output, parsed_records
+    from llamactl.jsonl import BATCH_WAIT_S, dumps, open_output, parsed_records
     from llamactl.policy import Chatter
 
     chat = Chatter.of(cfg)
@@ -78,14 +79,18 @@ def run_batch(cfg: ChatConfig) -> int:
             messages = [{"role": "system", "content": cfg.system}, *messages]
         return rec, messages, chat.prompt_tokens(messages, where)
 
-    items, _ = parsed_records(cfg.input, parse, BATCH_WAIT_S)  # a file is checked whole before anything is written
+    items, total = parsed_records(cfg.input, parse, BATCH_WAIT_S)  # a file is checked whole before anything is written
+    rows = cfg.batch_size if total is None else max(1, min(cfg.batch_size, total))
     n = 0
     with open_output(cfg.output) as out:
-        for chunk in batches(items, cfg.batch_size):
-            for (rec, messages, _), text in zip(chunk, chat.answer_all([p for *_, p in chunk]), strict=True):
-                out.write(dumps({**rec, "messages": [*messages, {"role": "assistant", "content": text}]}) + "\n")
-                out.flush()
-                n += 1
+        # continuous batching: a finished dialog's row takes the next one; answers come out in input order
+        pairs = (None if it is None else ((it[0], it[1]), it[2]) for it in items)
+        for (rec, messages), text in chat.answer_stream(pairs, rows, background=total is None):
+            out.write(dumps({**rec, "messages": [*messages, {"role": "assistant", "content": text}]}) + "\n")
+            out.flush()
+            n += 1
+    if cfg.timings:
+        chat.report()
     return n
 
 
@@ -133,7 +138,7 @@ class Session:
             tokens = encode_dialog(self.chat.tokenizer, msgs).tokens
             self.marks.append(len(self.fed))
             new = tokens[len(self.fed) :]
-            prefill(self.chat.model, self.cache, [new])
+            prefill(self.chat.model, self.cache, [new], self.chat.timings)
             self.fed += new
 
     def _load(self, path: str) -> None:
@@ -189,13 +194,13 @@ class Session:
 
         new = self.fit_turn(user)
         self.marks.append(len(self.fed))
-        logits = prefill(self.chat.model, self.cache, [new])
+        logits = prefill(self.chat.model, self.cache, [new], self.chat.timings)
         self.fed += new
         tokens: list[int] = []
         shown = ""
         out = sys.stdout
         steps = stream(self.chat.model, self.cache, logits, self.chat.params, self.chat.tokenizer.eos_id,
-                       self.chat.generator, shrink=False)  # fmt: skip
+                       self.chat.generator, shrink=False, timings=self.chat.timings)  # fmt: skip
         try:
             for step in steps:
                 tokens.append(int(step.tokens[0]))
@@ -218,9 +223,10 @@ class Session:
         tail = [t for t in tokens[len(fed_answer) :] if t != self.chat.tokenizer.eos_id] + [self.chat.tokenizer.eos_id]
         tail = tail[: self.chat.context - len(self.fed)]  # an answer that filled the context: the next turn drops it
         if tail:
-            prefill(self.chat.model, self.cache, [tail])
+            prefill(self.chat.model, self.cache, [tail], self.chat.timings)
             self.fed += tail
         answer = self.chat.text([], tokens)
+        self.chat.timings.sequences += 1
         self.turns.append((user, answer))
         return answer
 
@@ -235,6 +241,13 @@ class Session:
         except ImportError:
             pass
         self.say(f"llamactl chat with {self.chat.source} ({self.chat.context} tokens of context); /help for commands")
+        try:
+            return self._loop()
+        finally:
+            if self.cfg.timings:
+                self.chat.report()
+
+    def _loop(self) -> int:
         while True:
             try:
                 line = input("> ")
@@ -284,6 +297,8 @@ class Session:
             self.say("(system prompt " + ("set" if self.system else "removed") + "; conversation started over)")
         elif cmd == "/save":
             self.save(arg.strip())
+        elif cmd == "/stats":
+            self.chat.report()
         else:
             raise UserError(f"unknown command {cmd}; /help lists them")
 

@@ -149,10 +149,12 @@ def run(cfg: CompareConfig) -> dict:
 
     answers: list[list[str]] = [[], []]
     with progress("compare", "answer", total=2 * len(prompts)) as bar:
-        for s in range(0, len(prompts), cfg.batch_size):
-            for m, (chat, _) in enumerate(models):
-                answers[m] += chat.answer_all([pair[m] for pair in ids[s : s + cfg.batch_size]])
-                bar.update(len(ids[s : s + cfg.batch_size]))
+        for m, (chat, _) in enumerate(models):  # continuous batching, --batch-size rows at a time
+            answers[m] = chat.answer_all([pair[m] for pair in ids], rows=cfg.batch_size)
+            bar.update(len(ids))
+    if cfg.timings:
+        for name, (chat, _) in zip("AB", models, strict=True):
+            chat.report(name)
     scores: list[list[float | None]] = [[None] * len(prompts), [None] * len(prompts)]
     unsafe: list[list[bool | None]] | None = [[None] * len(prompts), [None] * len(prompts)] if cfg.safety_rm else None
     for s in range(0, len(prompts), cfg.batch_size):

@@ -126,6 +126,8 @@ def run(cfg: GattConfig) -> int:
         from llamactl.policy import answer_turns
 
         chat = answer_turns(cfg, records)
+        if cfg.timings:
+            chat.report()
         if records:
             import sys
 

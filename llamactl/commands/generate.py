@@ -67,27 +67,32 @@ def continuation(tokenizer, prompt: list[int], new: list[int]) -> str:
 def run(cfg: GenerateConfig) -> int:
     """Generate for every input record; returns the number of records written.
 
-    Records are processed as they arrive: a batch is up to --batch-size records, or fewer when the input has had
-    nothing new for ``jsonl.BATCH_WAIT_S``, and each batch's results are written and flushed before the next is read. A
-    regular file is read and checked whole first, so that a bad record in it writes nothing.
+    Records are processed as they arrive, --batch-size sequences decoding at a time with continuous batching (a
+    finished row takes the next record); while the input has had nothing new for ``jsonl.BATCH_WAIT_S`` the running
+    rows decode on. Results are written in input order and flushed as they are ready. A regular file is read and
+    checked whole first, so that a bad record in it writes nothing.
     """
+    import sys
     import time
+    from collections import deque
 
     import torch
 
     from llamactl.config import check_memory, kv_cache_bytes
     from llamactl.device import resolve_device
-    from llamactl.generate import SamplingParams, completions
-    from llamactl.jsonl import BATCH_WAIT_S, batches, dumps, open_output, parsed_records
+    from llamactl.generate import SamplingParams, Timings, completions
+    from llamactl.jsonl import BATCH_WAIT_S, dumps, open_output, parsed_records
     from llamactl.loading import load_for_inference
     from llamactl.progress import progress
     from llamactl.tokenizer import Tokenizer
 
     cfg.validate()
     device = resolve_device(cfg.device)
+    t_load = time.perf_counter()
     model, meta = load_for_inference(
         cfg.model, device, cfg.dtype, "lm", "to generate with", need_tokenizer=False, decode=True, adapter=cfg.adapter
     )
+    timings = Timings(load_s=time.perf_counter() - t_load)
     dtype = model.tok_embeddings.weight.dtype
     tokenizer = Tokenizer(meta.tokenizer, cfg.model) if meta.tokenizer is not None else None
     writes = ("finish_reason",) + (("completion",) if tokenizer else ()) + (("logprobs",) if cfg.logprobs else ())
@@ -98,27 +103,44 @@ def run(cfg: GenerateConfig) -> int:
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.logprobs)
     eos = tokenizer.eos_id if tokenizer is not None else 2  # Llama's EOS id when no tokenizer says otherwise
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    held: deque[tuple[dict, list[int]]] = deque()  # the records taken and not yet written, in order
+
+    def requests():
+        for item in prompts:
+            if item is not None:
+                held.append(item)
+                yield item[1]
+            else:
+                yield None  # nothing new on the input yet: the running rows decode on
+
+    def reserve(rows: int, length: int) -> None:
+        cache = kv_cache_bytes(model.args, rows, length, dtype)
+        check_memory(cache, f"the KV cache of {rows} x {length} tokens", cfg.model, device)
+
+    rows = cfg.batch_size if total is None else max(1, min(cfg.batch_size, total))
     n_records = n_tokens = 0
     t0 = time.perf_counter()
     with open_output(cfg.output) as out, progress("generate", "seq", total=total) as bar:
-        for chunk in batches(prompts, cfg.batch_size):
-            longest = min(max(len(ids) for _, ids in chunk) + cfg.max_new_tokens, max_len)
-            cache = kv_cache_bytes(model.args, len(chunk), longest, dtype)
-            check_memory(cache, f"the KV cache of {len(chunk)} x {longest} tokens", cfg.model, device)
-            results = completions(model, [ids for _, ids in chunk], params, eos, gen)  # in order, as they finish
-            for (rec, ids), res in zip(chunk, results, strict=True):
-                new = res.tokens[:-1] if res.finish_reason == "eos" else res.tokens
-                result = dict(rec)
-                if tokenizer is not None:
-                    result["completion"] = continuation(tokenizer, ids, new)
-                result["tokens"] = ids + res.tokens
-                result["finish_reason"] = res.finish_reason
-                if cfg.logprobs:
-                    result["logprobs"] = res.logprobs
-                out.write(dumps(result) + "\n")
-                out.flush()
-                n_tokens += len(res.tokens)
-            n_records += len(chunk)
-            bar.update(len(chunk))
+        # continuous batching: a finished row takes the next record at once; results come in input order, each as
+        # soon as it and those before it are done
+        for res in completions(
+            model, requests(), params, eos, gen, rows=rows, timings=timings, reserve=reserve, background=total is None
+        ):
+            rec, ids = held.popleft()
+            new = res.tokens[:-1] if res.finish_reason == "eos" else res.tokens
+            result = dict(rec)
+            if tokenizer is not None:
+                result["completion"] = continuation(tokenizer, ids, new)
+            result["tokens"] = ids + res.tokens
+            result["finish_reason"] = res.finish_reason
+            if cfg.logprobs:
+                result["logprobs"] = res.logprobs
+            out.write(dumps(result) + "\n")
+            out.flush()
+            n_tokens += len(res.tokens)
+            n_records += 1
+            bar.update(1)
             bar.set_postfix(tok_s=f"{n_tokens / (time.perf_counter() - t0):.1f}")
+    if cfg.timings:
+        print(timings.line(), file=sys.stderr)
     return n_records

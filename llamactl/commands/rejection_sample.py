@@ -156,7 +156,7 @@ def sample_and_judge(chat, judge: Judge, chunk: list[Prompt], k: int, bar) -> li
 
     texts = [[""] * k for _ in chunk]
     for i, j, completion in sample_k(chat.model, [p.ids for p in chunk], k, chat.params, chat.tokenizer.eos_id,
-                                     chat.generator):  # fmt: skip
+                                     chat.generator, timings=chat.timings):  # fmt: skip
         texts[i][j] = chat.text([], completion.tokens)  # EOS dropped, stripped
         bar.update(1)
     items = [(i, j) for i in range(len(chunk)) for j in range(k) if texts[i][j]]
@@ -257,4 +257,6 @@ def run(cfg: RejectionSampleConfig) -> int:
             out.flush()
     if left_out and d.main:
         print(f"rejection-sample: {left_out} prompt(s) left out: all {cfg.k} answers were empty", file=sys.stderr)
+    if cfg.timings:
+        chat.report(f"rank {d.rank}" if d.world > 1 else "")
     return n

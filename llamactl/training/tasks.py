@@ -218,11 +218,11 @@ class PPOTask(Task):
         params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, min_new_tokens=1)
         # the generator depends on (seed, iteration, rank) only: a resumed run regenerates the same rollouts
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + iteration * 101 + self.d.rank)
-        samples = []  # (prompt ids, answer ids)
-        for s in range(0, len(picked), cfg.gen_batch_size):
-            chunk = [self.prompts[i].ids for i in picked[s : s + cfg.gen_batch_size]]
-            for ids, c in zip(chunk, completions(self.policy, chunk, params, tok.eos_id, gen), strict=True):
-                samples.append((ids, c.tokens))
+        prompts = [self.prompts[i].ids for i in picked]
+        # continuous batching, --gen-batch-size rows at a time
+        done = completions(self.policy, prompts, params, tok.eos_id, gen, rows=max(1, min(cfg.gen_batch_size,
+                                                                                         len(prompts))))  # fmt: skip
+        samples = [(ids, c.tokens) for ids, c in zip(prompts, done, strict=True)]  # (prompt ids, answer ids)
         t1 = time.perf_counter()
         # the reward models read the dialog closed by its EOS, as they were trained (an answer cut by the length
         # limit is scored as if it ended there)

@@ -102,8 +102,8 @@ def test_each_answer_is_sampled_from_the_dialog_so_far_with_the_instruction_on_e
     seen = []  # (prompt tokens, the answer sampled from them)
     real = Chatter.answer_all
 
-    def spy(self, prompts):
-        texts = real(self, prompts)
+    def spy(self, prompts, rows=None):
+        texts = real(self, prompts, rows)
         seen.extend((tuple(p), t) for p, t in zip(prompts, texts, strict=True))
         return texts
 

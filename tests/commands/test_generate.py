@@ -250,3 +250,28 @@ def test_default_dtype_decodes_an_fp32_checkpoint_as_llama2c_does(stories):
     if 2 in ref[1:]:  # Llama's EOS id: the command stops there when the checkpoint has no tokenizer
         ref = ref[: ref.index(2, 1) + 1]
     assert rec["tokens"] == ref
+
+
+def test_continuous_batching_and_timings(stories):
+    """Seven prompts through two rows (continuous batching: a finished row takes the next record) give, in input
+    order, the records each prompt gives alone; ``--timings`` prints one line on stderr whose counts are the
+    prompts' tokens and the new tokens written."""
+    import re
+
+    prompts = [{"tokens": [1] + list(range(300, 300 + n)), "id": n} for n in (2, 9, 0, 5, 14, 1, 3)]
+    stdin = "".join(json.dumps(p) + "\n" for p in prompts)
+    flags = ["--temperature", "0", "--max-new-tokens", "500", "--dtype", "fp32"]  # rows end at the context
+    alone = run_cli("generate", "-m", stories, *flags, "--batch-size", "1", stdin=stdin)
+    two = run_cli("generate", "-m", stories, *flags, "--batch-size", "2", "--timings", stdin=stdin)
+    assert alone.returncode == 0 and two.returncode == 0, alone.stderr + two.stderr
+    a, b = _lines(alone.stdout), _lines(two.stdout)
+    assert a == b and [r["id"] for r in b] == [p["id"] for p in prompts]
+    assert len({len(r["tokens"]) - len(p["tokens"]) for r, p in zip(b, prompts, strict=True)}) > 1  # at each length
+    lines = [line for line in two.stderr.splitlines() if line.startswith("timings")]
+    assert len(lines) == 1, two.stderr
+    m = re.fullmatch(r"timings: load [\d.]+ s \| prompt (\d+) tokens in [\d.]+ s \([\d.]+ tok/s\) \| decode (\d+) "
+                     r"tokens in [\d.]+ s \([\d.]+ tok/s\) \| (\d+) sequences", lines[0])  # fmt: skip
+    assert m, lines[0]
+    new = sum(len(r["tokens"]) - len(p["tokens"]) for r, p in zip(b, prompts, strict=True))
+    assert [int(g) for g in m.groups()] == [sum(len(p["tokens"]) for p in prompts), new, len(prompts)]
+    assert "timings" not in alone.stderr  # off unless asked

@@ -274,7 +274,7 @@ def pin_rollouts(patch, record: str) -> None:
         now["iteration"] = iteration
         return real_rollout(self, iteration)
 
-    def completions(model, prompts, params, eos_id, generator=None):
+    def completions(model, prompts, params, eos_id, generator=None, **engine):
         rank = dist.get_rank() if dist.is_initialized() else 0
         for p in prompts:
             g = torch.Generator(device=generator.device)
