@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 
 def measure(cmd: list[str], threads: int | None = None) -> tuple[str, str, int]:
@@ -37,3 +38,14 @@ def write_csv(rows: list[dict], path: str, append: bool = False) -> None:
             w.writeheader()
         w.writerows(rows)
     print(f"CSV: {path}", file=sys.stderr)
+
+
+def best_of(fn, repeats: int) -> float:
+    """The shortest of ``repeats`` timed calls of ``fn``, after one untimed warm-up call."""
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best

@@ -22,7 +22,7 @@ from llamactl.model import preset
 from llamactl.swap import PackedLinear
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import write_csv  # noqa: E402
+from benchlib import best_of, write_csv  # noqa: E402
 
 
 def shapes(name: str) -> list[tuple[str, int, int]]:
@@ -36,17 +36,6 @@ def shapes(name: str) -> list[tuple[str, int, int]]:
         (f"{name} w2", a.dim, a.hidden_dim),
         (f"{name} head", a.vocab_size, a.dim),
     ]
-
-
-def best(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    t = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        t = min(t, time.perf_counter() - t0)
-    return t
 
 
 def main() -> None:
@@ -86,8 +75,8 @@ def main() -> None:
                             for p in packs:
                                 p(x)
 
-                        plain = best(plain_all, args.repeats) / copies
-                        pk = best(packed_all, args.repeats) / copies
+                        plain = best_of(plain_all, args.repeats) / copies
+                        pk = best_of(packed_all, args.repeats) / copies
                         rows.append(dict(weight=what, dtype=dn, rows=m, mb=round(mb, 2), plain_us=plain * 1e6,
                                          plain_gb_s=mb / 1e3 / plain, packed_us=pk * 1e6, packed_gb_s=mb / 1e3 / pk,
                                          packing_ms=pack_s * 1e3, ratio=pk / plain))  # fmt: skip

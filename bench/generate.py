@@ -34,7 +34,7 @@ from llamactl.loading import build_model
 from llamactl.model import Transformer, preset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import write_csv  # noqa: E402
+from benchlib import best_of, write_csv  # noqa: E402
 
 
 def read_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float:
@@ -69,16 +69,6 @@ def engine_at(rev: str) -> types.ModuleType:
     sys.modules[module.__name__] = module  # dataclasses look their module up
     exec(compile(src, f"{rev}:llamactl/generate.py", "exec"), module.__dict__)
     return module
-
-
-def best_of(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def profile(preset_name: str, dtype: torch.dtype, steps: int = 20) -> None:

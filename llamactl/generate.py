@@ -11,8 +11,9 @@ One engine for generate, chat, rejection-sample and ppo. The caller owns the ``K
 
 Rows of different lengths are batched right-padded: each row writes its own cache slots at its own positions, so
 padding is never attended and never shifts rotary positions. Positions live on the host (the cache's ``lengths``);
-which rows are done is a mask on the device, read once every few steps (never once per row), and rows that are done
-leave the batch when enough of them are.
+which rows are done is a mask on the device, read once every few steps (never once per row). ``run_requests`` is
+continuous batching over a stream of prompts: at each read, finished rows are refilled with waiting prompts; without
+more to come, rows that are done leave the batch when enough of them are.
 """
 
 from __future__ import annotations
@@ -245,7 +246,7 @@ def stream(
                 if exhausted:
                     break
                 assert refill is not None
-                continue  # refill was offered only some of the rows: impossible here, all are free
+                continue  # refill found nothing now (an idle refill waits, so this is not reached)
             early = [i for i, m in enumerate(made) if m < params.min_new_tokens]
             if early and eos_id is not None:
                 logits = logits.clone()
@@ -370,7 +371,6 @@ def run_requests(
     generator: torch.Generator | None = None,
     *,
     rows: int,
-    max_len: int | None = None,
     timings: Timings | None = None,
     reserve: Callable[[int, int], None] | None = None,
     sync_every: int | None = None,
@@ -381,8 +381,8 @@ def run_requests(
 
     Requests are taken as rows free up: a finished row is refilled with the next waiting sample at the next read of
     the done mask, its prompt prefilled beside the running batch (the samples of one prompt admitted together share
-    one prefill, their cache rows copies of it), instead of the batch draining. The cache holds ``max_len``
-    positions (default: what the first requests need, grown when a later one needs more, up to the context);
+    one prefill, their cache rows copies of it), instead of the batch draining. The cache holds what the first
+    requests need, and grows when a later one needs more, up to the context;
     ``reserve(rows, max_len)`` is called before it is made or grown (a memory check that refuses in one line).
 
     With ``background`` the requests are read in a thread of their own (input that arrives over time, a pipe, whose
@@ -424,7 +424,7 @@ def run_requests(
         n_rows = rows
     else:
         n_rows = min(rows, len(waiting))
-    size = max_len or room([p for _, p, _ in waiting])
+    size = room([p for _, p, _ in waiting])
     if reserve is not None:
         reserve(n_rows, size)
     cache = KVCache(model.args, n_rows, size, weight.device, weight.dtype)
@@ -440,7 +440,7 @@ def run_requests(
             groups.setdefault(req, []).append(t)
         prompts = [take[ts[0]][1] for ts in groups.values()]
         need = room(prompts)
-        if need > cache.max_len and max_len is None:
+        if need > cache.max_len:
             grown = min(context, max(need, 2 * cache.max_len))
             if reserve is not None:
                 reserve(cache.batch, grown)
