@@ -1,7 +1,7 @@
 """What a decode step's matrix-vector products cost on this CPU per weight shape and dtype, in each form the loader
 can give a weight: torch's plain ``F.linear`` on the (memory-mapped) weight as stored, and oneDNN's packed copy
 (``swap.PackedLinear``), with the time the packing takes at load. This is the measurement behind the loader's rule
-of what to transform (``swap.packing_pays``).
+of what to transform (``swap.cpu_packing``). Where oneDNN cannot pack a dtype on this CPU, its row says so.
 
     python -P bench/decode_linears.py [--shapes 60m,1b] [--rows 1,8] [--repeats 50]
 
@@ -62,7 +62,11 @@ def main() -> None:
                     copies = max(1, int(512 / mb))
                     ws = [w.clone() for _ in range(copies)]
                     t0 = time.perf_counter()
-                    packs = [PackedLinear.of(c.clone()) for c in ws]
+                    try:
+                        packs = [PackedLinear.of(c.clone()) for c in ws]
+                    except RuntimeError as e:  # e.g. bf16 on a CPU without AVX-512: oneDNN refuses
+                        print(f"| {what} ({n}x{k}) | {dn} | | {mb:.1f} | oneDNN cannot pack: {str(e)[:80]} |")
+                        continue
                     pack_s = (time.perf_counter() - t0) / copies
                     for m in map(int, args.rows.split(",")):
                         x = torch.randn(m, k).to(dt)

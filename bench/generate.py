@@ -26,6 +26,7 @@ import types
 
 import torch
 
+from llamactl import compiled
 from llamactl.checkpoint import save_model
 from llamactl.convert import read_source, write_hf
 from llamactl.device import DTYPES
@@ -78,6 +79,7 @@ def profile(preset_name: str, dtype: torch.dtype, steps: int = 20) -> None:
 
     from llamactl.generate import decode_one_token, prefill
     from llamactl.model import KVCache
+    from llamactl.quant import QuantLinear
     from llamactl.swap import PackedLinear
 
     torch.manual_seed(0)
@@ -87,7 +89,9 @@ def profile(preset_name: str, dtype: torch.dtype, steps: int = 20) -> None:
     cache = KVCache(base.args, 1, 320, "cpu", dtype)
     prefill(model, cache, [list(range(3, 259))])
     tok, pos = torch.tensor([5]), torch.tensor([256])
-    linears = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    # the layers a decode step multiplies by: the blocks' projections and the head (its packed form where made)
+    linears = [m for m in model.layers.modules() if isinstance(m, (PackedLinear, QuantLinear, torch.nn.Linear))]
+    linears.append(model.packed_head or getattr(model, "output", None) or PackedLinear.of(model.output_weight))
     xs = [torch.randn(1, 1, m.in_features, dtype=dtype) for m in linears]
 
     def step():
@@ -134,6 +138,7 @@ def main() -> None:
     ap.add_argument("--csv", default="bench/results/generate.csv")
     ap.add_argument("--baseline", help="a git revision whose engine to measure alongside (before/after)")
     ap.add_argument("--profile", choices=["fp32", "bf16"], help="instead: where one decode step's time goes")
+    ap.add_argument("--compile", action="store_true", help="also the compiled decode step (--compile always)")
     args = ap.parse_args()
     if args.profile:
         return profile(args.preset, DTYPES[args.profile])
@@ -193,6 +198,15 @@ def main() -> None:
                 return lambda: generate(ours, [p] * b, SamplingParams(max_new_tokens=n, temperature=0), eos_id=None)
 
             impls = {"llamactl": ours_gen}
+            if args.compile:
+                # the same checkpoint with the compiled step (--compile always); its compiles happen in the warm-up
+                oursc, _ = load_for_inference(path, torch.device("cpu"), dname, "lm", "to bench", False, decode=True)
+                compiled.enable(oursc, "always", 0)
+
+                def compiled_gen(p, n, ours=oursc, b=1):
+                    return lambda: generate(ours, [p] * b, SamplingParams(max_new_tokens=n, temperature=0), None)
+
+                impls["llamactl compiled"] = compiled_gen
             hf = None
             if hf_dtype is not None:
                 hf = LlamaForCausalLM.from_pretrained(os.path.join(tmp, "hf"), dtype=hf_dtype).eval()

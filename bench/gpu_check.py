@@ -1,10 +1,12 @@
 """The GPU check: everything that only a GPU can show, in one call of at most 8 minutes on one H100.
 
-    python -P bench/gpu_check.py [--out DIR] [--budget-s 470] [--sections env,tests,kernels,train,decode]
+    python -P bench/gpu_check.py [--out DIR] [--budget-s 470] [--sections env,compiled,tests,kernels,train,decode]
 
 Sections, each in its own process so that a crash in one still leaves the others' results:
 
 - ``env``      the device, the driver, torch and Triton versions, measured copy bandwidth and bf16 matmul rate.
+- ``compiled`` the compiled decode step (CUDA graphs) of a 7B-shaped model per weight scheme (bf16, int8, int4) at
+               batch 1 against the eager step, as a fraction of the copy bandwidth, and the compile's time.
 - ``tests``    the kernel tests on CUDA (fp32, fp16 and bf16 against the torch references, the >2^31-element tests).
 - ``kernels``  ``bench/kernels.py`` at Llama-2-7B shapes, Triton against eager torch (``--compile`` adds
                torch.compile when the budget allows).
@@ -412,12 +414,74 @@ def section_decode(out: str, new_tokens: int) -> None:
         print(line)
 
 
+def section_compiled(out: str, new_tokens: int) -> None:
+    """The compiled decode step (``--compile always``: CUDA graphs) of a 7B-shaped model per weight scheme at batch 1,
+    against the eager step, as a fraction of the copy bandwidth measured in ``env`` (issue 18's targets: bf16 70%,
+    int8 55%, int4 45%), with the compile's time and whether the greedy tokens agree with the eager step's."""
+    import torch
+
+    from llamactl import compiled
+    from llamactl.generate import SamplingParams, generate
+    from llamactl.loading import build_model
+    from llamactl.quant import QuantSpec, linear_names, quantize_rtn
+
+    env = json.load(open(os.path.join(out, "env.json"))) if os.path.exists(os.path.join(out, "env.json")) else {}
+    bw = env.get("copy_gb_s")
+    torch.manual_seed(0)
+    base = _random_model("cuda")
+    prompt = torch.randint(3, 32000, (128,)).tolist()
+    lines = []
+    for scheme in ("bf16", "int8", "int4-g128", "int4-g32"):
+        model = base
+        if scheme != "bf16":
+            name, group = (scheme, None) if scheme == "int8" else ("int4", int(scheme.split("-g")[1]))
+            spec = QuantSpec(name, group)
+            tensors = {k: v for k, v in base.state_dict().items() if not k.startswith("rope_")}
+            for n in linear_names(base.args, spec):
+                q = quantize_rtn(tensors.pop(f"{n}.weight"), spec)
+                tensors.update({f"{n}.{k}": t for k, t in q.tensors.items()})
+            model = build_model(base.args, tensors, "bench", "cuda", torch.bfloat16, spec).eval()
+        nbytes = sum(t.numel() * t.element_size() for k, t in model.state_dict().items()
+                     if not k.startswith(("rope_", "tok_embeddings")))  # fmt: skip
+
+        def run(n, model=model):
+            return generate(model, [prompt], SamplingParams(max_new_tokens=n, temperature=0), eos_id=None)
+
+        got = {}
+        for mode in ("never", "always"):
+            compiled.enable(model, mode, 0)
+            t = time.perf_counter()
+            toks = run(new_tokens + 1)[0].tokens  # the compile (and CUDA graph capture) happens here
+            first = time.perf_counter() - t
+            one, many = _cuda_time(lambda: run(1), repeats=2), _cuda_time(lambda: run(new_tokens + 1), repeats=3)
+            rate = new_tokens / (many - one)
+            got[mode] = toks
+            frac = f"{nbytes * rate / (bw * 1e9):.0%}" if bw else ""
+            ok = "" if mode == "never" else ("compiled" if compiled.compiled(model) else "fell back to eager")
+            lines.append(f"| {scheme} | {mode} | {nbytes / 1e9:.2f} | {rate:.1f} | {frac} | {first:.1f} | {ok} |")
+            print(lines[-1], file=sys.stderr, flush=True)
+        same = sum(a == b for a, b in zip(got["never"], got["always"], strict=True))
+        lines[-1] = lines[-1][:-2] + f", {same}/{len(got['never'])} greedy tokens as eager |"
+        compiled.enable(model, "never", 0)
+        del model
+        torch.cuda.empty_cache()
+    print(f"Batch-1 greedy decode of a random 7B-shaped model per weight scheme, a {len(prompt)}-token prompt, "
+          f"{new_tokens} new tokens: the eager step and the compiled one (`--compile always`: torch.compile with CUDA "
+          "graphs). Fraction = weight bytes read per token x tokens/s over the copy bandwidth of `env`.")  # fmt: skip
+    print()
+    print("| scheme | --compile | weight GB | decode tok/s | of copy bandwidth | first run s (compile) | note |")
+    print("|---|---|---|---|---|---|---|")
+    for line in lines:
+        print(line)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------------------------------
 
 SECTIONS = {  # name -> (title, timeout s, least time left to start it)
     "env": ("Device", 60, 10),
+    "compiled": ("Compiled decode step, 7B-shaped model, batch 1, per scheme", 200, 90),
     "tests": ("Kernel tests on CUDA", 170, 60),
     "kernels": ("Kernels at Llama-2-7B shapes (bf16)", 120, 45),
     "train": ("Training steps, 1.1B preset", 150, 60),
@@ -461,6 +525,7 @@ def main() -> None:
                 args.out, args.train_steps, args.train_preset, args.seq_len, args.batch_size
             ),
             "decode": lambda: section_decode(args.out, args.new_tokens),
+            "compiled": lambda: section_compiled(args.out, args.new_tokens),
         }[args.run_section]
         fn()
         return

@@ -37,11 +37,26 @@ def decode_attention_torch(
     else:
         out_dtype = None
     qg = q.reshape(B, KV, H // KV, D)  # the query heads of a group share one K/V head: no copies
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * D**-0.5  # (B, KV, H/KV, S)
+    scores = torch.matmul(qg, k.transpose(-1, -2))
+    scores = (scores if scores.dtype == torch.float32 else scores.float()) * D**-0.5  # (B, KV, H/KV, S)
     if bool((seqlens != S).any()):
-        scores.masked_fill_(torch.arange(S, device=q.device) >= seqlens[:, None, None, None], float("-inf"))
+        scores.masked_fill_(torch.arange(S, device=q.device) >= seqlens.view(B, 1, 1, 1), float("-inf"))
     out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)  # (B, KV, H/KV, D)
     return out.reshape(B, H, D).to(out_dtype or out.dtype)
+
+
+def decode_attention_masked(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens: torch.Tensor
+) -> torch.Tensor:
+    """The same result over the whole cache under a mask: shapes that do not change from step to step and no read of
+    ``seqlens`` on the host, what a compiled decode step needs (the compiler fuses the mask and the softmax)."""
+    B, H, D = q.shape
+    KV, S = k_cache.shape[1], k_cache.shape[2]
+    qg = q.reshape(B, KV, H // KV, D)
+    scores = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * D**-0.5  # (B, KV, H/KV, S)
+    scores = scores.masked_fill(torch.arange(S, device=q.device) >= seqlens[:, None, None, None], float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1).to(v_cache.dtype), v_cache)  # (B, KV, H/KV, D)
+    return out.reshape(B, H, D)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -30,7 +30,10 @@ def rms_norm_torch(
     """The CPU path: the reference's math with torch's one-op RMSNorm (4 ops instead of 8, for decode's sake)."""
     if residual is not None:
         x = x + residual
-    y = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x) * weight
+    if x.dtype == torch.float32:  # no casts to dispatch (each is an operator call of a decode step)
+        y = torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=eps) * weight
+    else:
+        y = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x) * weight
     return (y, x) if residual is not None else y
 
 

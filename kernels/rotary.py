@@ -21,10 +21,11 @@ def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions:
     """Rotate x (B, T, H, D) at per-token positions (B, T) or (T,), with tables (S, D/2). Computes in fp32."""
     c = cos[positions].unsqueeze(-2)  # (B, T, 1, D/2) or (T, 1, D/2)
     s = sin[positions].unsqueeze(-2)
-    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
+    fp32 = x.dtype == torch.float32  # no casts to dispatch then
+    xf = (x if fp32 else x.float()).unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
     x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
-    return out.flatten(-2).type_as(x)
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+    return out if fp32 else out.type_as(x)
 
 
 @triton.jit

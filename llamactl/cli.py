@@ -255,6 +255,10 @@ def _build_command(
 
 INPUTS_HELP = "Text or JSONL files (.jsonl is JSONL unless --format says); - is stdin."
 TIMINGS_HELP = "At the end, one line on stderr: load time, prompt and decode tokens and tokens/s (as llama.cpp prints)."
+COMPILE_HELP = (
+    "The decode step compiled (torch.compile; CUDA graphs on a GPU): auto (where the run's new tokens repay the "
+    "compile, said on stderr), always, never (eager, the reference)."
+)
 ADAPTER_HELP = "LoRA adapter file trained on -m/--model (a quantized copy of it too), applied to it."
 FORMAT_HELP = "auto (.jsonl files and stdin are JSONL, other files text), text or jsonl."
 
@@ -559,6 +563,7 @@ config_command(
         "rm_adapter": "LoRA adapter file trained on --rm (or one making a language model a reward model).",
         "safety_rm_adapter": "LoRA adapter file trained on --safety-rm.",
         "timings": TIMINGS_HELP,
+        "compile": COMPILE_HELP,
     },
 )
 
@@ -590,6 +595,7 @@ config_command(
         "rm_adapter": "LoRA adapter file trained on --rm (or one making a language model a reward model).",
         "safety_rm_adapter": "LoRA adapter file trained on --safety-rm.",
         "timings": TIMINGS_HELP,
+        "compile": COMPILE_HELP,
     },
 )
 
@@ -623,6 +629,8 @@ config_command(
         "lam": "Lambda of GAE.",
         "value_coef": "Weight of the value loss.",
         "gen_batch_size": "Prompts generated and scored at once.",
+        "compile_decode": "The rollouts' decode step compiled (--compile compiles the training step): "
+        + COMPILE_HELP.split(": ", 1)[1],
         "save_every": "Checkpoint every N iterations (and at the end, and on Ctrl-C after the iteration).",
         "eval_every": None,  # ppo's figures are logged every iteration
         "warmup": None,  # a constant learning rate, as Llama 2's PPO
@@ -641,6 +649,7 @@ SAMPLING_HELP = {
     "device": "auto (cuda if present, else cpu), cpu, cuda or cuda:N.",
     "dtype": "auto (the checkpoint's own where native), fp32, bf16 or fp16.",
     "timings": TIMINGS_HELP,
+    "compile": COMPILE_HELP,
 }
 
 config_command(

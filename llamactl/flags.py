@@ -140,6 +140,7 @@ class SamplingFlags:
     device: str = "auto"
     dtype: str = "auto"
     timings: bool = False  # one line on stderr at the end: load, prompt and decode tokens/s
+    compile: str = "auto"  # the decode step compiled: auto (where the run repays it), always, never
     argv: list[str] | None = None
 
 
@@ -156,7 +157,14 @@ def sampling_problems(cfg) -> list[str]:
         problems.append(f"--top-k must be >= 0, got {cfg.top_k}")
     if cfg.batch_size < 1:
         problems.append(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    problems += compile_problems(cfg.compile)
     return problems
+
+
+def compile_problems(mode: str, flag: str = "--compile") -> list[str]:
+    from llamactl.compiled import MODES
+
+    return [] if mode in MODES else [f"{flag} must be one of {', '.join(MODES)}, got {mode!r}"]
 
 
 def tensorboard_problems(log_dir: str) -> list[str]:

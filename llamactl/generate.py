@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llamactl.compiled import batch_bucket, cache_size, compiled
 from llamactl.model import KVCache, Transformer
 
 
@@ -46,9 +47,10 @@ class Completion:
 
 
 def sample(
-    logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0, generator=None
+    logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0, generator=None, u=None
 ) -> torch.Tensor:
-    """Next tokens (B,) from logits (B, V): greedy at temperature 0, else temperature, top-k, then top-p."""
+    """Next tokens (B,) from logits (B, V): greedy at temperature 0, else temperature, top-k, then top-p. The draw
+    is ``u`` (B, 1) in (0, 1] where given (the engine's per-sequence ``uniforms``), else from ``generator``."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -60,8 +62,8 @@ def sample(
         sorted_p, idx = _descending(probs, top_p)
         # drop a token when the mass before it already reaches top_p (the most likely token always stays)
         drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
-        return idx.gather(-1, inverse_cdf(sorted_p.masked_fill(drop, 0.0), generator)[:, None]).squeeze(-1)
-    return inverse_cdf(probs, generator)
+        return idx.gather(-1, inverse_cdf(sorted_p.masked_fill(drop, 0.0), generator, u)[:, None]).squeeze(-1)
+    return inverse_cdf(probs, generator, u)
 
 
 def _descending(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +80,7 @@ def _descending(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.
     return torch.sort(probs, dim=-1, descending=True)
 
 
-def inverse_cdf(weights: torch.Tensor, generator=None) -> torch.Tensor:
+def inverse_cdf(weights: torch.Tensor, generator=None, u=None) -> torch.Tensor:
     """One index per row of ``weights`` (B, V) (>= 0, not necessarily normalised), drawn with probability
     proportional to its weight: the first index whose cumulative weight reaches u x the row's total, u uniform in
     (0, 1], so a zero-weight index is never drawn.
@@ -86,8 +88,32 @@ def inverse_cdf(weights: torch.Tensor, generator=None) -> torch.Tensor:
     NOTE: torch.multinomial took 21 ms for 16 rows of 32,000 on this CPU, cumsum + searchsorted 0.25 ms: at batch 16
     the draw cost two thirds of a small model's decode step."""
     cdf = weights.float().cumsum(-1)
-    u = 1.0 - torch.rand(weights.shape[0], 1, generator=generator, device=weights.device)
+    if u is None:
+        u = 1.0 - torch.rand(weights.shape[0], 1, generator=generator, device=weights.device)
     return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp(max=weights.shape[-1] - 1)
+
+
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GAMMA, _M1, _M2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 (wrapping) arithmetic; ``>>`` made logical by masking the sign's copies."""
+    z = z + _GAMMA
+    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * _M1
+    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * _M2
+    return z ^ ((z >> 31) & ((1 << 33) - 1))
+
+
+def uniforms(base: int, keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """(B, 1) fp32 draws in (0, 1], one per row, counter-based: row b's draw depends on ``base`` (one per stream,
+    from its generator), the key of its sequence and its step only, so a sequence samples the same tokens whatever
+    batch it shares, whichever row it is given and whenever a streamed input arrives (continuous batching)."""
+    h = _mix(_mix(keys + base) + steps * _GAMMA)
+    return (1.0 - ((h >> 11) & ((1 << 53) - 1)).double() * 2.0**-53).float()[:, None]
 
 
 @dataclass
@@ -132,8 +158,9 @@ class Step:
     finished: list[int]  # rows whose last token is in this step or an earlier one, each reported once per sequence
 
 
-# refill(free rows, idle) -> [(row, logits (V,)), ...]: sequences put into free rows of the cache (prefilled there,
-# the cache's ``lengths`` set), or None once there will be no more. With ``idle`` (every row is free) it waits for at
+# refill(free rows, idle) -> [(row, logits (V,), key, max_new_tokens), ...]: sequences put into free rows of the
+# cache (prefilled there, the cache's ``lengths`` set), each with a key naming it for its random draws and its own
+# limit of new tokens, or None once there will be no more. With ``idle`` (every row is free) it waits for at
 # least one sequence or returns None.
 Refill = Callable[[list[int], bool], "list[tuple[int, torch.Tensor]] | None"]
 
@@ -174,9 +201,9 @@ def prefill(
 
 @torch.inference_mode()
 def decode_one_token(model: Transformer, token: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Feed one token per sequence (B,) at positions pos (B,); logits (B, V) for the next."""
-    h = model.hidden(token[:, None], cache=cache, start=pos)
-    return model.logits(h[:, 0])
+    """Feed one token per sequence (B,) at positions pos (B,); logits (B, V) for the next: the model's compiled
+    step when it has one (``llamactl.compiled``), else its eager one."""
+    return (model.compiled_decode or model.decode)(token, pos, cache)
 
 
 @torch.inference_mode()
@@ -210,13 +237,20 @@ def stream(
     device = model.tok_embeddings.weight.device
     sync_every = sync_every or (1 if device.type == "cpu" else 8)
     n = cache.batch
+    fixed = compiled(model)
     # per row, on the host: where its sequence started and its next position, tokens sampled, finish reported
     rows, start, pos = list(range(n)), list(cache.lengths), list(cache.lengths)
     made = [0] * n
+    limit = [params.max_new_tokens] * n  # per row: its sequence's most new tokens
     reported = [logits is None] * n
     assert logits is None or (logits.shape[0] == n and min(cache.lengths) >= 1), "logits for each row of a filled cache"
     assert logits is not None or refill is not None, "rows start free only when there is a refill to fill them"
     pos_dev = torch.tensor(pos, device=device)
+    keys = torch.arange(n, device=device)  # each sequence's key for its draws: its row, or what refill says
+    base = 0
+    if params.temperature > 0:  # one draw of the generator a stream: a chat's turns sample differently
+        gen_device = generator.device if generator is not None else "cpu"
+        base = int(torch.randint(-(2**62), 2**62, (), generator=generator, device=gen_device))
     done = torch.tensor(reported, device=device)
     count = torch.zeros(n, dtype=torch.long, device=device)  # tokens each row's sequence has produced
     new_tokens = torch.zeros((), dtype=torch.long, device=device)
@@ -235,13 +269,15 @@ def stream(
                 elif got:
                     if logits is None:
                         logits = torch.zeros(n, got[0][1].shape[-1], device=device)
-                    idx = torch.tensor([i for i, _ in got], device=device)
-                    logits[idx] = torch.stack([lg for _, lg in got]).to(logits.dtype)
-                    for i, _ in got:
+                    idx = torch.tensor([g[0] for g in got], device=device)
+                    logits[idx] = torch.stack([g[1] for g in got]).to(logits.dtype)
+                    keys[idx] = torch.tensor([g[2] for g in got], device=device)
+                    for i, _, _, most in got:
+                        limit[i] = most
                         start[i] = pos[i] = cache.lengths[i]
                         made[i], reported[i] = 0, False
                     done[idx], count[idx] = False, 0
-                    pos_dev[idx] = torch.tensor([pos[i] for i, _ in got], device=device)
+                    pos_dev[idx] = torch.tensor([pos[g[0]] for g in got], device=device)
             if all(reported):
                 if exhausted:
                     break
@@ -251,7 +287,8 @@ def stream(
             if early and eos_id is not None:
                 logits = logits.clone()
                 logits[torch.tensor(early, device=device), eos_id] = float("-inf")
-            tok = sample(logits, params.temperature, params.top_p, params.top_k, generator)
+            u = uniforms(base, keys, count) if params.temperature > 0 else None
+            tok = sample(logits, params.temperature, params.top_p, params.top_k, u=u)
             lp = torch.log_softmax(logits, -1).gather(1, tok[:, None]).squeeze(1) if params.logprobs else None
             live = ~done
             count += live
@@ -260,8 +297,8 @@ def stream(
                 done |= tok == eos_id
             made = [m + 1 for m in made]
             # the host knows when a row reaches max_new_tokens or fills its cache: no read of the device for that
-            ends = [not r and (m >= params.max_new_tokens or p + 1 >= cache.max_len)
-                    for m, p, r in zip(made, pos, reported, strict=True)]  # fmt: skip
+            ends = [not r and (m >= most or p + 1 >= cache.max_len)
+                    for m, most, p, r in zip(made, limit, pos, reported, strict=True)]  # fmt: skip
             flags = None
             if any(ends):
                 done |= torch.tensor(ends, device=device)
@@ -282,10 +319,14 @@ def stream(
                 continue  # nothing left to decode: refill, or the end
             if shrink and exhausted and synced and 2 * sum(reported) >= len(rows) > 1:
                 keep = [i for i, r in enumerate(reported) if not r]
+                if fixed:  # a compiled step's batch is a power of two: finished rows pad it
+                    keep += [i for i, r in enumerate(reported) if r][: batch_bucket(len(keep)) - len(keep)]
                 idx = torch.tensor(keep, device=device)
                 cache.keep(keep)
-                rows, start, pos, made, reported = ([x[i] for i in keep] for x in (rows, start, pos, made, reported))
-                tok, pos_dev, done, count = (t.index_select(0, idx) for t in (tok, pos_dev, done, count))
+                rows, start, pos, made, limit, reported = (
+                    [x[i] for i in keep] for x in (rows, start, pos, made, limit, reported)
+                )
+                tok, pos_dev, done, count, keys = (t.index_select(0, idx) for t in (tok, pos_dev, done, count, keys))
             # A done row keeps decoding in place until it is refilled or the batch shrinks; its slots past its length
             # are never read.
             at = pos_dev if max(pos) < cache.max_len else pos_dev.clamp(max=cache.max_len - 1)
@@ -358,9 +399,10 @@ def _background(requests: Iterable[Request | None]):
         block = yield got
 
 
-# A request: a prompt's tokens and how many samples to draw from it (each its own row, from one prefill), or None:
-# nothing has come yet (a pipe), so the engine goes on with what it has.
-Request = tuple[list[int], int]
+# A request: a prompt's tokens, how many samples to draw from it (each its own row, from one prefill) and optionally
+# its own most new tokens (default ``params.max_new_tokens``); or None: nothing has come yet (a pipe), so the engine
+# goes on with what it has.
+Request = tuple[list[int], int] | tuple[list[int], int, int]
 
 
 def run_requests(
@@ -391,7 +433,7 @@ def run_requests(
     src = _background(requests) if background else iter(requests)
     if background:
         next(src)  # start it: it waits for the first send
-    waiting: deque[tuple[int, list[int], int]] = deque()  # (request, prompt, sample) not yet admitted
+    waiting: deque[tuple[int, list[int], int, int]] = deque()  # (request, prompt, sample, most new) not admitted
     ended = False
     count = 0
     weight = model.tok_embeddings.weight
@@ -409,13 +451,17 @@ def run_requests(
                 if block and not waiting:
                     continue
                 break
-            prompt, k = req
+            prompt, k, most = req if len(req) == 3 else (*req, params.max_new_tokens)
             assert prompt and 1 <= k <= rows and len(prompt) < context, "a non-empty prompt, 1 <= k <= rows"
-            waiting.extend((count, prompt, j) for j in range(k))
+            assert most >= 1, "at least one new token"
+            waiting.extend((count, prompt, j, most) for j in range(k))
             count += 1
 
-    def room(prompts: list[list[int]]) -> int:
-        return min(max(len(p) for p in prompts) + params.max_new_tokens, context)
+    fixed = compiled(model)  # a compiled step: batches and cache sizes to its buckets (llamactl.compiled)
+
+    def room(items) -> int:  # the positions (request, prompt, sample, most new) items need
+        need = min(max(len(p) + most for _, p, _, most in items), context)
+        return cache_size(need, context) if fixed else need
 
     pull(rows, True)
     if not waiting:
@@ -424,24 +470,27 @@ def run_requests(
         n_rows = rows
     else:
         n_rows = min(rows, len(waiting))
-    size = room([p for _, p, _ in waiting])
+    if fixed:
+        n_rows = batch_bucket(n_rows)  # the padding rows stay free
+    size = room(waiting)
     if reserve is not None:
         reserve(n_rows, size)
     cache = KVCache(model.args, n_rows, size, weight.device, weight.dtype)
     held: dict[int, tuple[int, int]] = {}  # cache row -> (request, sample)
 
-    def admit(free: list[int], idle: bool) -> list[tuple[int, torch.Tensor]] | None:
+    def admit(free: list[int], idle: bool) -> list[tuple[int, torch.Tensor, int, int]] | None:
         pull(len(free), idle)
         if not waiting:
             return None if ended else []
         take = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
         groups: dict[int, list[int]] = {}  # request -> positions in take
-        for t, (req, _, _) in enumerate(take):
+        for t, (req, *_) in enumerate(take):
             groups.setdefault(req, []).append(t)
         prompts = [take[ts[0]][1] for ts in groups.values()]
-        need = room(prompts)
+        need = room(take)
         if need > cache.max_len:
             grown = min(context, max(need, 2 * cache.max_len))
+            grown = cache_size(grown, context) if fixed else grown
             if reserve is not None:
                 reserve(cache.batch, grown)
             cache.grow(grown)
@@ -453,7 +502,7 @@ def run_requests(
                 row = free[t]
                 cache.put(row, fresh, g)
                 held[row] = take[t][0], take[t][2]
-                out.append((row, logits[g]))
+                out.append((row, logits[g], take[t][0] << 20 | take[t][2], take[t][3]))  # key: (request, sample)
         return out
 
     for row, completion in finished_rows(

@@ -51,7 +51,7 @@ def build_model(
     state = {k: t.to(device=device, dtype=dtype if k in recast else t.dtype) for k, t in tensors.items()}
     model.load_state_dict(state, assign=True)
     model.reset_rope(device)
-    finish(model, compute, decode)
+    finish(model, compute, decode, {k for k, t in state.items() if t is not tensors[k]})
     return model
 
 

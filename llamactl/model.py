@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -315,6 +316,8 @@ class Transformer(nn.Module):
         self.reset_rope()
         self.grad_checkpointing = False
         self.packed_head: nn.Module | None = None  # the head's CPU decode form, set by swap.finish
+        # the decode step the engine runs in place of ``decode`` when it is compiled (``llamactl.compiled``)
+        self.compiled_decode: Callable[[torch.Tensor, torch.Tensor, KVCache], torch.Tensor] | None = None
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) would round the rotary tables too; they stay fp32 (as Meta's freqs_cis) whatever the weights are.
@@ -364,10 +367,14 @@ class Transformer(nn.Module):
                 h = layer(h, self.rope_cos, self.rope_sin, positions, segment_ids, kv, start)
         return self.norm(h)
 
+    def decode(self, token: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The decoding step: one token per sequence (B,) at positions ``pos`` (B,) into ``cache``; logits (B, V)."""
+        return self.logits(self.hidden(token[:, None], cache=cache, start=pos)[:, 0])
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Next-token logits (..., vocab) in fp32 from hidden states (..., dim)."""
         assert self.args.head == "lm", "logits need a language-model head"
-        if self.packed_head is not None:
+        if self.packed_head is not None and not torch.compiler.is_compiling():
             return self.packed_head(h).float()
         if self.args.tie_embeddings:
             return F.linear(h, self.tok_embeddings.weight).float()

@@ -28,6 +28,7 @@ from llamactl.kernels.attention import (
     cached_attention_triton,
 )
 from llamactl.kernels.decode_attention import (
+    decode_attention_masked,
     decode_attention_torch,
     decode_attention_triton,
     decode_attention_unsupported,
@@ -67,7 +68,8 @@ def kernel_mode() -> str:
 def _use_triton(op: str, x: torch.Tensor, why_not: str | None) -> bool:
     """Whether ``op`` runs its Triton kernel for input ``x``; ``why_not`` is the kernel's objection to the shapes."""
     mode = kernel_mode()
-    if mode == "ref":
+    if mode == "ref" or (torch.compiler.is_compiling() and op != "quant_matmul"):
+        # under torch.compile the references are what the compiler fuses into kernels of its own
         return False
     if mode == "triton":
         if not HAS_TRITON:
@@ -148,7 +150,10 @@ def cached_attention(q, k_cache, v_cache, start: torch.Tensor) -> torch.Tensor:
 
 
 def decode_attention(q, k_cache, v_cache, seqlens: torch.Tensor) -> torch.Tensor:
-    """One query per sequence, q (B, H, D), against caches (B, KV, S, D) holding seqlens[b] tokens -> (B, H, D)."""
+    """One query per sequence, q (B, H, D), against caches (B, KV, S, D) holding seqlens[b] tokens -> (B, H, D).
+    Under ``torch.compile`` (the compiled decode step), the whole cache under a mask: fixed shapes."""
+    if torch.compiler.is_compiling():
+        return decode_attention_masked(q, k_cache, v_cache, seqlens)
     why_not = decode_attention_unsupported(q, k_cache, v_cache)
     if why_not is None and _grad_needed(q, k_cache, v_cache):
         why_not = "a gradient (the decode kernel is forward only)"

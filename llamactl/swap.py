@@ -6,8 +6,9 @@ only ever materialised in the form that runs:
 
 - ``quantized``: the checkpoint's header says its linear layers are int8/int4 (``llamactl.quant``): each becomes a
   ``QuantLinear`` whose tensors are the file's ``qweight``/``scales``/``zeros``;
-- ``decode`` on a CPU: q, k, v and w1, w3 are fused into one projection each (their tensors concatenated on the way
-  in), and each floating-point projection becomes a ``PackedLinear`` holding oneDNN's blocked copy of its weight;
+- ``decode`` on a CPU: in small models q, k, v and w1, w3 are fused into one projection each (their tensors
+  concatenated on the way in), and where it pays (``cpu_packing``) each floating-point projection becomes a
+  ``PackedLinear`` holding oneDNN's blocked copy of its weight;
 - ``lora`` (``llamactl.lora.add_lora``): a ``LoRALinear`` wraps each target linear (over a quantized one too), its
   adapter's tensors beside the base's; CPU decode fuses the wrapped projections with their adapters.
 
@@ -88,12 +89,9 @@ def fuse_projections(model: Transformer, tensors: dict[str, torch.Tensor]) -> di
 
 class PackedLinear(nn.Module):
     """y = x @ W.T through oneDNN with W packed into its blocked layout once the weight is assigned (inference only,
-    no autograd).
-
-    NOTE: at batch 1 torch's fp32 F.linear runs a single-threaded matrix-vector product (8.2 GB/s of weights on this
-    2-core machine) while oneDNN's packed inner product uses both cores (17.4 GB/s): decode is bound by reading the
-    weights, so this is most of the decode speed-up. The packed copy replaces the weight, which the checkpoint keeps
-    memory-mapped."""
+    no autograd). A weight that is the checkpoint's own (memory-mapped, not converted) stays beside the packed copy:
+    a compiled step (``llamactl.compiled``) multiplies by it, the compiler packing it its own way. A weight converted
+    at load is dropped once packed (no second copy of the model)."""
 
     def __init__(self, in_features: int, out_features: int, device=None):
         super().__init__()
@@ -108,27 +106,46 @@ class PackedLinear(nn.Module):
         m.prepare(weight.dtype)
         return m
 
-    def prepare(self, dtype: torch.dtype) -> None:
+    def prepare(self, dtype: torch.dtype, keep_weight: bool = True) -> None:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
-        del self.weight
+        if not keep_weight:
+            del self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return nn.functional.linear(x, self.weight)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
 
 def cpu_packing(dtype: torch.dtype) -> bool:
-    """Whether oneDNN can pack weights of ``dtype`` on this CPU."""
-    if dtype not in (torch.float32, torch.bfloat16):
+    """Whether the CPU decode loader packs weights of ``dtype`` for oneDNN (``PackedLinear``), by what was measured.
+
+    NOTE: ``python -P bench/decode_linears.py --rows 1`` (docs/benchmarks.md), torch 2.13, batch 1. On an AVX2 CPU
+    (2-core AMD EPYC VM, 2026-12-08) oneDNN's packed fp32 products ran 1.2-2.3x faster than ``F.linear`` on every
+    shape of the 60M and 1.1B presets (60M w13: 271 against 534 us; 60M head: 2.7 against 6.3 ms; 1.1B w13: 3.1
+    against 5.2 ms), more at 8 rows, and oneDNN refuses to pack bf16 there. On an AVX-512 CPU with bf16 (2-core VM,
+    2026-12-07) packing was 1.0-1.3x slower in fp32 and 1.0-1.4x slower in bf16 at every shape but the 60M w13 in
+    bf16 (0.76x): plain ``F.linear`` there."""
+    if dtype != torch.float32 or not torch.backends.mkldnn.is_available():
         return False
-    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
-    return dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.backends.cpu.get_cpu_capability() != "AVX512"
+
+
+# NOTE: fusing q/k/v and w1/w3 saves three calls a layer (~0.5 ms of a 60M-preset decode step on a 2-core CPU) but
+# concatenates their weights at load, a copy of most of the model (0.73 s of a 1.1B bf16 load, 2026-12-07). Above
+# this width a step is bound by reading the weights, not by its calls, and the copy does not pay: see
+# docs/benchmarks.md, "generate: where a 1.1B model's start goes".
+FUSE_MAX_DIM = 1024
 
 
 def for_decode(model: Transformer, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The CPU decode transform on a meta model: fused projections, packed floating-point ones; returns the tensors
-    renamed to fit. Quantized projections stay ``QuantLinear``s (they pick their CPU kernels in ``prepare``)."""
-    tensors = fuse_projections(model, tensors)
+    """The CPU decode transform on a meta model: fused projections (small models), packed floating-point ones
+    (where ``cpu_packing`` says it pays); returns the tensors renamed to fit. Quantized projections stay
+    ``QuantLinear``s (they pick their CPU kernels in ``prepare``)."""
+    if model.args.dim <= FUSE_MAX_DIM:
+        tensors = fuse_projections(model, tensors)
     if cpu_packing(dtype):
         swap_linears(
             model,
@@ -141,11 +158,14 @@ def for_decode(model: Transformer, tensors: dict[str, torch.Tensor], dtype: torc
     return tensors
 
 
-def finish(model: Transformer, dtype: torch.dtype, decode: bool) -> None:
-    """After the tensors are assigned: each swapped module prepares its runtime form; for CPU decode the output head
-    gets a packed copy of its weight (the tied embedding's too) unless it is quantized."""
-    for m in model.modules():
-        if isinstance(m, (PackedLinear, QuantLinear)):
+def finish(model: Transformer, dtype: torch.dtype, decode: bool, copied: set[str] = frozenset()) -> None:
+    """After the tensors are assigned: each swapped module prepares its runtime form (a packed layer drops its weight
+    when the weight's name is in ``copied``, the tensors converted at load); for CPU decode the output head gets a
+    packed copy of its weight (the tied embedding's too) unless it is quantized."""
+    for name, m in model.named_modules():
+        if isinstance(m, PackedLinear):
+            m.prepare(dtype, keep_weight=f"{name}.weight" not in copied)
+        elif isinstance(m, QuantLinear):
             m.prepare(dtype)
     if decode and model.args.head == "lm" and not isinstance(getattr(model, "output", None), QuantLinear):
         if cpu_packing(dtype):

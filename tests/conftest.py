@@ -14,6 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != ROOT]
 os.environ["PYTHONSAFEPATH"] = "1"  # before helpers copies the environment for the children
+# --compile auto decodes eagerly in the tests (the eager step is the reference; compile tests ask for it by name)
+os.environ["LLAMACTL_COMPILE"] = "never"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -30,3 +32,15 @@ def hf_model_dir(tmp_path):
     path = tmp_path / "hf"
     model.save_pretrained(path)
     return str(path), model
+
+
+@pytest.fixture(scope="session")
+def stories(tmp_path_factory):
+    """llama2.c's stories260K (a real tiny pretrained checkpoint, tests/fixtures) converted to a llamactl file."""
+    from helpers import FIXTURES
+
+    from llamactl.commands.convert import ConvertConfig, run
+
+    out = str(tmp_path_factory.mktemp("stories") / "stories.safetensors")
+    run(ConvertConfig(src=os.path.join(FIXTURES, "stories260K.bin"), output=out))
+    return out

@@ -344,3 +344,38 @@ def test_continuous_samples_of_a_prompt_share_its_prefill(model):
     assert got == {(i, j): want[i] for i in range(4) for j in range(3)}
     assert sum(map(len, prompts)) <= timings.prompt_tokens <= 2 * sum(map(len, prompts))
     assert timings.sequences == 12 and timings.new_tokens == 12 * 6
+
+
+def test_sampled_completions_do_not_depend_on_the_batch(model):
+    """Sampling, each request's draws are its own (counter-based, keyed by request and step): the same seed gives each
+    prompt the same sampled completion through 1, 3 or 8 rows, whichever row it is given and whenever it is admitted.
+    And the draws are uniform: 20,000 of them fill ten equal bins within 4.5 standard errors."""
+    from llamactl.generate import run_requests, uniforms
+
+    prompts = [[1, 2, 3], [1, 9, 8, 7, 6, 5, 4], [1], [1, 40, 41], [1, 5, 5], [1, 22, 23, 24, 25]]
+    params = SamplingParams(max_new_tokens=9, temperature=1.0)
+    runs = []
+    for rows in (1, 3, 8):
+        got = run_requests(model, ((p, 1) for p in prompts), params, None, torch.Generator().manual_seed(11), rows=rows)
+        runs.append({i: c.tokens for i, _, c in got})
+    assert runs[0] == runs[1] == runs[2]
+    greedy = [_greedy_full(model, p, 9, None) for p in prompts]
+    assert any(runs[0][i] != g for i, g in enumerate(greedy))  # it sampled
+    n = 20000
+    u = uniforms(12345, torch.arange(n), torch.full((n,), 3))[:, 0].double()
+    assert 0 < u.min() and u.max() <= 1
+    freq = torch.bincount((u * 10).long().clamp(max=9), minlength=10).double() / n
+    assert ((freq - 0.1).abs() <= 4.5 * (0.1 * 0.9 / n) ** 0.5).all(), freq
+
+
+def test_each_request_has_its_own_token_limit(model):
+    """Requests carrying their own most new tokens (what a server's max_tokens is) through two rows: each stops at its
+    own limit with its greedy completion's first tokens; one without keeps the default."""
+    from llamactl.generate import run_requests
+
+    prompts, most = [[1, 2, 3], [1, 9, 8], [1], [1, 40, 41, 42], [1, 5]], [3, 11, 1, 7, None]
+    reqs = [(p, 1, m) if m is not None else (p, 1) for p, m in zip(prompts, most, strict=True)]
+    got = {i: c for i, _, c in run_requests(model, iter(reqs), SamplingParams(5, temperature=0), None, rows=2)}
+    for i, p in enumerate(prompts):
+        n = most[i] or 5
+        assert got[i].tokens == _greedy_full(model, p, 11, None)[:n] and got[i].finish_reason == "length"

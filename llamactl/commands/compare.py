@@ -147,6 +147,8 @@ def run(cfg: CompareConfig) -> dict:
             judge.check_room(p, min(cfg.max_new_tokens, chat.context - len(toks)))
         ids.append(pair)
 
+    for chat, _ in models:
+        chat.compile(cfg.compile, len(prompts) * cfg.max_new_tokens)
     answers: list[list[str]] = [[], []]
     with progress("compare", "answer", total=2 * len(prompts)) as bar:
         for m, (chat, _) in enumerate(models):  # continuous batching, --batch-size rows at a time

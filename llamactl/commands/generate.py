@@ -78,6 +78,7 @@ def run(cfg: GenerateConfig) -> int:
 
     import torch
 
+    from llamactl import compiled
     from llamactl.config import check_memory, kv_cache_bytes
     from llamactl.device import resolve_device
     from llamactl.generate import SamplingParams, Timings, completions
@@ -118,6 +119,8 @@ def run(cfg: GenerateConfig) -> int:
         check_memory(cache, f"the KV cache of {rows} x {length} tokens", cfg.model, device)
 
     rows = cfg.batch_size if total is None else max(1, min(cfg.batch_size, total))
+    # a pipe's length is unknown: its work is reckoned as one batch's
+    compiled.enable(model, cfg.compile, (total or rows) * cfg.max_new_tokens)
     n_records = n_tokens = 0
     t0 = time.perf_counter()
     with open_output(cfg.output) as out, progress("generate", "seq", total=total) as bar:

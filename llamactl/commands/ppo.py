@@ -52,14 +52,15 @@ class PPOConfig(TrainFlags):
     lam: float = 0.95
     value_coef: float = 0.5
     gen_batch_size: int = 16  # prompts generated (and scored) at once
+    compile_decode: str = "auto"  # the rollouts' decode step compiled: auto, always, never (--compile: training's)
     save_every: int = 1  # iterations between checkpoints
     eval_every: int = 0  # not a flag of ppo (its figures are logged every iteration)
 
     def validate(self) -> None:
         from llamactl.files import check_output, input_problem, overlaps
-        from llamactl.flags import flag_problems
+        from llamactl.flags import compile_problems, flag_problems
 
-        problems = flag_problems(self)
+        problems = flag_problems(self) + compile_problems(self.compile_decode, "--compile-decode")
         for name in ("iterations", "prompts_per_iteration", "minibatch_size", "max_new_tokens", "gen_batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -114,6 +115,7 @@ def run_settings(cfg: PPOConfig, beta: float, lr: float) -> dict:
 
 
 def run(cfg: PPOConfig) -> dict:
+    from llamactl import compiled
     from llamactl.checkpoint import CheckpointMeta, load_tensors, make_lineage
     from llamactl.config import rope_bytes
     from llamactl.loading import read_checked_meta
@@ -190,6 +192,9 @@ def run(cfg: PPOConfig) -> dict:
             reference = lifecycle.meta_model(adapted.args, None, cfg.model)
             distributed.materialize(reference, {"": policy_tensors}, cfg.seed, device)
             reference.eval().requires_grad_(False)
+        # the rollouts' decode step, compiled where the run repays it (not frozen: the policy's weights change)
+        compiled.enable(policy.model, cfg.compile_decode, cfg.iterations * cfg.prompts_per_iteration // d.world
+                        * cfg.max_new_tokens, fixed_weights=False)  # fmt: skip
         tasks.append(PPOTask(cfg, prompts, (policy.model, value.model, reference), (help_rm, safety_rm), d, device,
                              beta, use_bf16))  # fmt: skip
         say(f"{len(prompts)} prompts; {cfg.iterations} iterations of {cfg.prompts_per_iteration} samples, "
