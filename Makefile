@@ -81,7 +81,7 @@ bench: $(BENCH_STAMP)
 	$(PY) -P bench/pretrain.py
 	$(PY) -P bench/convert_memory.py
 	$(PY) -P bench/tokenizer.py
-	$(PY) -P bench/kernels.py
+	$(PY) -P bench/kernel_ops.py
 	$(PY) -P bench/sft.py --lora-rank 16
 	$(PY) -P bench/dry_run.py
 	$(PY) -P bench/train_rm.py

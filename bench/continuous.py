@@ -74,8 +74,8 @@ def main() -> None:
                     model, iter([(p, 1, m) for p, m in work]), SamplingParams(256, temperature=0), None,
                     rows=args.rows, timings=timings)}  # fmt: skip
                 answers[side] = [got[i] for i in range(len(work))]
-                extra = (f"prompt {timings.prompt_s:.1f} s, decode {timings.decode_s:.1f} s (the compiles inside: "
-                         f"the first step of each shape)")  # fmt: skip
+                extra = f"prompt {timings.prompt_s:.1f} s, decode {timings.decode_s:.1f} s"
+                extra += " (the compiles inside it: the first step of each shape)" if side == "compiled" else ""
             elif side == "baseline":
                 old = engine_at(args.baseline)
                 model, _ = load_for_inference(ckpt, torch.device("cpu"), args.dtype, "lm", "to bench", False,

@@ -5,9 +5,11 @@
 Each run is a fresh process that imports its library, loads the checkpoint, prefills an 8-token prompt and samples
 one token (greedy), timed from outside (``time.perf_counter`` around the whole process). llamactl reads the
 safetensors file it writes; llama.cpp the GGUF that ``llamactl convert --to gguf`` makes of it (BF16 for bf16, F32
-for fp32). Warm: the best of ``--repeats`` after one untimed run (the files in the page cache). With ``--cold`` (root
-only), the page cache is dropped before each run. Also timed: a process that only imports torch, the floor of any
-torch program. ``--dir`` keeps the checkpoints between runs (made once: a 1.1B model takes a minute).
+for fp32). ``llamactl generate`` runs with ``--dtype auto`` (the stored dtype where the CPU runs it natively, else
+fp32) and with the stored dtype forced. Warm: the best of ``--repeats`` after one untimed run (the files in the page
+cache). With ``--cold`` (root only), the page cache is dropped before each run. Also timed: a process that only
+imports torch, the floor of any torch program. ``--dir`` keeps the checkpoints between runs (made once: a 1.1B
+model takes a minute).
 """
 
 from __future__ import annotations
@@ -91,24 +93,23 @@ def main() -> None:
     env_py = sys.executable
     cli = os.path.join(os.path.dirname(env_py), "llamactl")
     record = json.dumps({"tokens": PROMPT}) + "\n"
+    ours = [
+        cli,
+        "generate",
+        "-m",
+        ckpt,
+        "--max-new-tokens",
+        "1",
+        "--temperature",
+        "0",
+        "--timings",
+        "--compile",
+        "never",
+    ]
     sides = {
         "import torch (the floor)": ([env_py, "-P", "-c", "import torch"], None),
-        "llamactl generate": (
-            [
-                cli,
-                "generate",
-                "-m",
-                ckpt,
-                "--max-new-tokens",
-                "1",
-                "--temperature",
-                "0",
-                "--timings",
-                "--compile",
-                "never",
-            ],
-            record,
-        ),  # fmt: skip
+        "llamactl generate": (ours, record),
+        "llamactl generate --dtype bf16": ([*ours, "--dtype", "bf16"], record),
         "llama.cpp (llama-cpp-python)": (
             [env_py, "-P", "-c", LLAMACPP, gguf, str(args.threads), ",".join(map(str, PROMPT))],
             None,

@@ -8,7 +8,7 @@ Sections, each in its own process so that a crash in one still leaves the others
 - ``compiled`` the compiled decode step (CUDA graphs) of a 7B-shaped model per weight scheme (bf16, int8, int4) at
                batch 1 against the eager step, as a fraction of the copy bandwidth, and the compile's time.
 - ``tests``    the kernel tests on CUDA (fp32, fp16 and bf16 against the torch references, the >2^31-element tests).
-- ``kernels``  ``bench/kernels.py`` at Llama-2-7B shapes, Triton against eager torch (``--compile`` adds
+- ``kernels``  ``bench/kernel_ops.py`` at Llama-2-7B shapes, Triton against eager torch (``--compile`` adds
                torch.compile when the budget allows).
 - ``train``    a few steps of ``llamactl pretrain`` on the 1.1B preset in bf16 autocast, with the Triton kernels and
                with the torch references (``LLAMACTL_KERNELS=ref``): tokens/s, MFU against the datasheet peak and
@@ -56,7 +56,7 @@ def section_env(out: str) -> None:
     import triton
 
     sys.path.insert(0, os.path.join(ROOT, "bench"))
-    from kernels import device_peaks
+    from kernel_ops import device_peaks
 
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(dev)
@@ -113,7 +113,7 @@ def section_kernels(out: str, compile_: bool) -> None:
     impls = "eager,compile,triton" if compile_ else "eager,triton"
     csv = os.path.join(out, "kernels.csv")
     proc = subprocess.run(
-        [sys.executable, "-P", "bench/kernels.py", "--impls", impls, "--csv", csv],
+        [sys.executable, "-P", "bench/kernel_ops.py", "--impls", impls, "--csv", csv],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -121,7 +121,7 @@ def section_kernels(out: str, compile_: bool) -> None:
     sys.stderr.write(proc.stderr[-8000:])
     print(proc.stdout)
     if proc.returncode:
-        print(f"bench/kernels.py exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+        print(f"bench/kernel_ops.py exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
 
 
 def _write_random_shards(directory: str, n_tokens: int, vocab: int) -> None:

@@ -31,11 +31,14 @@ MODES = ("auto", "always", "never")
 CACHE_BLOCK = 256
 
 # NOTE: what ``auto`` weighs, measured by ``python -P bench/compile_step.py`` (docs/benchmarks.md, "generate: the
-# compiled decode step"). On the 2-core CPU VM (AMD EPYC, AVX2) the first compile of a 60M-preset step took ~26 s and
-# a later process ~6 s with Inductor's caches warm; the compiled step saved a few ms a token. A run of fewer new
-# tokens than these does not repay even a warm compile there. On a GPU a compile (CUDA graphs) takes a few tens of
-# seconds and a step runs several times faster than the host-bound eager one.
+# compiled decode step"), 60M preset on the 2-core AVX2 CPU VM (2026-12-08): at batch 1 the compiled step took
+# 12.6 ms against 17.4 eager in fp32 (weights frozen and packed by Inductor: each process compiles again, 17.6 s) and
+# 11.9 against 14.6 ms in bf16 (23 s the first compile on a machine, 4.2 s later ones from torch's caches): 1,500 to
+# 3,700 tokens repay a warm compile. At batch 8 the compiled fp32 step was slower (35.7 against 31.6 ms: it attends
+# the whole cache), so on a CPU auto compiles batch-1 runs only. On a GPU the eager step is host-bound and a compile
+# (CUDA graphs) takes tens of seconds.
 AUTO_MIN_TOKENS = {"cpu": 20_000, "cuda": 2_000}
+AUTO_MAX_ROWS = {"cpu": 1}
 
 
 def batch_bucket(n: int) -> int:
@@ -48,12 +51,15 @@ def cache_size(n: int, context: int) -> int:
     return min(-(-n // CACHE_BLOCK) * CACHE_BLOCK, context)
 
 
-def worth_compiling(mode: str, device: torch.device | str, new_tokens: float) -> bool:
-    """Whether a run expected to sample ``new_tokens`` (an estimate; ``inf`` for an open-ended session) compiles."""
+def worth_compiling(mode: str, device: torch.device | str, new_tokens: float, rows: int = 1) -> bool:
+    """Whether a run expected to sample ``new_tokens`` (an estimate) ``rows`` sequences at a time compiles."""
     assert mode in MODES, mode
     if mode != "auto":
         return mode == "always"
-    return new_tokens >= AUTO_MIN_TOKENS.get(torch.device(device).type, AUTO_MIN_TOKENS["cuda"])
+    kind = torch.device(device).type
+    if rows > AUTO_MAX_ROWS.get(kind, rows):
+        return False
+    return new_tokens >= AUTO_MIN_TOKENS.get(kind, AUTO_MIN_TOKENS["cuda"])
 
 
 def _warn(message: str) -> None:
@@ -70,7 +76,7 @@ class CompiledDecode:
 
         from llamactl.swap import PackedLinear
 
-        self.model, self.say, self.failed = model, say, False
+        self.model, self.say, self.failed, self.freeze = model, say, False, False
         # each batch bucket, cache size and (with LoRA) adapter state is one entry: room for the shapes of a run
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         if model.tok_embeddings.weight.device.type == "cuda":
@@ -81,12 +87,19 @@ class CompiledDecode:
         # compiled without freezing and 16.8 ms eager with the packed weights (2-core AVX2 VM, 2026-12-08). A frozen
         # graph holds its own packed copy of the weights and is not kept in the on-disk cache (each process
         # compiles it again), and weights that change (ppo's policy) must not be frozen.
-        freeze = fixed_weights and any(isinstance(m, PackedLinear) for m in model.modules())
-        self.fn = torch.compile(model.decode, dynamic=False, fullgraph=True, options={"freezing": freeze})
+        # (Inductor reads "freezing" outside torch.compile's options: it is patched around each call, when a
+        # compile of a new shape may happen)
+        self.freeze = fixed_weights and any(isinstance(m, PackedLinear) for m in model.modules())
+        self.fn = torch.compile(model.decode, dynamic=False, fullgraph=True)
 
     def __call__(self, token: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         if not self.failed:
             try:
+                if self.freeze:
+                    import torch._inductor.config
+
+                    with torch._inductor.config.patch(freezing=True):
+                        return self.fn(token, pos, cache)
                 return self.fn(token, pos, cache)
             except Exception as e:  # noqa: BLE001 - the compiler's errors have no common type; eager is the reference
                 if not _compile_error(e):
@@ -110,12 +123,17 @@ def _compile_error(e: Exception) -> bool:
 
 
 def enable(
-    model: Transformer, mode: str, new_tokens: float, fixed_weights: bool = True, say: Callable[[str], None] = _warn
+    model: Transformer,
+    mode: str,
+    new_tokens: float,
+    rows: int = 1,
+    fixed_weights: bool = True,
+    say: Callable[[str], None] = _warn,
 ) -> bool:
-    """Give ``model`` a compiled decode step when ``mode`` (and, for ``auto``, the expected ``new_tokens``) says so;
-    ``fixed_weights`` False where the weights change between calls (a policy in training);
-    ``auto`` says once on stderr that it compiles. ``LLAMACTL_COMPILE`` (``always`` or ``never``) decides what
-    ``auto`` does (the test suite sets ``never``)."""
+    """Give ``model`` a compiled decode step when ``mode`` (and, for ``auto``, the expected ``new_tokens`` decoded
+    ``rows`` at a time) says so; ``fixed_weights`` False where the weights change between calls (a policy in
+    training). ``auto`` says once on stderr that it compiles. ``LLAMACTL_COMPILE`` (``always`` or ``never``) decides
+    what ``auto`` does (the test suite sets ``never``)."""
     if mode == "auto" and (env := os.environ.get("LLAMACTL_COMPILE")):
         if env not in MODES:
             raise UserError(f"LLAMACTL_COMPILE={env!r}: use one of {', '.join(MODES)}")
@@ -123,7 +141,7 @@ def enable(
     from llamactl.swap import PackedLinear
 
     device = model.tok_embeddings.weight.device
-    if not worth_compiling(mode, device, new_tokens):
+    if not worth_compiling(mode, device, new_tokens, rows):
         model.compiled_decode = None
         return False
     if any(isinstance(m, PackedLinear) and not hasattr(m, "weight") for m in model.modules()):
@@ -133,8 +151,7 @@ def enable(
         return False
     if model.compiled_decode is None:
         if mode == "auto":
-            say("compiling the decode step for this run (--compile never to skip; the first run on a machine pays "
-                "most of it)")  # fmt: skip
+            say("compiling the decode step for this run (--compile never to skip)")
         model.compiled_decode = CompiledDecode(model, fixed_weights, say)
     return True
 

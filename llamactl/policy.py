@@ -51,11 +51,12 @@ class Chatter:
         return cls.load(cfg.model, cfg.device, cfg.dtype, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed,
                         adapter=cfg.adapter)  # fmt: skip
 
-    def compile(self, mode: str, new_tokens: float) -> None:
-        """The decode step compiled as ``--compile`` says, for a run expected to sample ``new_tokens``."""
+    def compile(self, mode: str, new_tokens: float, rows: int) -> None:
+        """The decode step compiled as ``--compile`` says, for a run expected to sample ``new_tokens``, ``rows``
+        sequences at a time."""
         from llamactl import compiled
 
-        compiled.enable(self.model, mode, new_tokens)
+        compiled.enable(self.model, mode, new_tokens, rows)
 
     @property
     def context(self) -> int:
@@ -139,7 +140,7 @@ def answer_turns(cfg, records: list[tuple[str, dict]]) -> Chatter:
             )
         dialogs.append((where, rec, msgs[:first], users, []))
     turns = max((len(u) for *_, u, _ in dialogs), default=0)
-    chat.compile(cfg.compile, sum(len(u) for *_, u, _ in dialogs) * cfg.max_new_tokens)
+    chat.compile(cfg.compile, sum(len(u) for *_, u, _ in dialogs) * cfg.max_new_tokens, cfg.batch_size)
     for k in range(turns):
         live = [d for d in dialogs if len(d[3]) > k]
         prompts = [chat.prompt_tokens(sys_ + _interleave(users[: k + 1], answers), w)

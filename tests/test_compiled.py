@@ -27,6 +27,9 @@ def test_buckets():
     cpu, cuda = compiled.AUTO_MIN_TOKENS["cpu"], compiled.AUTO_MIN_TOKENS["cuda"]
     assert not compiled.worth_compiling("auto", "cpu", cpu - 1) and compiled.worth_compiling("auto", "cpu", cpu)
     assert compiled.worth_compiling("auto", "cuda", cuda) and not compiled.worth_compiling("auto", "cuda", cuda - 1)
+    assert not compiled.worth_compiling("auto", "cpu", 10 * cpu, rows=8) and compiled.worth_compiling(
+        "auto", "cuda", cuda, 64
+    )
 
 
 def test_compiled_step_equals_llama2c_and_transformers_on_stories260k(stories, tmp_path):

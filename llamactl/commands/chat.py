@@ -81,7 +81,7 @@ def run_batch(cfg: ChatConfig) -> int:
 
     items, total = parsed_records(cfg.input, parse, BATCH_WAIT_S)  # a file is checked whole before anything is written
     rows = cfg.batch_size if total is None else max(1, min(cfg.batch_size, total))
-    chat.compile(cfg.compile, (total or rows) * cfg.max_new_tokens)  # a pipe's work reckoned as one batch's
+    chat.compile(cfg.compile, (total or rows) * cfg.max_new_tokens, rows)  # a pipe's work reckoned as one batch's
     n = 0
     with open_output(cfg.output) as out:
         # continuous batching: a finished dialog's row takes the next one; answers come out in input order
@@ -104,7 +104,7 @@ class Session:
 
         self.cfg = cfg
         self.chat = Chatter.of(cfg)
-        self.chat.compile(cfg.compile, self.chat.context)  # a session may fill its context
+        self.chat.compile(cfg.compile, self.chat.context, 1)  # a session may fill its context
         weight = self.chat.model.tok_embeddings.weight
         self.cache = KVCache(self.chat.model.args, 1, self.chat.context, weight.device, weight.dtype)
         self.system = cfg.system

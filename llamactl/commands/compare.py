@@ -148,7 +148,7 @@ def run(cfg: CompareConfig) -> dict:
         ids.append(pair)
 
     for chat, _ in models:
-        chat.compile(cfg.compile, len(prompts) * cfg.max_new_tokens)
+        chat.compile(cfg.compile, len(prompts) * cfg.max_new_tokens, cfg.batch_size)
     answers: list[list[str]] = [[], []]
     with progress("compare", "answer", total=2 * len(prompts)) as bar:
         for m, (chat, _) in enumerate(models):  # continuous batching, --batch-size rows at a time

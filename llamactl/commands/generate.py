@@ -120,7 +120,7 @@ def run(cfg: GenerateConfig) -> int:
 
     rows = cfg.batch_size if total is None else max(1, min(cfg.batch_size, total))
     # a pipe's length is unknown: its work is reckoned as one batch's
-    compiled.enable(model, cfg.compile, (total or rows) * cfg.max_new_tokens)
+    compiled.enable(model, cfg.compile, (total or rows) * cfg.max_new_tokens, rows)
     n_records = n_tokens = 0
     t0 = time.perf_counter()
     with open_output(cfg.output) as out, progress("generate", "seq", total=total) as bar:

@@ -194,7 +194,7 @@ def run(cfg: PPOConfig) -> dict:
             reference.eval().requires_grad_(False)
         # the rollouts' decode step, compiled where the run repays it (not frozen: the policy's weights change)
         compiled.enable(policy.model, cfg.compile_decode, cfg.iterations * cfg.prompts_per_iteration // d.world
-                        * cfg.max_new_tokens, fixed_weights=False)  # fmt: skip
+                        * cfg.max_new_tokens, cfg.gen_batch_size, fixed_weights=False)  # fmt: skip
         tasks.append(PPOTask(cfg, prompts, (policy.model, value.model, reference), (help_rm, safety_rm), d, device,
                              beta, use_bf16))  # fmt: skip
         say(f"{len(prompts)} prompts; {cfg.iterations} iterations of {cfg.prompts_per_iteration} samples, "

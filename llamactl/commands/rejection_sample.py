@@ -226,7 +226,7 @@ def run(cfg: RejectionSampleConfig) -> int:
     pool = read_pool(cfg.pool, prompts) if cfg.pool is not None else {}
 
     mine = prompts[d.rank :: d.world]
-    chat.compile(cfg.compile, len(mine) * cfg.k * cfg.max_new_tokens)
+    chat.compile(cfg.compile, len(mine) * cfg.k * cfg.max_new_tokens, cfg.batch_size * cfg.k)
     B = cfg.batch_size
     rounds = -(-len(prompts) // (B * d.world))  # every rank takes part in every round's gather
     dtype = chat.model.tok_embeddings.weight.dtype

@@ -1,6 +1,6 @@
 """Time and peak memory of every Triton kernel against torch eager and torch.compile of its reference.
 
-    python bench/kernels.py [--quick] [--ops rms_norm,attention,...] [--impls eager,compile,triton] [--csv PATH]
+    python bench/kernel_ops.py [--quick] [--ops rms_norm,attention,...] [--impls eager,compile,triton] [--csv PATH]
 
 On CUDA: Llama-2-7B shapes (hidden 4096, 32 heads, head dim 128, FFN 11008, vocab 32000, 8k tokens), bf16, timed
 with CUDA events (median of repeats after warm-up), peak memory above the inputs from the allocator. Each row gives
