@@ -162,7 +162,7 @@ class Step:
 # cache (prefilled there, the cache's ``lengths`` set), each with a key naming it for its random draws and its own
 # limit of new tokens, or None once there will be no more. With ``idle`` (every row is free) it waits for at
 # least one sequence or returns None.
-Refill = Callable[[list[int], bool], "list[tuple[int, torch.Tensor]] | None"]
+Refill = Callable[[list[int], bool], "list[tuple[int, torch.Tensor, int, int]] | None"]
 
 
 @torch.inference_mode()
