@@ -25,8 +25,6 @@ def decode_attention_torch(
     NOTE: on this 2-core CPU, SDPA's flash kernel took 216 us per bf16 decode call of the 60M preset (a masked pass
     over the whole preallocated cache), 18% of a decode step; this takes a fraction of that.
     """
-    B, H, D = q.shape
-    KV = k_cache.shape[1]
     S = int(seqlens.max())
     k, v = k_cache[:, :, :S], v_cache[:, :, :S]  # (B, KV, S, D)
     if S <= 512 and q.dtype != torch.float32:
@@ -36,13 +34,8 @@ def decode_attention_torch(
         q, k, v = q.float(), k.float(), v.float()
     else:
         out_dtype = None
-    qg = q.reshape(B, KV, H // KV, D)  # the query heads of a group share one K/V head: no copies
-    scores = torch.matmul(qg, k.transpose(-1, -2))
-    scores = (scores if scores.dtype == torch.float32 else scores.float()) * D**-0.5  # (B, KV, H/KV, S)
-    if bool((seqlens != S).any()):
-        scores.masked_fill_(torch.arange(S, device=q.device) >= seqlens.view(B, 1, 1, 1), float("-inf"))
-    out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)  # (B, KV, H/KV, D)
-    return out.reshape(B, H, D).to(out_dtype or out.dtype)
+    out = _grouped_attention(q, k, v, seqlens, bool((seqlens != S).any()))
+    return out.to(out_dtype or out.dtype)
 
 
 def decode_attention_masked(
@@ -50,12 +43,20 @@ def decode_attention_masked(
 ) -> torch.Tensor:
     """The same result over the whole cache under a mask: shapes that do not change from step to step and no read of
     ``seqlens`` on the host, what a compiled decode step needs (the compiler fuses the mask and the softmax)."""
+    return _grouped_attention(q, k_cache, v_cache, seqlens, True)
+
+
+def _grouped_attention(q, k, v, seqlens, masked: bool) -> torch.Tensor:
+    """q (B, H, D) against k, v (B, KV, S, D) as two matmuls, fp32 scores; with ``masked``, key j of row b is left
+    out where j >= seqlens[b]."""
     B, H, D = q.shape
-    KV, S = k_cache.shape[1], k_cache.shape[2]
-    qg = q.reshape(B, KV, H // KV, D)
-    scores = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * D**-0.5  # (B, KV, H/KV, S)
-    scores = scores.masked_fill(torch.arange(S, device=q.device) >= seqlens[:, None, None, None], float("-inf"))
-    out = torch.matmul(torch.softmax(scores, dim=-1).to(v_cache.dtype), v_cache)  # (B, KV, H/KV, D)
+    KV, S = k.shape[1], k.shape[2]
+    qg = q.reshape(B, KV, H // KV, D)  # the query heads of a group share one K/V head: no copies
+    scores = torch.matmul(qg, k.transpose(-1, -2))
+    scores = (scores if scores.dtype == torch.float32 else scores.float()) * D**-0.5  # (B, KV, H/KV, S)
+    if masked:
+        scores.masked_fill_(torch.arange(S, device=q.device) >= seqlens.view(B, 1, 1, 1), float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)  # (B, KV, H/KV, D)
     return out.reshape(B, H, D)
 
 

@@ -158,5 +158,4 @@ def enable(
 
 def compiled(model: Transformer) -> bool:
     """Whether ``model`` decodes with a compiled step (the engine then keeps shapes to buckets)."""
-    step = model.compiled_decode
-    return step is not None and not getattr(step, "failed", False)
+    return model.compiled_decode is not None and not model.compiled_decode.failed
